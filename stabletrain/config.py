@@ -1,0 +1,207 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Composition merges the YAML files in `conf/` over these dataclasses, so a misspelt key or a wrong type fails
+at compose time naming the key. `validate()` adds the cross-field checks a type system cannot express.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from stabletrain import REPO_ROOT, StableTrainError
+
+
+class ConfigError(StableTrainError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    name: str = "baseline"
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: equal to n_heads (multi-head attention)
+    attention: str = "mha"  # mha | gqa
+    ffn_hidden: Optional[int] = None  # None: 8/3·d_model rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    residual_init: str = "scaled"  # scaled: output projections use init_std/sqrt(2·n_layers); plain: init_std
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.attention == "mha" or self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        m = self.ffn_multiple_of
+        return ((8 * self.d_model // 3 + m - 1) // m) * m
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = MISSING  # sentencepiece .model file; trained from data.train_files when missing
+    vocab_size: int = 4096
+    model_type: str = "bpe"  # bpe | unigram
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"
+    train_files: List[str] = field(default_factory=list)
+    val_files: List[str] = field(default_factory=list)
+    text_field: str = "text"
+    seq_len: int = 256
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class EngineConfig:
+    name: str = "zero0"
+    zero_stage: int = 0
+    offload_optimizer: str = "none"  # none | cpu
+    offload_param: str = "none"  # none | cpu (ZeRO-3 only)
+    backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+    ds_config: Dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    dtype: str = "fp32"  # fp32 | bf16
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    total_steps: Optional[int] = None  # schedule horizon; None: trainer.max_steps
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine and wsd)
+    decay_fraction: float = 0.2  # wsd: fraction of total_steps spent decaying
+
+
+@dataclass
+class LoggingConfig:
+    name: str = "wandb"
+    wandb: bool = True
+    mode: str = "auto"  # auto: online with an API key, offline without | online | offline
+    project: str = "stabletrain"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    progress: bool = True  # console progress bar on rank 0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    stop_at: Optional[int] = None  # stop (with a checkpoint) at this step, as an interruption would
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    eval_interval: int = 50  # 0: evaluate only at the end
+    eval_batches: int = 4
+    ckpt_interval: int = 100  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_interval: int = 1
+    seed: int = 1234
+    resume: str = "none"  # none | auto | <checkpoints dir of another run>
+    peak_tflops: Optional[float] = None  # for MFU; None: known GPU table, or a measured CPU matmul peak
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _repo_path(rel: str) -> str:
+    return str(REPO_ROOT / rel)
+
+
+def register() -> None:
+    """Register the schema and the `${repo:...}` resolver (absolute paths inside the repository)."""
+    if not OmegaConf.has_resolver("repo"):
+        OmegaConf.register_new_resolver("repo", _repo_path)
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+CHOICES = {
+    ("model", "attention"): ("mha", "gqa"),
+    ("model", "residual_init"): ("scaled", "plain"),
+    ("data", "tokenizer.model_type"): ("bpe", "unigram"),
+    ("engine", "offload_optimizer"): ("none", "cpu"),
+    ("engine", "offload_param"): ("none", "cpu"),
+    ("engine", "backend"): ("auto", "nccl", "gloo"),
+    ("precision", "dtype"): ("fp32", "bf16"),
+    ("optim", "schedule"): ("cosine", "wsd", "constant"),
+    ("logging", "mode"): ("auto", "online", "offline"),
+    ("trainer", "device"): ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure is one line naming the key."""
+    for (group, key), allowed in CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(getattr(cfg, group)), key)
+        if value not in allowed:
+            raise ConfigError(f"{group}.{key}={value!r} is not one of {', '.join(allowed)}")
+    m, t = cfg.model, cfg.trainer
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model head dimension {m.d_model // m.n_heads} must be even for rotary embeddings")
+    if m.attention == "gqa" and (m.n_kv_heads is None or m.n_heads % m.n_kv_heads):
+        raise ConfigError(f"model.attention=gqa needs model.n_kv_heads dividing model.n_heads={m.n_heads}, got {m.n_kv_heads}")
+    if not 0 <= cfg.engine.zero_stage <= 3:
+        raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
+    if cfg.engine.offload_param != "none" and cfg.engine.zero_stage != 3:
+        raise ConfigError("engine.offload_param needs engine.zero_stage=3")
+    if cfg.engine.offload_optimizer != "none" and cfg.engine.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_batches"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+    if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
+        raise ConfigError(f"trainer.stop_at={t.stop_at} must lie in 1..trainer.max_steps={t.max_steps}")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
+    for key in ("train_files", "val_files"):
+        files = getattr(cfg.data, key)
+        if not files:
+            raise ConfigError(f"data.{key} is empty")
+        for f in files:
+            if not Path(f).is_file():
+                raise ConfigError(f"data.{key}: file not found: {f}")
+
+
+def to_object(cfg: DictConfig) -> Config:
+    """Resolved, typed copy of a composed config."""
+    return OmegaConf.to_object(cfg)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

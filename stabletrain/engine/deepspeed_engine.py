@@ -1,0 +1,81 @@
+"""The composed config -> a DeepSpeed config dict -> an initialised engine.
+
+The trainer talks only to the engine this returns (forward, backward, step, save/load checkpoint).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from stabletrain.config import Config
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on vectors (norm gains, biases) or on parameters flagged `no_weight_decay`."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or getattr(p, "no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(step: int, cfg: Config) -> float:
+    """Schedule as a factor of optim.lr: linear warm-up, then cosine / WSD / constant to min_lr_ratio."""
+    o = cfg.optim
+    total = o.total_steps or cfg.trainer.max_steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "cosine":
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = total - int(o.decay_fraction * total)  # wsd: warm-up, stable, then linear decay
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return 1.0 - (1.0 - o.min_lr_ratio) * progress
+
+
+def clips_in_engine(cfg: Config) -> bool:
+    """DeepSpeed reports the pre-clip norm only for its ZeRO/bf16 optimizers; plain fp32 ZeRO-0 we clip ourselves."""
+    return cfg.engine.zero_stage > 0 or cfg.precision.dtype != "fp32"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    t, e = cfg.trainer, cfg.engine
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": e.offload_optimizer}
+    if e.offload_param != "none":
+        zero["offload_param"] = {"device": e.offload_param}
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.optim.grad_clip if clips_in_engine(cfg) else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer: no C++ build
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # the trainer does the logging
+        "wall_clock_breakdown": False,
+    }
+    overrides = OmegaConf.to_container(OmegaConf.create(dict(e.ds_config)), resolve=True)
+    return OmegaConf.to_container(OmegaConf.merge(ds, overrides))
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+    import deepspeed
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, cfg=cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world_size))
+    return engine

@@ -1,0 +1,84 @@
+"""Process-group setup that works alike under `python train.py` (one process, no launcher) and torchrun."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+RUN_STAMP_ENV = "STABLETRAIN_RUN_STAMP"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_launched() -> bool:
+    """True under torchrun (or any launcher that sets the env:// variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def backend_for(device: torch.device, requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def default_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_process_group(backend: str) -> None:
+    """Initialise torch.distributed (and DeepSpeed's comm layer on top of it) once per process."""
+    if not is_launched():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
+    if backend == "gloo":
+        # DeepSpeed JIT-compiles a shared-memory op (35-50 s) used only by inference all-reduce; skip it on CPU.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def agree_on_run_stamp() -> str:
+    """One timestamp for the whole job (Hydra's ${now:} would differ between ranks started in different seconds).
+
+    Rank 0 picks it and broadcasts it; the value lands in STABLETRAIN_RUN_STAMP, which conf/config.yaml uses in
+    hydra.run.dir. A stamp already in the environment (e.g. a SLURM job id) wins.
+    """
+    stamp = os.environ.get(RUN_STAMP_ENV)
+    if stamp is None:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        if is_launched() and int(os.environ["WORLD_SIZE"]) > 1:
+            init_process_group(backend_for(default_device()))
+            box = [stamp]
+            dist.broadcast_object_list(box, src=0)
+            stamp = box[0]
+        os.environ[RUN_STAMP_ENV] = stamp
+    return stamp
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

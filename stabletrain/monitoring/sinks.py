@@ -1,0 +1,111 @@
+"""Where metrics and events go: metrics.jsonl / events.jsonl in the run directory, W&B, and the console.
+
+Only rank 0 builds a MetricsLogger; other ranks get NullLogger and write nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import secrets
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+from stabletrain.config import Config
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Inf; keep them readable instead of invalid
+    return v
+
+
+def wandb_mode(requested: str) -> str:
+    """online only with credentials; W&B raises UsageError without a key, so pick offline ourselves."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+class MetricsLogger:
+    def __init__(self, cfg: Config, run_dir: Path, resolved_config: dict, resumed_step: int | None):
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.events_path = run_dir / "events.jsonl"
+        if resumed_step is not None:
+            self._truncate_metrics_after(resumed_step)
+        self.metrics = open(self.metrics_path, "a", buffering=1)
+        self.events = open(self.events_path, "a", buffering=1)
+        self.wandb = None
+        if cfg.logging.wandb:
+            self.wandb = self._init_wandb(cfg, resolved_config)
+
+    def _truncate_metrics_after(self, step: int) -> None:
+        # Rows logged after the checkpoint we resume from belong to a timeline that no longer exists.
+        if not self.metrics_path.is_file():
+            return
+        rows = self.metrics_path.read_text().splitlines()
+        kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+        if len(kept) != len(rows):
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(r + "\n" for r in kept))
+            os.replace(tmp, self.metrics_path)
+
+    def _init_wandb(self, cfg: Config, resolved_config: dict):
+        import wandb
+
+        mode = wandb_mode(cfg.logging.mode)
+        id_file = self.run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        id_file.write_text(run_id + "\n")
+        lg = cfg.logging
+        run = wandb.init(project=lg.project, entity=lg.entity, name=lg.run_name or self.run_dir.name,
+                         group=lg.group, tags=list(lg.tags) or None, config=resolved_config, dir=str(self.run_dir),
+                         mode=mode, id=run_id, resume="allow")
+        return run
+
+    def log(self, row: dict[str, Any]) -> None:
+        row = {k: _jsonable(v) for k, v in row.items()}
+        self.metrics.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def event(self, kind: str, step: int, **fields: Any) -> None:
+        row = {"step": step, "kind": kind, "time": time.time(), **{k: _jsonable(v) for k, v in fields.items()}}
+        self.events.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"events/{kind}": 1}, step=step)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.events.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+class NullLogger:
+    """What non-zero ranks use: same interface, no output."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def event(self, kind: str, step: int, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,33 @@
+"""Peak FLOP/s for MFU: a table for known GPUs, a measured dense-matmul peak on CPU."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense (no sparsity) peak TFLOP/s per device: (bf16, fp32 via TF32).
+GPU_PEAK_TFLOPS = {"H200": (989.0, 494.5), "H100": (989.0, 494.5), "A100": (312.0, 156.0), "L40S": (362.0, 183.0)}
+
+
+def measured_cpu_peak(seconds: float = 0.3, n: int = 1024) -> float:
+    """FLOP/s of an fp32 n×n matmul on this CPU: the ceiling our model's matmuls could reach."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, dtype: str, override_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s per device, where the number came from)."""
+    if override_tflops:
+        return override_tflops * 1e12, "trainer.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (bf16, fp32) in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return (bf16 if dtype == "bf16" else fp32) * 1e12, f"{key} datasheet"
+        return float("nan"), f"unknown GPU {name!r}: set trainer.peak_tflops"
+    return measured_cpu_peak(), "measured fp32 matmul peak of this CPU"
