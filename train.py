@@ -9,7 +9,8 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from stabletrain.config import register
+from stabletrain import REPO_ROOT
+from stabletrain.config import check_overrides, register
 from stabletrain.engine.distributed import agree_on_run_stamp, is_launched
 
 register()
@@ -28,5 +29,8 @@ if __name__ == "__main__":
     if is_launched() and any(a in ("-m", "--multirun") for a in sys.argv[1:]):
         sys.exit("stabletrain: error: do not combine -m with torchrun (every rank would launch the sweep); "
                  "run the sweep with plain python and launch torchrun per job")
+    error = check_overrides(sys.argv[1:], REPO_ROOT / "conf")
+    if error:
+        sys.exit(f"stabletrain: config error: {error}")
     agree_on_run_stamp()
     main()

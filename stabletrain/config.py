@@ -205,3 +205,40 @@ def to_object(cfg: DictConfig) -> Config:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf messages span several lines; keep what names the problem, drop search paths and hints."""
+    parts = []
+    for e in (exc, exc.__cause__):
+        if e is None:
+            continue
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line.startswith(("Config search path", "provider=", "Set the environment", "reference_type",
+                                "object_type", "To append")):
+                if line.startswith("Config search path"):
+                    break
+                continue
+            if line and line not in parts:
+                parts.append(line)
+    return "; ".join(parts).replace(":; ", ": ").replace(".; ", "; ")
+
+
+def check_overrides(argv: list[str], config_dir: Path, config_name: str = "config") -> str | None:
+    """Compose once with the command-line overrides; return a one-line error, or None when they compose.
+
+    Hydra reports the same errors over several lines; this runs first so a typo costs the user one line.
+    Sweeps (-m) are left to Hydra, which composes each job itself.
+    """
+    if any(a in ("-m", "--multirun") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except Exception as e:  # any composition failure is the user's input, reported as such
+        return _one_line(e)
+    return None

@@ -1,0 +1,50 @@
+"""Shared helpers: run train.py as a user would, read run-directory files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+# A model small enough for 2 CPU cores; the bundled corpus and tokenizer.
+TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "data.seq_len=64",
+        "trainer.micro_batch_size=8", "trainer.eval_batches=2", "optim.warmup_steps=2", "optim.lr=3e-3",
+        "logging.progress=false"]
+
+
+def env() -> dict:
+    e = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    e.pop("WANDB_API_KEY", None)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "STABLETRAIN_RUN_STAMP"):
+        e.pop(var, None)
+    return e
+
+
+def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run train.py (under torchrun when nproc > 1) with the TINY model and the given overrides."""
+    args = [*TINY, *overrides, f"hydra.run.dir={run_dir}"]
+    if nproc > 1:
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    else:
+        cmd = [PYTHON, "train.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows of training steps (evaluation rows carry val_loss only)."""
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def val_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r]

@@ -1,0 +1,98 @@
+import subprocess
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from stabletrain.config import Config, ConfigError, register, to_object, validate
+from stabletrain.engine.deepspeed_engine import deepspeed_config, lr_multiplier
+from tests.helpers import PYTHON, REPO, env
+
+register()
+
+
+def composed(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return to_object(compose("config", overrides=list(overrides)))
+
+
+def test_default_composes_and_validates():
+    cfg = composed()
+    validate(cfg)
+    assert cfg.engine.zero_stage == 0 and cfg.precision.dtype == "fp32"
+    assert cfg.data.train_files[0].startswith(str(REPO))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_engine_groups_generate_deepspeed_json(stage):
+    cfg = composed(f"engine=zero{stage}", "precision=bf16", "trainer.grad_accum_steps=4")
+    ds = deepspeed_config(cfg, world_size=8)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["bf16"]["enabled"] is True
+    assert ds["train_batch_size"] == cfg.trainer.micro_batch_size * 4 * 8
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+
+
+def test_offload_and_escape_hatch():
+    cfg = composed("engine=zero3", "engine.offload_optimizer=cpu", "engine.offload_param=cpu",
+                   "+engine.ds_config.zero_optimization.overlap_comm=true")
+    ds = deepspeed_config(cfg, 1)
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert ds["zero_optimization"]["overlap_comm"] is True and ds["zero_optimization"]["stage"] == 3
+
+
+def test_fp32_zero0_clips_in_the_trainer_not_in_deepspeed():
+    # DeepSpeed does not report the pre-clip norm for plain fp32 ZeRO-0, so the trainer clips (and logs) it.
+    assert deepspeed_config(composed(), 1)["gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.n_heads=3", "not divisible by model.n_heads"),
+    ("model.attention=gqa", "model.n_kv_heads"),
+    ("engine.offload_param=cpu", "engine.offload_param needs engine.zero_stage=3"),
+    ("precision.dtype=fp16", "precision.dtype='fp16' is not one of"),
+    ("trainer.stop_at=1000", "trainer.stop_at=1000"),
+    ("data.train_files=[/nonexistent/x.jsonl]", "file not found: /nonexistent/x.jsonl"),
+])
+def test_validation_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        validate(composed(override))
+
+
+def test_schedules():
+    cfg = composed("trainer.max_steps=100", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1")
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(10, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(100, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(55, cfg) == pytest.approx(0.55)  # cosine midpoint
+    wsd = composed("trainer.max_steps=100", "optim.warmup_steps=10", "optim.schedule=wsd", "optim.decay_fraction=0.2")
+    assert lr_multiplier(79, wsd) == 1.0 and lr_multiplier(90, wsd) == pytest.approx(0.55)
+    assert lr_multiplier(100, wsd) == pytest.approx(0.1)
+    horizon = composed("trainer.max_steps=50", "optim.total_steps=100", "optim.warmup_steps=10")
+    assert lr_multiplier(55, horizon) == pytest.approx(0.55)  # the horizon, not max_steps, shapes the decay
+
+
+def _train_py(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "train.py", *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.not_a_key=1", "model.not_a_key"),
+    ("model.d_model=wide", "model.d_model"),
+    ("trainer.max_step=5", "trainer.max_step"),
+])
+def test_bad_override_fails_at_compose_time_naming_the_key(override, needle):
+    proc = _train_py(override, "--cfg", "job")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    first = proc.stderr.strip().splitlines()[0]
+    assert needle in first and first.startswith("stabletrain: config error:"), proc.stderr
+
+
+def test_cfg_job_prints_composed_config():
+    proc = _train_py("engine=zero2", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.engine.zero_stage == 2 and cfg.model.name == "baseline"

@@ -1,0 +1,39 @@
+"""torchrun with 2 CPU ranks (gloo): ZeRO-2 and ZeRO-3 train and leave the same run directory as one process."""
+import pytest
+
+from tests.helpers import train, train_rows, val_rows
+
+pytestmark = pytest.mark.slow
+
+COMMON = ("trainer.max_steps=6", "trainer.eval_interval=3", "trainer.ckpt_interval=3")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run = tmp_path_factory.mktemp("single") / "run"
+    train(run, *COMMON, "trainer.micro_batch_size=8")
+    return run
+
+
+def top_level(run):
+    return sorted(p.name for p in run.iterdir())
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_process(tmp_path, single, stage):
+    run = tmp_path / "run"
+    # 2 ranks × 4 = the same global batch of 8 samples, in the same global order.
+    train(run, *COMMON, f"engine=zero{stage}", "trainer.micro_batch_size=4", nproc=2)
+    assert top_level(run) == top_level(single)
+    tags = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert tags == sorted(p.name for p in (single / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert (run / "checkpoints" / "step_00000006" / "COMPLETE.json").is_file()
+    two, one = train_rows(run), train_rows(single)
+    assert [r["step"] for r in two] == list(range(1, 7))
+    assert set(two[0]) == set(one[0])
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-4)
+        assert a["tokens"] == b["tokens"]
+    assert val_rows(run)[-1]["val_loss"] == pytest.approx(val_rows(single)[-1]["val_loss"], rel=1e-3)
+    assert not list(run.glob("rank*")), "only rank 0 writes files"
