@@ -21,6 +21,42 @@ class ConfigError(StableTrainError):
 
 
 @dataclass
+class ResidualConfig:
+    """The residual-stream policy (methods.md §1-2): standard, Hyper-Connections (hc) or manifold-constrained (mhc)."""
+
+    kind: str = "standard"  # standard | hc | mhc
+    streams: int = 1  # expansion rate n (hc/mhc)
+    dynamic: bool = True  # hc: input-dependent coefficients on top of the static ones
+    tanh: bool = True  # hc: tanh on the dynamic coefficients
+    gate_init: float = 0.01  # hc: s_alpha = s_beta init; mhc: alpha_pre/post/res init
+    out_init_mult: float = 1.0  # multiplies the init std of attention/MLP output projections (HC's sqrt(n) knob)
+    sinkhorn_iters: int = 20  # mhc
+    init: str = "hc"  # mhc bias init: hc (b_res = tau*I, soft one-hot b_pre) | megatron (all biases 0)
+    phi_init: str = "normal"  # mhc: normal (std phi_std) | xavier
+    phi_std: float = 0.02
+    res_logit: float = 4.0  # mhc init=hc: tau on the diagonal of b_res
+    pre_logit: float = 4.0  # mhc init=hc: +/- this on b_pre (soft one-hot on stream k mod n)
+    norm_eps: float = 1e-20  # mhc: eps of the RMS over the flattened n*C vector (paper: 1e-20)
+    collapse: str = "sum"  # mhc output collapse: sum | head (learned pre-only head)
+
+
+@dataclass
+class NormConfig:
+    depth_scaling: str = "none"  # none | lns: block l's pre-norm output times 1/sqrt(l) (methods.md §3)
+
+
+@dataclass
+class BSLOConfig:
+    """Propagation scalar alpha_l = E|h_in| / (E|h_in + F| + eps), an EMA measured without gradient (experimental)."""
+
+    momentum: float = 0.99
+    eps: float = 1e-6
+    clamp_min: float = 0.1
+    clamp_max: float = 10.0
+    warmup_steps: int = 50  # alpha = 1 until this many training forwards
+
+
+@dataclass
 class ModelConfig:
     name: str = "baseline"
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
@@ -36,6 +72,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     residual_init: str = "scaled"  # scaled: output projections use init_std/sqrt(2·n_layers); plain: init_std
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    signal_scaling: str = "none"  # none | bslo
+    bslo: BSLOConfig = field(default_factory=BSLOConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -128,6 +168,12 @@ class TrainerConfig:
 
 
 @dataclass
+class MonitorConfig:
+    name: str = "default"
+    gain_interval: int = 25  # signal-gain diagnostics every N steps (gain/* metrics); 0: off
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -136,6 +182,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 def _repo_path(rel: str) -> str:
@@ -152,6 +199,12 @@ def register() -> None:
 CHOICES = {
     ("model", "attention"): ("mha", "gqa"),
     ("model", "residual_init"): ("scaled", "plain"),
+    ("model", "residual.kind"): ("standard", "hc", "mhc"),
+    ("model", "residual.init"): ("hc", "megatron"),
+    ("model", "residual.phi_init"): ("normal", "xavier"),
+    ("model", "residual.collapse"): ("sum", "head"),
+    ("model", "norm.depth_scaling"): ("none", "lns"),
+    ("model", "signal_scaling"): ("none", "bslo"),
     ("data", "tokenizer.model_type"): ("bpe", "unigram"),
     ("engine", "offload_optimizer"): ("none", "cpu"),
     ("engine", "offload_param"): ("none", "cpu"),
@@ -176,6 +229,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model head dimension {m.d_model // m.n_heads} must be even for rotary embeddings")
     if m.attention == "gqa" and (m.n_kv_heads is None or m.n_heads % m.n_kv_heads):
         raise ConfigError(f"model.attention=gqa needs model.n_kv_heads dividing model.n_heads={m.n_heads}, got {m.n_kv_heads}")
+    r = m.residual
+    if r.streams < 1:
+        raise ConfigError(f"model.residual.streams={r.streams} must be >= 1")
+    if r.kind == "standard" and r.streams != 1:
+        raise ConfigError(f"model.residual.streams={r.streams} needs model.residual.kind=hc or mhc")
+    if r.sinkhorn_iters < 1:
+        raise ConfigError(f"model.residual.sinkhorn_iters={r.sinkhorn_iters} must be >= 1")
+    if cfg.monitor.gain_interval < 0:
+        raise ConfigError(f"monitor.gain_interval={cfg.monitor.gain_interval} must be >= 0 (0: off)")
     if not 0 <= cfg.engine.zero_stage <= 3:
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
     if cfg.engine.offload_param != "none" and cfg.engine.zero_stage != 3:

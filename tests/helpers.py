@@ -24,14 +24,17 @@ def env() -> dict:
     return e
 
 
-def train(run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run train.py (under torchrun when nproc > 1) with the TINY model and the given overrides."""
-    args = [*TINY, *overrides, f"hydra.run.dir={run_dir}"]
+def train(run_dir: Path | None, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 300,
+          cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run train.py (under torchrun when nproc > 1) with the TINY model and the given overrides.
+    run_dir=None leaves the run directory to the default (outputs/<timestamp> under cwd)."""
+    args = [*TINY, *overrides] + ([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])
+    script = str(REPO / "train.py")
     if nproc > 1:
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     else:
-        cmd = [PYTHON, "train.py", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+        cmd = [PYTHON, script, *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

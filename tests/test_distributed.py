@@ -37,3 +37,11 @@ def test_two_ranks_match_one_process(tmp_path, single, stage):
         assert a["tokens"] == b["tokens"]
     assert val_rows(run)[-1]["val_loss"] == pytest.approx(val_rows(single)[-1]["val_loss"], rel=1e-3)
     assert not list(run.glob("rank*")), "only rank 0 writes files"
+
+
+def test_ranks_agree_on_the_default_run_directory(tmp_path):
+    """Without hydra.run.dir, each rank would resolve ${now:} itself; train.py makes them share rank 0's stamp."""
+    proc = train(None, "trainer.max_steps=2", "logging=none", nproc=2, cwd=tmp_path)
+    (run,) = list((tmp_path / "outputs").iterdir())
+    assert f"run directory: {run.relative_to(tmp_path)}" in proc.stdout or f"run directory: {run}" in proc.stdout
+    assert len(train_rows(run)) == 2

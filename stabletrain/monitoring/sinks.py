@@ -75,7 +75,8 @@ class MetricsLogger:
         lg = cfg.logging
         run = wandb.init(project=lg.project, entity=lg.entity, name=lg.run_name or self.run_dir.name,
                          group=lg.group, tags=list(lg.tags) or None, config=resolved_config, dir=str(self.run_dir),
-                         mode=mode, id=run_id, resume="allow")
+                         mode=mode, id=run_id, resume="allow",
+                         settings=wandb.Settings(quiet=True, console="off"))  # our console is the progress bar
         return run
 
     def log(self, row: dict[str, Any]) -> None:

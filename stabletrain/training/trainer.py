@@ -30,7 +30,10 @@ from stabletrain.training.perf import peak_flops
 class Callback:
     """Hooks the trainer calls; subclasses override what they need."""
 
-    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict) -> None: ...
+    def on_step_begin(self, trainer: "Trainer", step: int) -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict) -> None:
+        """May add keys to metrics before they are logged."""
 
     def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict) -> None: ...
 
@@ -81,7 +84,7 @@ class Trainer:
         for kind, fields in resume_events:
             self.logger.event(kind, self.step, **fields)
         self.peak, self.peak_source = peak_flops(self.device, cfg.precision.dtype, t.peak_tflops)
-        self.callbacks: list[Callback] = []
+        self.callbacks: list[Callback] = default_callbacks(cfg)
         self._stop_requested = False
 
     # ---------------------------------------------------------------- resume
@@ -180,15 +183,17 @@ class Trainer:
             if self.step == 0:
                 val = self._eval_and_log()
             while self.step < last and not self._stop_requested:
+                for cb in self.callbacks:
+                    cb.on_step_begin(self, self.step + 1)
                 metrics = self.train_step()
                 if not math.isfinite(metrics["loss"]):
                     self.logger.event("nonfinite", self.step, value=metrics["loss"])
                     raise StableTrainError(f"non-finite loss at step {self.step}; the newest checkpoint in "
                                            f"{self.run_dir / 'checkpoints'} holds finite weights")
-                if self.step % t.log_interval == 0 or self.step == last:
-                    self.logger.log(metrics)
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step, metrics)
+                if self.step % t.log_interval == 0 or self.step == last or any(k.startswith("gain/") for k in metrics):
+                    self.logger.log(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
@@ -220,6 +225,16 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+
+
+def default_callbacks(cfg: Config) -> list[Callback]:
+    from stabletrain.monitoring.gains import GainMonitor
+    from stabletrain.training.callbacks import SignalScalarSync
+
+    callbacks: list[Callback] = [GainMonitor(cfg.monitor.gain_interval)]
+    if cfg.model.signal_scaling == "bslo":
+        callbacks.append(SignalScalarSync())
+    return callbacks
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:

@@ -1,0 +1,82 @@
+"""Hyper-Connections (Zhu et al., arXiv 2409.19606), methods.md §1.
+
+n streams H[B,T,n,C]. Per sublayer: read h = A_m^T H, write H' = B^T T(h) + A_r^T H. Static parameters
+B (write), A_m (read), A_r (mix); dynamic ones add s * tanh(norm(H) W) per stream. Paper init (W = 0, B = 1,
+A_m = e_{k mod n}, A_r = I) makes the network equal to pre-norm at step 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stabletrain.config import ResidualConfig
+from stabletrain.models.layers import RMSNorm
+from stabletrain.models.residual.base import Connection, PropagationScalar, ResidualStream
+
+
+def _static(t: torch.Tensor) -> nn.Parameter:
+    p = nn.Parameter(t)
+    p.no_weight_decay = True  # HC's static coefficients are not decayed
+    return p
+
+
+class HyperConnection(Connection):
+    def __init__(self, d_model: int, n: int, sublayer_index: int, cfg: ResidualConfig, norm_eps: float,
+                 depth_scale: float | None, signal: PropagationScalar | None):
+        super().__init__(depth_scale, signal)
+        self.n, self.dynamic, self.use_tanh = n, cfg.dynamic, cfg.tanh
+        self.B = _static(torch.ones(n))
+        self.A_m = _static(nn.functional.one_hot(torch.tensor(sublayer_index % n), n).float())
+        self.A_r = _static(torch.eye(n))
+        if self.dynamic:
+            self.norm = RMSNorm(d_model, norm_eps)
+            self.W_beta = nn.Parameter(torch.zeros(d_model))
+            self.W_m = nn.Parameter(torch.zeros(d_model))
+            self.W_r = nn.Parameter(torch.zeros(d_model, n))
+            self.s_alpha = nn.Parameter(torch.full((1,), cfg.gate_init))  # 1-d: DeepSpeed cannot flatten 0-d params
+            self.s_beta = nn.Parameter(torch.full((1,), cfg.gate_init))
+
+    def _act(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(t) if self.use_tanh else t
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B [..,n], A_m [..,n], A_r [..,n,n]); static ones broadcast, dynamic ones per token."""
+        if not self.dynamic:
+            return self.B, self.A_m, self.A_r
+        hbar = self.norm(x)  # per stream, over C
+        B = self.B + self.s_beta * self._act(hbar @ self.W_beta)
+        A_m = self.A_m + self.s_alpha * self._act(hbar @ self.W_m)
+        A_r = self.A_r + self.s_alpha * self._act(hbar @ self.W_r)
+        return B, A_m, A_r
+
+    def read(self, x: torch.Tensor):
+        B, A_m, A_r = self.coefficients(x)
+        h = torch.einsum("...i,...ic->...c", A_m.to(x.dtype).expand(*x.shape[:-2], -1), x)
+        return h, (B, A_r)
+
+    def write(self, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
+        B, A_r = ctx
+        A_r = A_r.to(x.dtype).expand(*x.shape[:-2], -1, -1)
+        if self.record:
+            # x' = M x with M = A_r^T; keep the token average over the first sequence (diagnostics).
+            self.last_mix = A_r[0].detach().float().mean(0).transpose(-1, -2)
+        mixed = torch.einsum("...ij,...ic->...jc", A_r, x)
+        return mixed + B.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+
+
+class HyperStream(ResidualStream):
+    """Expand by repeating the embedding n times; collapse by summing the streams (the paper's choice)."""
+
+    def __init__(self, d_model: int, cfg: ResidualConfig, norm_eps: float):
+        super().__init__()
+        self.d_model, self.cfg, self.norm_eps = d_model, cfg, norm_eps
+        self.streams = cfg.streams
+
+    def expand(self, h: torch.Tensor) -> torch.Tensor:
+        return h.unsqueeze(-2).expand(*h.shape[:-1], self.streams, h.shape[-1]).contiguous()
+
+    def collapse(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(-2)
+
+    def connection(self, sublayer_index, depth_scale, signal) -> Connection:
+        return HyperConnection(self.d_model, self.streams, sublayer_index, self.cfg, self.norm_eps, depth_scale, signal)

@@ -1,0 +1,102 @@
+"""Manifold-constrained Hyper-Connections, mHC (Xie et al., arXiv 2512.24880), methods.md §2.
+
+x[B,T,n,C]. Per sublayer, coefficients come from the flattened n*C vector of each token, in fp32, in the fused
+form: one matmul to n^2+2n outputs laid out [pre | post | res (row-major)], then the RMS division, then
+alpha and the bias:  logits = alpha * (x phi) / rms(x) + b.
+    H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn-Knopp(exp(.))   (rows sum to 1 exactly)
+    x' = H_res x + H_post^T F(H_pre x)
+With identical streams and rows summing to 1, H_res keeps the streams identical: the paper's convention.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stabletrain.config import ResidualConfig
+from stabletrain.models.residual.base import Connection, PropagationScalar, ResidualStream
+from stabletrain.models.residual.sinkhorn import sinkhorn
+
+
+def _init_phi(phi: torch.Tensor, cfg: ResidualConfig) -> None:
+    if cfg.phi_init == "xavier":
+        nn.init.xavier_uniform_(phi)
+    else:
+        nn.init.normal_(phi, std=cfg.phi_std)
+
+
+class ManifoldConnection(Connection):
+    def __init__(self, d_model: int, n: int, sublayer_index: int, cfg: ResidualConfig,
+                 depth_scale: float | None, signal: PropagationScalar | None):
+        super().__init__(depth_scale, signal)
+        self.n, self.iters, self.eps = n, cfg.sinkhorn_iters, cfg.norm_eps
+        self.phi = nn.Parameter(torch.empty(n * d_model, n * n + 2 * n))
+        self.bias = nn.Parameter(torch.zeros(n * n + 2 * n))
+        self.alpha = nn.Parameter(torch.full((3,), cfg.gate_init))  # alpha_pre, alpha_post, alpha_res
+        self.alpha.no_weight_decay = True
+        _init_phi(self.phi.data, cfg)
+        if cfg.init == "hc":
+            # HC-faithful: soft one-hot read of stream k mod n, near-identity mixing; b_post = 0 (H_post = 1).
+            with torch.no_grad():
+                self.bias[:n] = -cfg.pre_logit
+                self.bias[sublayer_index % n] = cfg.pre_logit
+                self.bias[2 * n:] = (cfg.res_logit * torch.eye(n)).flatten()
+        # init == "megatron": all biases 0 (pre = 0.5, res = J/n). phi is random either way: with phi = 0 and
+        # permutation-symmetric biases every gradient is symmetric and the streams would never separate.
+
+    def logits(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """[.., n^2+2n] pre-activation coefficients; fused divides by the RMS after the matmul (same value)."""
+        n = self.n
+        xf = x.flatten(-2).float()
+        rms = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        a = self.alpha.float()
+        scale = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
+        mix = (xf @ self.phi.float()) / rms if fused else (xf / rms) @ self.phi.float()
+        return mix * scale + self.bias.float()
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(H_pre [..,n] in (0,1), H_post [..,n] in (0,2), H_res [..,n,n] doubly stochastic), fp32."""
+        n = self.n
+        z = self.logits(x)
+        pre = torch.sigmoid(z[..., :n])
+        post = 2 * torch.sigmoid(z[..., n:2 * n])
+        res = sinkhorn(z[..., 2 * n:].unflatten(-1, (n, n)), self.iters)
+        return pre, post, res
+
+    def read(self, x: torch.Tensor):
+        pre, post, res = self.coefficients(x)
+        return torch.einsum("...i,...ic->...c", pre.to(x.dtype), x), (post, res)
+
+    def write(self, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
+        post, res = ctx
+        if self.record:
+            self.last_mix = res[0].detach().mean(0)  # token average over the first sequence (diagnostics)
+        mixed = torch.einsum("...ij,...jc->...ic", res.to(x.dtype), x)
+        return mixed + post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+
+
+class ManifoldStream(ResidualStream):
+    """Expand by repeating; collapse by summing, or by a learned pre-only head sigma(alpha (x phi)/rms + b) + eps."""
+
+    def __init__(self, d_model: int, cfg: ResidualConfig):
+        super().__init__()
+        self.d_model, self.cfg, self.streams = d_model, cfg, cfg.streams
+        if cfg.collapse == "head":
+            n = cfg.streams
+            self.head_phi = nn.Parameter(torch.empty(n * d_model, n))
+            _init_phi(self.head_phi.data, cfg)
+            self.head_bias = nn.Parameter(torch.zeros(n))
+            self.head_alpha = nn.Parameter(torch.full((1,), cfg.gate_init))
+
+    def expand(self, h: torch.Tensor) -> torch.Tensor:
+        return h.unsqueeze(-2).expand(*h.shape[:-1], self.streams, h.shape[-1]).contiguous()
+
+    def collapse(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.collapse == "sum":
+            return x.sum(-2)
+        xf = x.flatten(-2).float()
+        rms = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
+        w = torch.sigmoid(self.head_alpha * (xf @ self.head_phi.float()) / rms + self.head_bias) + 1e-6
+        return torch.einsum("...i,...ic->...c", w.to(x.dtype), x)
+
+    def connection(self, sublayer_index, depth_scale, signal) -> Connection:
+        return ManifoldConnection(self.d_model, self.streams, sublayer_index, self.cfg, depth_scale, signal)

@@ -1,0 +1,98 @@
+"""Signal-propagation diagnostics as gains (gain/* metrics), measured on one micro-batch every N steps.
+
+- gain/fwd/<l>:  forward gain of block l, mean token norm of its output stream over that of its input
+- gain/grad/<l>: backward gain of block l, gradient norm at its input over that at its output
+- gain/amax_fwd/<k>, gain/amax_bwd/<k> (HC/mHC, k = 1..2L sublayers): the mHC paper's "Amax gain magnitude"
+  of the composite residual mixing, max_i |sum_j P_ij| of P = M_k ... M_1 (forward) and max_j |sum_i P_ij| of
+  P = M_2L ... M_k (backward), M_k being sublayer k's mixing matrix averaged over one sequence's tokens;
+  gain/amax_fwd_max and gain/amax_bwd_max are the maxima over depth.
+Off-steps cost nothing: the model's probe slot is None and connections do not record.
+"""
+from __future__ import annotations
+
+import torch
+
+from stabletrain.models.residual import ResidualStream
+from stabletrain.training.trainer import Callback
+
+
+def amax_gains(mats: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Forward and backward Amax gains of the composite products of mixing matrices (x_{k+1} = M_k x_k)."""
+    if not mats:
+        return [], []
+    eye = torch.eye(mats[0].shape[-1], dtype=torch.float64)
+    fwd, P = [], eye
+    for M in mats:
+        P = M.double() @ P
+        fwd.append(P.sum(1).abs().max().item())
+    bwd, Q = [], eye
+    for M in reversed(mats):
+        Q = Q @ M.double()
+        bwd.append(Q.sum(0).abs().max().item())
+    return fwd, bwd[::-1]
+
+
+class GainProbe:
+    """Attached to model.probe: records stream norms at block boundaries of the first forward, and their grads."""
+
+    def __init__(self, n_blocks: int):
+        self.last = n_blocks
+        self.norms: dict[int, float] = {}
+        self.grad_norms: dict[int, float] = {}
+        self.closed = False
+
+    def observe(self, index: int, x: torch.Tensor) -> None:
+        if self.closed:
+            return
+        with torch.no_grad():
+            self.norms[index] = ResidualStream.token_norms(x).mean().item()
+        if x.requires_grad:
+            x.register_hook(lambda g, i=index: self._grad(i, g))
+        self.closed = index == self.last
+
+    def _grad(self, index: int, g: torch.Tensor) -> None:
+        if index not in self.grad_norms:
+            self.grad_norms[index] = ResidualStream.token_norms(g).mean().item()
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for l in range(self.last):
+            if l in self.norms and l + 1 in self.norms:
+                out[f"gain/fwd/{l}"] = self.norms[l + 1] / max(self.norms[l], 1e-30)
+            if l in self.grad_norms and l + 1 in self.grad_norms:
+                out[f"gain/grad/{l}"] = self.grad_norms[l] / max(self.grad_norms[l + 1], 1e-30)
+        fwd = [v for k, v in out.items() if k.startswith("gain/fwd/")]
+        if fwd:
+            out["gain/fwd_max"] = max(fwd)
+        return out
+
+
+class GainMonitor(Callback):
+    """Every `interval` steps (and at step 1), measure gains during the real training step: no extra compute."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self.probe: GainProbe | None = None
+
+    def on_step_begin(self, trainer, step: int) -> None:
+        if not self.interval or not (step == 1 or step % self.interval == 0):
+            return
+        model = trainer.model
+        self.probe = model.probe = GainProbe(len(model.blocks))
+        for conn in model.connections():
+            conn.record = True
+
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        if self.probe is None:
+            return
+        model = trainer.model
+        metrics.update(self.probe.metrics())
+        mats = [c.last_mix for c in model.connections() if c.last_mix is not None]
+        if mats:
+            fwd, bwd = amax_gains(mats)
+            metrics.update({f"gain/amax_fwd/{k + 1}": v for k, v in enumerate(fwd)})
+            metrics.update({f"gain/amax_bwd/{k + 1}": v for k, v in enumerate(bwd)})
+            metrics["gain/amax_fwd_max"], metrics["gain/amax_bwd_max"] = max(fwd), max(bwd)
+        model.probe = self.probe = None
+        for conn in model.connections():
+            conn.record, conn.last_mix = False, None
