@@ -78,17 +78,21 @@ class BareLoop:
         return total / self.accum
 
 
-def timed(fn, steps: int) -> tuple[float, float]:
-    """(seconds for `steps` calls of fn, value of the last call)."""
+def timed(fn, steps: int) -> tuple[float, float, float]:
+    """(wall seconds for `steps` calls of fn, CPU busy fraction of the torch threads, value of the last call).
+
+    A CPU busy fraction well below 1 means another process took cores during the block: its time is suspect.
+    """
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         last = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, last
+    wall = time.perf_counter() - t0
+    return wall, (time.process_time() - c0) / (wall * torch.get_num_threads()), last
 
 
 def main() -> None:
@@ -114,12 +118,13 @@ def main() -> None:
             fw_step = lambda: trainer.train_step()["loss"]  # noqa: E731
             timed(fw_step, args.warmup)
             timed(bare.step, args.warmup)
-            fw_s, bare_s = [], []
+            fw_s, bare_s, busy = [], [], []
             for _ in range(args.repeats):
-                dt, fw_loss = timed(fw_step, args.steps)
+                dt, b1, fw_loss = timed(fw_step, args.steps)
                 fw_s.append(dt)
-                dt, bare_loss = timed(bare.step, args.steps)
+                dt, b2, bare_loss = timed(bare.step, args.steps)
                 bare_s.append(dt)
+                busy += [b1, b2]
         finally:
             trainer.close()
 
@@ -141,6 +146,7 @@ def main() -> None:
         "framework_tokens_per_s_median": fw_med, "bare_tokens_per_s_median": bare_med,
         "ratio": fw_med / bare_med,
         "final_loss": {"framework": fw_loss, "bare": bare_loss},  # same data, same steps: should agree
+        "min_cpu_busy": min(busy),
         "wall_s": time.perf_counter() - wall0,
     }
 
@@ -153,13 +159,16 @@ def main() -> None:
             ("tokens/s framework", f"{fw_med:,.0f}  (" + ", ".join(f"{x:,.0f}" for x in fw_tps) + ")"),
             ("tokens/s bare", f"{bare_med:,.0f}  (" + ", ".join(f"{x:,.0f}" for x in bare_tps) + ")"),
             ("ratio framework/bare", f"{result['ratio']:.3f}"),
-            ("final loss fw / bare", f"{fw_loss:.4f} / {bare_loss:.4f}"),
+            ("final loss fw / bare", f"{fw_loss:.6f} / {bare_loss:.6f}"),
+            ("min CPU busy", f"{min(busy):.0%} of {torch.get_num_threads()} threads (per timed block)"),
             ("wall time", f"{result['wall_s']:.1f} s")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     if cfg.precision.dtype != "fp32" or cfg.engine.zero_stage != 0:
         print("  note: the bare loop is fp32 torch AdamW; this ratio is not like-for-like")
+    if min(busy) < 0.9 and trainer.device.type == "cpu":
+        print("  warning: some blocks ran with idle torch threads (other processes on the cores?); rerun when quiet")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
