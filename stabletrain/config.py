@@ -57,6 +57,38 @@ class BSLOConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank compressed Q and KV, decoupled RoPE key."""
+
+    q_lora_rank: int = 0  # 0: queries projected directly from x (no compression)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+
+
+@dataclass
+class MoEConfig:
+    """Fine-grained routed experts plus shared experts (DeepSeekMoE), methods.md §4 and §6."""
+
+    n_routed: int = 8
+    n_shared: int = 1
+    top_k: int = 2
+    expert_hidden: int = 128  # SwiGLU width of one routed (and one shared) expert
+    first_dense: int = 1  # the first k blocks keep a dense MLP
+    router: str = "aux_free"  # none | softmax_aux | aux_free | bslo
+    aux_loss_coef: float = 0.01  # softmax_aux: Switch/GShard load-balancing loss
+    bias_update_rate: float = 1e-3  # aux_free: u in b_i += u * sign(mean load - load_i)
+    seq_aux_coef: float = 0.0  # aux_free: complementary sequence-wise balance loss (DeepSeek-V3: 1e-4)
+    route_scale: float = 1.0  # aux_free: gates multiplied after normalisation (DeepSeek-V3: 2.5)
+    n_groups: int = 1  # aux_free: group-limited routing over n_groups expert groups
+    topk_groups: int = 1  # ... of which each token may use this many
+    z_loss_coef: float = 0.0  # router z-loss, any router
+    capacity_factor: float = 1.25  # bslo: C = capacity_factor * tokens * top_k / n_routed
+    temperature: float = 1.0  # bslo: softmax temperature tau
+
+
+@dataclass
 class ModelConfig:
     name: str = "baseline"
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
@@ -64,7 +96,10 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None: equal to n_heads (multi-head attention)
-    attention: str = "mha"  # mha | gqa
+    attention: str = "mha"  # mha | gqa | mla
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    ffn: str = "dense"  # dense | moe
+    moe: MoEConfig = field(default_factory=MoEConfig)
     ffn_hidden: Optional[int] = None  # None: 8/3·d_model rounded up to ffn_multiple_of
     ffn_multiple_of: int = 64
     rope_theta: float = 10000.0
@@ -197,7 +232,9 @@ def register() -> None:
 
 
 CHOICES = {
-    ("model", "attention"): ("mha", "gqa"),
+    ("model", "attention"): ("mha", "gqa", "mla"),
+    ("model", "ffn"): ("dense", "moe"),
+    ("model", "moe.router"): ("none", "softmax_aux", "aux_free", "bslo"),
     ("model", "residual_init"): ("scaled", "plain"),
     ("model", "residual.kind"): ("standard", "hc", "mhc"),
     ("model", "residual.init"): ("hc", "megatron"),

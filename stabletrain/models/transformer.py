@@ -13,7 +13,17 @@ from torch import nn
 
 from stabletrain.config import ModelConfig
 from stabletrain.models.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
+from stabletrain.models.moe import MoE
 from stabletrain.models.residual import Connection, PropagationScalar, ResidualStream, build_stream
+
+
+def is_moe_layer(cfg: ModelConfig, layer_index: int) -> bool:
+    return cfg.ffn == "moe" and layer_index >= cfg.moe.first_dense
+
+
+def rope_dim(cfg: ModelConfig) -> int:
+    """Rotary dimension per head: the decoupled RoPE part for MLA, the whole head otherwise."""
+    return cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.d_model // cfg.n_heads
 
 
 class Block(nn.Module):
@@ -29,10 +39,18 @@ class Block(nn.Module):
             return PropagationScalar(cfg.bslo) if cfg.signal_scaling == "bslo" else None
 
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
+        if cfg.attention == "mla":
+            from stabletrain.models.mla import MultiHeadLatentAttention
+
+            self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps)
+        else:
+            self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
         self.attn_res = stream.connection(2 * layer_index, depth_scale, signal())
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        if is_moe_layer(cfg, layer_index):
+            self.mlp = MoE(cfg.d_model, cfg.moe)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
         self.mlp_res = stream.connection(2 * layer_index + 1, depth_scale, signal())
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -71,9 +89,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V], or the mean next-token cross-entropy when targets are given."""
-        T = idx.shape[1]
-        head_dim = self.cfg.d_model // self.cfg.n_heads
-        cos, sin = rope_tables(T, head_dim, self.cfg.rope_theta, idx.device)
+        cos, sin = rope_tables(idx.shape[1], rope_dim(self.cfg), self.cfg.rope_theta, idx.device)
         x = self.stream.expand(self.embed(idx))
         for i, block in enumerate(self.blocks):
             if self.probe is not None:
@@ -84,7 +100,13 @@ class Transformer(nn.Module):
         logits = self.head(self.norm(self.stream.collapse(x)))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
+        aux = [r.aux_loss for r in self.routers() if r.aux_loss is not None]
+        return loss + torch.stack(aux).sum() if aux else loss
+
+    def routers(self) -> list:
+        """The MoE routers, in depth order (empty for dense models)."""
+        return [b.mlp.router for b in self.blocks if isinstance(b.mlp, MoE)]
 
 
     def connections(self) -> list[Connection]:
@@ -104,20 +126,40 @@ def residual_param_count(cfg: ModelConfig) -> int:
     return 0
 
 
-def param_count(cfg: ModelConfig) -> int:
-    """Closed-form parameter count (equals sum(p.numel()) of the built model)."""
-    d, V, L, hd = cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.d_model // cfg.n_heads
-    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2
-    mlp = 3 * d * cfg.ffn_dim
-    block = attn + mlp + 2 * d
+def _attn_params(cfg: ModelConfig) -> int:
+    d, hd = cfg.d_model, cfg.d_model // cfg.n_heads
+    if cfg.attention == "mla":
+        from stabletrain.models.mla import mla_param_count
+
+        return mla_param_count(d, cfg.n_heads, cfg.mla)
+    return d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2
+
+
+def _ffn_params(cfg: ModelConfig, layer_index: int, active: bool = False) -> int:
+    """Parameters of one block's feed-forward; active=True counts only what one token uses (top-K experts)."""
+    d, m = cfg.d_model, cfg.moe
+    if not is_moe_layer(cfg, layer_index):
+        return 3 * d * cfg.ffn_dim
+    routed = m.top_k if active else m.n_routed
+    return m.n_routed * d + routed * 3 * d * m.expert_hidden + m.n_shared * 3 * d * m.expert_hidden
+
+
+def param_count(cfg: ModelConfig, active: bool = False) -> int:
+    """Closed-form parameter count (equals sum(p.numel()) of the built model); active=True: per token (MoE)."""
+    d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    blocks = sum(_attn_params(cfg) + _ffn_params(cfg, i, active) + 2 * d for i in range(L))
     head = 0 if cfg.tie_embeddings else V * d
-    return V * d + L * block + d + head + residual_param_count(cfg)
+    return V * d + blocks + d + head + residual_param_count(cfg)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B convention:
     6 · (matmul parameters, head included, embedding lookup excluded) + 12 · L · n_heads · head_dim · seq_len.
     Residual-stream coefficients (HC/mHC) count as matmul parameters; their elementwise mixing is not counted."""
-    d, V, L, hd = cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.d_model // cfg.n_heads
-    matmul = L * (d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2 + 3 * d * cfg.ffn_dim) + V * d
-    return 6.0 * (matmul + residual_param_count(cfg)) + 12.0 * L * cfg.n_heads * hd * seq_len
+    d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    qk_dim = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else d // cfg.n_heads
+    norms = 2 * d * L + d + (L * (cfg.mla.kv_lora_rank + (cfg.mla.q_lora_rank or 0)) if cfg.attention == "mla" else 0)
+    matmul = param_count(cfg, active=True) - V * d - norms  # the embedding lookup is not a matmul
+    if cfg.tie_embeddings:
+        matmul += V * d  # ... but a tied head still is one
+    return 6.0 * matmul + 12.0 * L * cfg.n_heads * qk_dim * seq_len

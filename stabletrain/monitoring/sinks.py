@@ -83,7 +83,12 @@ class MetricsLogger:
         row = {k: _jsonable(v) for k, v in row.items()}
         self.metrics.write(json.dumps(row) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            import wandb
+
+            # Lists are per-expert loads: a histogram over expert index in W&B.
+            payload = {k: wandb.Histogram(np_histogram=(v, list(range(len(v) + 1)))) if isinstance(v, list) else v
+                       for k, v in row.items() if k != "step"}
+            self.wandb.log(payload, step=row["step"])
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
         row = {"step": step, "kind": kind, "time": time.time(), **{k: _jsonable(v) for k, v in fields.items()}}

@@ -24,3 +24,58 @@ class SignalScalarSync(Callback):
                 m.ema_out.copy_(flat[2 * i + 1])
         alphas = torch.stack([m.alpha() for m in scalars])
         metrics["bslo/alpha_min"], metrics["bslo/alpha_max"] = alphas.min().item(), alphas.max().item()
+
+
+def maxvio(load: torch.Tensor) -> float:
+    """(max_i load_i - mean load) / mean load: 0 when perfectly balanced."""
+    mean = load.float().mean()
+    return ((load.float().max() - mean) / mean.clamp(min=1e-12)).item()
+
+
+def global_loads(trainer) -> torch.Tensor:
+    """[n_moe_layers, n_routed] tokens routed per expert since the last reset, summed over all ranks."""
+    loads = torch.stack([r.load for r in trainer.model.routers()])
+    if trainer.world > 1:
+        dist.all_reduce(loads)
+    return loads
+
+
+def update_router_biases(routers, loads: torch.Tensor) -> None:
+    """aux-free balancing: b_i += u * sign(mean load - load_i). `loads` are global, so every rank agrees."""
+    for router, load in zip(routers, loads):
+        u = router.cfg.bias_update_rate
+        if router.cfg.router == "aux_free" and u:
+            router.bias += u * torch.sign(load.mean() - load)
+
+
+class MoEBalance(Callback):
+    """After every step: global expert loads -> MaxVio metrics and the aux-free bias update; after evaluation:
+    MaxVio over the whole validation pass (moe/maxvio_global)."""
+
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        routers = trainer.model.routers()
+        loads = global_loads(trainer)
+        update_router_biases(routers, loads)
+        per_layer = [maxvio(load) for load in loads]
+        metrics["moe/maxvio_batch"] = sum(per_layer) / len(per_layer)
+        first = trainer.cfg.model.moe.first_dense
+        for i, (v, load) in enumerate(zip(per_layer, loads)):
+            metrics[f"moe/maxvio_batch/{first + i}"] = v
+            metrics[f"moe/load/{first + i}"] = load.long().tolist()
+        aux = [r.aux_loss.item() for r in routers if r.aux_loss is not None]
+        if aux:
+            metrics["moe/aux_loss"] = sum(aux)
+        self._reset(routers)
+
+    def on_eval_begin(self, trainer, step: int) -> None:
+        self._reset(trainer.model.routers())
+
+    def on_eval_end(self, trainer, step: int, metrics: dict) -> None:
+        loads = global_loads(trainer)
+        metrics["moe/maxvio_global"] = sum(maxvio(load) for load in loads) / len(loads)
+        self._reset(trainer.model.routers())
+
+    @staticmethod
+    def _reset(routers) -> None:
+        for r in routers:
+            r.load.zero_()

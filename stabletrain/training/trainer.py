@@ -35,7 +35,10 @@ class Callback:
     def on_step_end(self, trainer: "Trainer", step: int, metrics: dict) -> None:
         """May add keys to metrics before they are logged."""
 
-    def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict) -> None: ...
+    def on_eval_begin(self, trainer: "Trainer", step: int) -> None: ...
+
+    def on_eval_end(self, trainer: "Trainer", step: int, metrics: dict) -> None:
+        """May add keys to the evaluation metrics before they are logged."""
 
     def on_checkpoint(self, trainer: "Trainer", step: int, tag_dir: Path) -> None: ...
 
@@ -209,10 +212,12 @@ class Trainer:
         return val["val_loss"] if val else float("nan")
 
     def _eval_and_log(self) -> dict:
+        for cb in self.callbacks:
+            cb.on_eval_begin(self, self.step)
         val = self.evaluate()
-        self.logger.log({"step": self.step, **val})
         for cb in self.callbacks:
             cb.on_eval_end(self, self.step, val)
+        self.logger.log({"step": self.step, **val})
         self._say(f"step {self.step}: val_loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})")
         return val
 
@@ -229,11 +234,13 @@ class Trainer:
 
 def default_callbacks(cfg: Config) -> list[Callback]:
     from stabletrain.monitoring.gains import GainMonitor
-    from stabletrain.training.callbacks import SignalScalarSync
+    from stabletrain.training.callbacks import MoEBalance, SignalScalarSync
 
     callbacks: list[Callback] = [GainMonitor(cfg.monitor.gain_interval)]
     if cfg.model.signal_scaling == "bslo":
         callbacks.append(SignalScalarSync())
+    if cfg.model.ffn == "moe":
+        callbacks.append(MoEBalance())
     return callbacks
 
 
