@@ -165,11 +165,13 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: str = "cosine"  # cosine | wsd | constant | step
     warmup_steps: int = 20
     total_steps: Optional[int] = None  # schedule horizon; None: trainer.max_steps
     min_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine and wsd)
     decay_fraction: float = 0.2  # wsd: fraction of total_steps spent decaying
+    step_milestones: List[float] = field(default_factory=lambda: [0.8, 0.9])  # step: fractions of total_steps
+    step_factors: List[float] = field(default_factory=lambda: [0.316, 0.1])  # step: lr factor after each milestone
 
 
 @dataclass
@@ -200,6 +202,8 @@ class TrainerConfig:
     resume: str = "none"  # none | auto | <checkpoints dir of another run>
     peak_tflops: Optional[float] = None  # for MFU; None: known GPU table, or a measured CPU matmul peak
     device: str = "auto"  # auto | cpu | cuda
+    plan: bool = False  # print parameters, FLOPs and per-GPU memory for the configured run, then exit
+    plan_world_size: Optional[int] = None  # plan for this many GPUs (None: WORLD_SIZE or 1)
 
 
 @dataclass
@@ -247,7 +251,7 @@ CHOICES = {
     ("engine", "offload_param"): ("none", "cpu"),
     ("engine", "backend"): ("auto", "nccl", "gloo"),
     ("precision", "dtype"): ("fp32", "bf16"),
-    ("optim", "schedule"): ("cosine", "wsd", "constant"),
+    ("optim", "schedule"): ("cosine", "wsd", "constant", "step"),
     ("logging", "mode"): ("auto", "online", "offline"),
     ("trainer", "device"): ("auto", "cpu", "cuda"),
 }
@@ -286,6 +290,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 1")
     if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
         raise ConfigError(f"trainer.stop_at={t.stop_at} must lie in 1..trainer.max_steps={t.max_steps}")
+    o = cfg.optim
+    if o.schedule == "step" and len(o.step_milestones) != len(o.step_factors):
+        raise ConfigError("optim.step_milestones and optim.step_factors must have the same length")
     if cfg.data.seq_len < 2:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
     for key in ("train_files", "val_files"):

@@ -76,7 +76,8 @@ def test_resume_gives_identical_losses(tmp_path):
     assert events[-1]["kind"] == "resume" and events[-1]["step"] == k
 
 
-def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
+def test_resume_auto_with_an_empty_checkpoint_directory_starts_fresh(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     proc = train(tmp_path / "run", "trainer.max_steps=2", "trainer.resume=auto", "logging=none")
     assert "no complete checkpoint" in proc.stdout and "starting fresh" in proc.stdout
     event = read_jsonl(tmp_path / "run" / "events.jsonl")[0]
@@ -99,6 +100,26 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
     assert [r["step"] for r in train_rows(run)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_corrupt_newest_checkpoint_of_the_right_size_falls_back(tmp_path):
+    run = tmp_path / "run"
+    common = ("trainer.ckpt_interval=2", "logging=none", "trainer.eval_interval=0")
+    train(run, "trainer.max_steps=4", *common)
+    weights = run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 4096] = bytes(4096)  # same size, zeroed bytes inside the archive
+    weights.write_bytes(bytes(data))
+    proc = train(run, "trainer.max_steps=6", *common, "trainer.resume=auto")
+    assert "skipping checkpoint step_00000004: unreadable" in proc.stdout
+    resume = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "resume"][-1]
+    assert resume["checkpoint"].endswith("step_00000002")
+    # With every checkpoint unreadable the run stops with one line instead of training from half-loaded state.
+    (run / "checkpoints" / "step_00000006" / "COMPLETE.json").unlink()
+    for f in (run / "checkpoints").glob("step_*/mp_rank_00_model_states.pt"):
+        f.write_bytes(bytes(f.stat().st_size))
+    proc = train(run, "trainer.max_steps=8", *common, "trainer.resume=auto", check=False)
+    assert proc.returncode == 2 and "could be loaded" in proc.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("override, needle", [
     ("data.train_files=[/nonexistent/corpus.jsonl]", "data.train_files: file not found: /nonexistent/corpus.jsonl"),
     ("data.text_field=body", "no field 'body'"),
@@ -113,6 +134,12 @@ def test_bad_data_input_is_one_line(tmp_path, override, needle):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("stabletrain: error:") and needle in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_zero_offload_trains(tmp_path):
+    train(tmp_path / "run", "engine=zero2", "engine.offload_optimizer=cpu", "trainer.max_steps=4", "logging=none",
+          "trainer.eval_interval=0")
+    assert len(train_rows(tmp_path / "run")) == 4
 
 
 def test_bf16_trains(tmp_path):

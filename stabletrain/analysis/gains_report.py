@@ -5,9 +5,10 @@ writes <out>/report.md (a markdown table) and <out>/gains.png.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from stabletrain.analysis.report import report_main
 
 
 def load(run_dir: Path) -> dict:
@@ -76,16 +77,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    runs = [load(d) for d in args.runs if (d / "metrics.jsonl").is_file()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(table(runs))
-    plot(runs, args.out / "gains.png")
-    print(table(runs))
-    print(f"wrote {args.out / 'report.md'} and {args.out / 'gains.png'}")
+    report_main(__doc__.splitlines()[0], load, table, plot, "gains.png", argv)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:
-    """Schedule as a factor of optim.lr: linear warm-up, then cosine / WSD / constant to min_lr_ratio."""
+    """Schedule as a factor of optim.lr: linear warm-up, then cosine / WSD (to min_lr_ratio), constant, or step."""
     o = cfg.optim
     total = o.total_steps or cfg.trainer.max_steps
     if o.warmup_steps and step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
     if o.schedule == "constant":
         return 1.0
+    if o.schedule == "step":  # constant, then drops to step_factors[i] at each milestone fraction of training
+        factor = 1.0
+        for milestone, f in zip(o.step_milestones, o.step_factors):
+            if step >= milestone * total:
+                factor = f
+        return factor
     if o.schedule == "cosine":
         progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -78,4 +84,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, cfg=cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world_size))
+    if world_size == 1 and cfg.engine.zero_stage == 0:
+        # One rank has nothing to reduce, but ZeRO-0 would still flatten, "all-reduce" and copy back every grad.
+        engine.enable_backward_allreduce = False
     return engine

@@ -91,27 +91,17 @@ def check(tag_dir: Path) -> str | None:
     return None
 
 
-@dataclass
-class ResumePoint:
-    tag_dir: Path | None  # None: nothing usable, start fresh
-    rejected: list[tuple[str, str]]  # (tag, reason) of newer checkpoints that were passed over
-
-
-def find_resume_point(root: Path) -> ResumePoint:
-    rejected = []
-    for tag_dir in _tags_newest_first(root):
-        reason = check(tag_dir)
-        if reason is None:
-            return ResumePoint(tag_dir, rejected)
-        rejected.append((tag_dir.name, reason))
-    return ResumePoint(None, rejected)
+def candidates(root: Path) -> list[tuple[Path, str | None]]:
+    """Every checkpoint under root, newest first, with the reason it is incomplete (None when complete)."""
+    return [(tag_dir, check(tag_dir)) for tag_dir in _tags_newest_first(root)]
 
 
 def load(engine, tag_dir: Path) -> dict:
-    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the client state."""
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the client state.
+    Raises on a checkpoint that cannot be read (the caller falls back to an older one)."""
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+        raise RuntimeError("DeepSpeed found no loadable checkpoint")
     rng_file = tag_dir / f"rng_rank{dist_utils.rank()}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved: those ranks keep their seeded state
         set_rng_state(torch.load(rng_file, weights_only=False))

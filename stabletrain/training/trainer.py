@@ -99,19 +99,38 @@ class Trainer:
         root = self.run_dir / "checkpoints" if mode == "auto" else Path(mode)
         if checkpoint.TAG_RE.match(root.name):  # a tag directory was given: search its parent, newest first
             root = root.parent
-        point = checkpoint.find_resume_point(root)
-        for tag, reason in point.rejected:
-            self._say(f"resume: skipping checkpoint {tag}: {reason}")
-        events = [("resume", {"checkpoint": None, "rejected": [list(r) for r in point.rejected]})]
-        if point.tag_dir is None:
-            self._say(f"resume={mode}: no complete checkpoint in {root}; starting fresh")
-            return events
-        state = checkpoint.load(self.engine, point.tag_dir)
-        self.step = int(state["step"])
-        self.loader.samples_consumed = int(state["samples_consumed"])
-        events[0][1]["checkpoint"] = str(point.tag_dir)
-        self._say(f"resumed from {point.tag_dir} at step {self.step}")
-        return events
+        rejected: list[list[str]] = []
+        for tag_dir, reason in checkpoint.candidates(root):
+            if reason is None:
+                reason = self._try_load(tag_dir)
+            if reason is None:
+                self._say(f"resumed from {tag_dir} at step {self.step}")
+                return [("resume", {"checkpoint": str(tag_dir), "rejected": rejected})]
+            self._say(f"resume: skipping checkpoint {tag_dir.name}: {reason}")
+            rejected.append([tag_dir.name, reason])
+        if any(r.startswith("unreadable") for _, r in rejected):
+            # A failed load may have left half-restored state behind: do not train from it.
+            raise StableTrainError(f"no checkpoint in {root} could be loaded ({'; '.join(': '.join(r) for r in rejected)})")
+        self._say(f"resume={mode}: no complete checkpoint in {root}; starting fresh")
+        return [("resume", {"checkpoint": None, "rejected": rejected})]
+
+    def _try_load(self, tag_dir: Path) -> str | None:
+        """Load a complete-looking checkpoint on every rank; the reason it failed on any rank, or None."""
+        reason = None
+        try:
+            state = checkpoint.load(self.engine, tag_dir)
+            self.step = int(state["step"])
+            self.loader.samples_consumed = int(state["samples_consumed"])
+        except Exception as e:  # a corrupt file surfaces as whatever torch/DeepSpeed raise while reading it
+            reason = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        failed = torch.tensor(float(reason is not None), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(failed)
+        if failed.item() and reason is None:
+            reason = "unreadable on another rank"
+        if reason is not None:
+            self.step, self.loader.samples_consumed = 0, 0
+        return reason
 
     # ---------------------------------------------------------------- steps
     def train_step(self) -> dict:
@@ -249,6 +268,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     try:
         typed = to_object(cfg)
         validate(typed)
+        if typed.trainer.plan:
+            from stabletrain.training.plan import print_plan
+
+            print_plan(typed)
+            return float("nan")
         resolved = OmegaConf.to_container(cfg, resolve=True)
         trainer = Trainer(typed, run_dir, resolved)
         try:

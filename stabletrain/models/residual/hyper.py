@@ -30,9 +30,8 @@ class HyperConnection(Connection):
         self.A_r = _static(torch.eye(n))
         if self.dynamic:
             self.norm = RMSNorm(d_model, norm_eps)
-            self.W_beta = nn.Parameter(torch.zeros(d_model))
-            self.W_m = nn.Parameter(torch.zeros(d_model))
-            self.W_r = nn.Parameter(torch.zeros(d_model, n))
+            # [W_beta | W_m | W_r] in one matrix: one matmul per sublayer instead of three.
+            self.W = nn.Parameter(torch.zeros(d_model, n + 2))
             self.s_alpha = nn.Parameter(torch.full((1,), cfg.gate_init))  # 1-d: DeepSpeed cannot flatten 0-d params
             self.s_beta = nn.Parameter(torch.full((1,), cfg.gate_init))
 
@@ -43,10 +42,10 @@ class HyperConnection(Connection):
         """(B [..,n], A_m [..,n], A_r [..,n,n]); static ones broadcast, dynamic ones per token."""
         if not self.dynamic:
             return self.B, self.A_m, self.A_r
-        hbar = self.norm(x)  # per stream, over C
-        B = self.B + self.s_beta * self._act(hbar @ self.W_beta)
-        A_m = self.A_m + self.s_alpha * self._act(hbar @ self.W_m)
-        A_r = self.A_r + self.s_alpha * self._act(hbar @ self.W_r)
+        proj = self._act(self.norm(x) @ self.W)  # per stream (norm over C): [.., n, n+2]
+        B = self.B + self.s_beta * proj[..., 0]
+        A_m = self.A_m + self.s_alpha * proj[..., 1]
+        A_r = self.A_r + self.s_alpha * proj[..., 2:]
         return B, A_m, A_r
 
     def read(self, x: torch.Tensor):
