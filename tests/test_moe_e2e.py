@@ -65,5 +65,5 @@ def test_plan_reports_the_paper_scale_without_hardware(model, lo, hi):
     assert proc.returncode == 0, proc.stderr
     total = int(re.search(r"^total_params=(\d+)$", proc.stdout, re.M).group(1))
     active = int(re.search(r"^active_params=(\d+)$", proc.stdout, re.M).group(1))
-    assert lo < total < hi and active < total / 4
+    assert lo < total < hi and active < total / 3
     assert "memory per GPU (ZeRO-3, bf16, 64 GPU(s)" in proc.stdout

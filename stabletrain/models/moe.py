@@ -101,13 +101,14 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)
         token_of_slot = torch.arange(flat.shape[0], device=x.device).repeat_interleave(idx.shape[-1])
         idx, gates = idx.flatten(), gates.flatten()
-        # One batched call per expert over the tokens routed to it (no loop over tokens).
+        # One batched call per expert over the tokens routed to it (no loop over tokens). An expert with no
+        # tokens still runs on an empty batch, so its weights get (zero) gradients on every rank: data-parallel
+        # gradient reduction needs the same set of gradients everywhere.
         order = idx.argsort(stable=True)
         counts = torch.bincount(idx, minlength=len(self.experts)).tolist()
         for expert, slots in zip(self.experts, order.split(counts)):
-            if slots.numel():
-                tokens = token_of_slot[slots]
-                out.index_add_(0, tokens, expert(flat[tokens]) * gates[slots, None])
+            tokens = token_of_slot[slots]
+            out.index_add_(0, tokens, expert(flat[tokens]) * gates[slots, None])
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view_as(x)
