@@ -76,6 +76,14 @@ def test_resume_gives_identical_losses(tmp_path):
     assert events[-1]["kind"] == "resume" and events[-1]["step"] == k
 
 
+def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
+    train(tmp_path / "run", "trainer.max_steps=2", "logging=none", "trainer.eval_interval=0")
+    proc = train(tmp_path / "run", "trainer.max_steps=2", "logging=none", check=False)
+    assert proc.returncode == 2
+    assert "already holds checkpoints: pass trainer.resume=auto" in proc.stderr.strip().splitlines()[-1]
+    assert len(train_rows(tmp_path / "run")) == 2  # the first run's metrics are untouched
+
+
 def test_resume_auto_with_an_empty_checkpoint_directory_starts_fresh(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     proc = train(tmp_path / "run", "trainer.max_steps=2", "trainer.resume=auto", "logging=none")

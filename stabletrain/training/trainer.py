@@ -95,6 +95,10 @@ class Trainer:
         """Load the checkpoint trainer.resume points at; return the events to record."""
         mode = self.cfg.trainer.resume
         if mode == "none":
+            if checkpoint.candidates(self.run_dir / "checkpoints"):
+                # Training from scratch here would interleave two runs' metrics and prune the old checkpoints.
+                raise StableTrainError(f"{self.run_dir} already holds checkpoints: pass trainer.resume=auto to "
+                                       "continue that run, or choose another hydra.run.dir")
             return []
         root = self.run_dir / "checkpoints" if mode == "auto" else Path(mode)
         if checkpoint.TAG_RE.match(root.name):  # a tag directory was given: search its parent, newest first
