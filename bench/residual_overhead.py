@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import REPO, compose_config, timed  # noqa: E402
+from throughput import compose_config, timed  # noqa: E402
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402

@@ -5,7 +5,6 @@ at compose time naming the key. `validate()` adds the cross-field checks a type 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -307,10 +306,6 @@ def validate(cfg: Config) -> None:
 def to_object(cfg: DictConfig) -> Config:
     """Resolved, typed copy of a composed config."""
     return OmegaConf.to_object(cfg)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,5 +1,4 @@
 """methods.md §4 (auxiliary-loss-free balancing) and §6 (BSLO capacity gating) invariants, and MoE counting."""
-import os
 import tempfile
 from types import SimpleNamespace
 

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import PYTHON, REPO, env, read_jsonl, train, train_rows, val_rows
+from tests.helpers import PYTHON, REPO, env, train, train_rows, val_rows
 
 pytestmark = pytest.mark.slow
 

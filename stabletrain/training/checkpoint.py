@@ -10,7 +10,6 @@ import json
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
