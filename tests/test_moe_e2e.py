@@ -22,7 +22,7 @@ def test_each_router_trains_single_process(tmp_path, router):
     assert all("moe/maxvio_batch" in r and len(r["moe/load/1"]) == 8 for r in rows)
 
 
-@pytest.mark.parametrize("router", ["softmax_aux", "aux_free"])
+@pytest.mark.parametrize("router", ["none", "softmax_aux", "aux_free", "bslo"])
 def test_router_trains_on_two_ranks(tmp_path, router):
     run = tmp_path / router
     train(run, *MOE, f"model.moe.router={router}", "engine=zero2", "trainer.micro_batch_size=4",
