@@ -31,6 +31,7 @@ VARIANTS = {
     "baseline": ["model=baseline"],
     "hc": ["model=hc"],
     "mhc": ["model=mhc"],
+    "mhc_fused": ["model=mhc", "model.residual.kernel=fused"],
     "lns": ["model=lns"],
 }
 SIZE = ["model.d_model=512", "model.n_heads=8", "model.n_layers=8", "monitor.gain_interval=0"]

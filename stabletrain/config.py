@@ -37,6 +37,7 @@ class ResidualConfig:
     pre_logit: float = 4.0  # mhc init=hc: +/- this on b_pre (soft one-hot on stream k mod n)
     norm_eps: float = 1e-20  # mhc: eps of the RMS over the flattened n*C vector (paper: 1e-20)
     collapse: str = "sum"  # mhc output collapse: sum | head (learned pre-only head)
+    kernel: str = "eager"  # mhc: eager (PyTorch reference) | fused (torch.compile'd read/write: C++ on CPU, Triton on GPU)
 
 
 @dataclass
@@ -243,6 +244,7 @@ CHOICES = {
     ("model", "residual.init"): ("hc", "megatron"),
     ("model", "residual.phi_init"): ("normal", "xavier"),
     ("model", "residual.collapse"): ("sum", "head"),
+    ("model", "residual.kernel"): ("eager", "fused"),
     ("model", "norm.depth_scaling"): ("none", "lns"),
     ("model", "signal_scaling"): ("none", "bslo"),
     ("data", "tokenizer.model_type"): ("bpe", "unigram"),
@@ -276,6 +278,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.residual.streams={r.streams} needs model.residual.kind=hc or mhc")
     if r.sinkhorn_iters < 1:
         raise ConfigError(f"model.residual.sinkhorn_iters={r.sinkhorn_iters} must be >= 1")
+    if r.kernel == "fused" and r.kind != "mhc":
+        raise ConfigError(f"model.residual.kernel=fused exists for model.residual.kind=mhc only (got {r.kind})")
     if cfg.monitor.gain_interval < 0:
         raise ConfigError(f"monitor.gain_interval={cfg.monitor.gain_interval} must be >= 0 (0: off)")
     if not 0 <= cfg.engine.zero_stage <= 3:

@@ -53,6 +53,8 @@ def test_fp32_zero0_clips_in_the_trainer_not_in_deepspeed():
     ("engine.offload_param=cpu", "engine.offload_param needs engine.zero_stage=3"),
     ("precision.dtype=fp16", "precision.dtype='fp16' is not one of"),
     ("trainer.stop_at=1000", "trainer.stop_at=1000"),
+    ("model.residual.kernel=fused", "model.residual.kernel=fused exists for model.residual.kind=mhc only"),
+    ("model.residual.kernel=triton", "model.residual.kernel='triton' is not one of"),
     ("data.train_files=[/nonexistent/x.jsonl]", "file not found: /nonexistent/x.jsonl"),
 ])
 def test_validation_errors_name_the_key(override, message):

@@ -9,12 +9,14 @@ With identical streams and rows summing to 1, H_res keeps the streams identical:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from stabletrain.config import ResidualConfig
 from stabletrain.models.residual.base import Connection, PropagationScalar, ResidualStream
-from stabletrain.models.residual.sinkhorn import sinkhorn
+from stabletrain.models.residual.sinkhorn import sinkhorn, sinkhorn_reference
 
 
 def _init_phi(phi: torch.Tensor, cfg: ResidualConfig) -> None:
@@ -24,11 +26,50 @@ def _init_phi(phi: torch.Tensor, cfg: ResidualConfig) -> None:
         nn.init.normal_(phi, std=cfg.phi_std)
 
 
+def mhc_logits(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, n: int, eps: float,
+               fused: bool = True) -> torch.Tensor:
+    """[.., n^2+2n] pre-activation coefficients; fused divides by the RMS after the matmul (same value)."""
+    xf = x.flatten(-2).float()
+    rms = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    a = alpha.float()
+    scale = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
+    mix = (xf @ phi.float()) / rms if fused else (xf / rms) @ phi.float()
+    return mix * scale + bias.float()
+
+
+def mhc_coefficients(x, phi, bias, alpha, n: int, eps: float, iters: int, project=sinkhorn):
+    """(H_pre [..,n] in (0,1), H_post [..,n] in (0,2), H_res [..,n,n] doubly stochastic), fp32."""
+    z = mhc_logits(x, phi, bias, alpha, n, eps)
+    pre = torch.sigmoid(z[..., :n])
+    post = 2 * torch.sigmoid(z[..., n:2 * n])
+    res = project(z[..., 2 * n:].unflatten(-1, (n, n)), iters)
+    return pre, post, res
+
+
+def _fused_read(x, phi, bias, alpha, n: int, eps: float, iters: int):
+    # Written as broadcast-and-reduce (not einsum/bmm) so the compiler emits one loop per pass over the stream;
+    # Sinkhorn is the plain unrolled form, which the compiler fuses into one kernel and recomputes as it sees fit.
+    pre, post, res = mhc_coefficients(x, phi, bias, alpha, n, eps, iters, project=sinkhorn_reference)
+    return (pre.to(x.dtype).unsqueeze(-1) * x).sum(-2), post, res
+
+
+def _fused_write(x, y, post, res):
+    mixed = (res.to(x.dtype).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)
+    return mixed + post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+
+
+@functools.cache
+def _compiled(fn):
+    # Compiled lazily, once per process; every connection shares the graph (parameters are graph inputs).
+    return torch.compile(fn, fullgraph=True)
+
+
 class ManifoldConnection(Connection):
     def __init__(self, d_model: int, n: int, sublayer_index: int, cfg: ResidualConfig,
                  depth_scale: float | None, signal: PropagationScalar | None):
         super().__init__(depth_scale, signal)
         self.n, self.iters, self.eps = n, cfg.sinkhorn_iters, cfg.norm_eps
+        self.fused = cfg.kernel == "fused"
         self.phi = nn.Parameter(torch.empty(n * d_model, n * n + 2 * n))
         self.bias = nn.Parameter(torch.zeros(n * n + 2 * n))
         self.alpha = nn.Parameter(torch.full((3,), cfg.gate_init))  # alpha_pre, alpha_post, alpha_res
@@ -44,25 +85,16 @@ class ManifoldConnection(Connection):
         # permutation-symmetric biases every gradient is symmetric and the streams would never separate.
 
     def logits(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
-        """[.., n^2+2n] pre-activation coefficients; fused divides by the RMS after the matmul (same value)."""
-        n = self.n
-        xf = x.flatten(-2).float()
-        rms = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        a = self.alpha.float()
-        scale = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
-        mix = (xf @ self.phi.float()) / rms if fused else (xf / rms) @ self.phi.float()
-        return mix * scale + self.bias.float()
+        return mhc_logits(x, self.phi, self.bias, self.alpha, self.n, self.eps, fused)
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(H_pre [..,n] in (0,1), H_post [..,n] in (0,2), H_res [..,n,n] doubly stochastic), fp32."""
-        n = self.n
-        z = self.logits(x)
-        pre = torch.sigmoid(z[..., :n])
-        post = 2 * torch.sigmoid(z[..., n:2 * n])
-        res = sinkhorn(z[..., 2 * n:].unflatten(-1, (n, n)), self.iters)
-        return pre, post, res
+        return mhc_coefficients(x, self.phi, self.bias, self.alpha, self.n, self.eps, self.iters)
 
     def read(self, x: torch.Tensor):
+        if self.fused:
+            h, post, res = _compiled(_fused_read)(x, self.phi, self.bias, self.alpha, self.n, self.eps, self.iters)
+            return h, (post, res)
+        # Reference path (kernel=eager): einsum lowers to bmm, and Sinkhorn recomputes its iterations in backward.
         pre, post, res = self.coefficients(x)
         return torch.einsum("...i,...ic->...c", pre.to(x.dtype), x), (post, res)
 
@@ -70,6 +102,8 @@ class ManifoldConnection(Connection):
         post, res = ctx
         if self.record:
             self.last_mix = res[0].detach().mean(0)  # token average over the first sequence (diagnostics)
+        if self.fused:
+            return _compiled(_fused_write)(x, y, post, res)
         mixed = torch.einsum("...ij,...jc->...ic", res.to(x.dtype), x)
         return mixed + post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
 
