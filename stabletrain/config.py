@@ -148,6 +148,7 @@ class EngineConfig:
     offload_optimizer: str = "none"  # none | cpu
     offload_param: str = "none"  # none | cpu (ZeRO-3 only)
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+    expert_parallel: int = 1  # ranks per expert-parallel group (MoE experts sharded, all-to-all dispatch)
     ds_config: Dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
 
 
@@ -286,6 +287,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
     if cfg.engine.offload_param != "none" and cfg.engine.zero_stage != 3:
         raise ConfigError("engine.offload_param needs engine.zero_stage=3")
+    ep = cfg.engine.expert_parallel
+    if ep < 1:
+        raise ConfigError(f"engine.expert_parallel={ep} must be >= 1")
+    if ep > 1:
+        if cfg.model.ffn != "moe":
+            raise ConfigError(f"engine.expert_parallel={ep} needs MoE layers (model.ffn=moe)")
+        if cfg.model.moe.n_routed % ep:
+            raise ConfigError(f"model.moe.n_routed={cfg.model.moe.n_routed} is not divisible by "
+                              f"engine.expert_parallel={ep}")
+        if cfg.engine.zero_stage != 0 or cfg.precision.dtype != "fp32":
+            # ZeRO-1/2 and DeepSpeed's bf16 optimizer reduce gradients inside DeepSpeed, which would average
+            # different experts together; only DeepSpeed's own MoE layer class gets expert groups there.
+            raise ConfigError(f"engine.expert_parallel={ep} runs with engine=zero0 and precision=fp32 for now "
+                              f"(got zero_stage={cfg.engine.zero_stage}, dtype={cfg.precision.dtype})")
     if cfg.engine.offload_optimizer != "none" and cfg.engine.zero_stage == 0:
         raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_batches"):

@@ -1,3 +1,4 @@
+import re
 import subprocess
 
 import pytest
@@ -53,13 +54,16 @@ def test_fp32_zero0_clips_in_the_trainer_not_in_deepspeed():
     ("engine.offload_param=cpu", "engine.offload_param needs engine.zero_stage=3"),
     ("precision.dtype=fp16", "precision.dtype='fp16' is not one of"),
     ("trainer.stop_at=1000", "trainer.stop_at=1000"),
+    ("engine.expert_parallel=2", "engine.expert_parallel=2 needs MoE layers (model.ffn=moe)"),
+    ("model=moe engine.expert_parallel=3", "model.moe.n_routed=8 is not divisible by engine.expert_parallel=3"),
+    ("model=moe engine=zero2 engine.expert_parallel=2", "engine.expert_parallel=2 runs with engine=zero0 and precision=fp32"),
     ("model.residual.kernel=fused", "model.residual.kernel=fused exists for model.residual.kind=mhc only"),
     ("model.residual.kernel=triton", "model.residual.kernel='triton' is not one of"),
     ("data.train_files=[/nonexistent/x.jsonl]", "file not found: /nonexistent/x.jsonl"),
 ])
 def test_validation_errors_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
-        validate(composed(override))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(composed(*override.split()))
 
 
 def test_schedules():
@@ -98,3 +102,16 @@ def test_cfg_job_prints_composed_config():
     assert proc.returncode == 0, proc.stderr
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.engine.zero_stage == 2 and cfg.model.name == "baseline"
+
+
+def test_plan_shards_routed_experts_over_the_expert_parallel_group():
+    from stabletrain.training.plan import plan
+
+    one = plan(composed("model=moe", "trainer.plan_world_size=4"))
+    four = plan(composed("model=moe", "trainer.plan_world_size=4", "engine.expert_parallel=4"))
+    cfg = composed("model=moe").model
+    routed_layers = cfg.n_layers - cfg.moe.first_dense
+    routed = routed_layers * cfg.moe.n_routed * 3 * cfg.d_model * cfg.moe.expert_hidden
+    held_bytes = (one["total_params"] - routed * 3 / 4) * 4
+    assert four["memory_gib"]["weights"] * 1024**3 == pytest.approx(held_bytes)
+    assert one["memory_gib"]["weights"] * 1024**3 == pytest.approx(one["total_params"] * 4)

@@ -3,6 +3,7 @@ import re
 import subprocess
 
 import pytest
+import torch
 
 from tests.helpers import PYTHON, REPO, env, train, train_rows, val_rows
 
@@ -54,6 +55,28 @@ def test_aux_free_bias_is_checkpointed_and_resumes(tmp_path):
     train(run / "split", *common, "trainer.stop_at=3")
     train(run / "split", *common, "trainer.resume=auto")
     assert [r["loss"] for r in train_rows(run / "split")] == [r["loss"] for r in train_rows(run / "straight")]
+
+
+@pytest.mark.parametrize("nproc, micro", [(2, 4), (4, 2)])
+def test_expert_parallel_reproduces_the_single_process_run(tmp_path, nproc, micro):
+    """Experts sharded over 2 ranks with all-to-all dispatch (on 4 ranks: 2 EP groups, expert-DP pairs)."""
+    common = (*MOE, "model.moe.router=aux_free", "trainer.max_steps=6", "trainer.eval_interval=3", "logging=none")
+    train(tmp_path / "single", *common)
+    ep = (*common, "engine.expert_parallel=2", f"trainer.micro_batch_size={micro}", "trainer.ckpt_interval=3")
+    train(tmp_path / "ep", *ep, nproc=nproc)
+    single, sharded = train_rows(tmp_path / "single"), train_rows(tmp_path / "ep")
+    for a, b in zip(single, sharded, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert val_rows(tmp_path / "ep")[-1]["val_loss"] == pytest.approx(val_rows(tmp_path / "single")[-1]["val_loss"], rel=1e-5)
+    # Each rank saved its own half of every MoE layer's experts (4 of 8), and the halves differ.
+    tag = tmp_path / "ep" / "checkpoints" / "step_00000006"
+    halves = [torch.load(tag / f"state_rank{r}.pt", weights_only=False)["local_experts"]["params"] for r in (0, 1)]
+    assert {n.split(".experts.")[1].split(".")[0] for n in halves[0]} == {"0", "1", "2", "3"}
+    assert not torch.equal(halves[0]["blocks.1.mlp.experts.0.w_up.weight"], halves[1]["blocks.1.mlp.experts.0.w_up.weight"])
+    if nproc == 2:  # resume restores every rank's experts and their optimizer state exactly
+        train(tmp_path / "split", *ep, "trainer.stop_at=3", nproc=2)
+        train(tmp_path / "split", *ep, "trainer.resume=auto", nproc=2)
+        assert [r["loss"] for r in train_rows(tmp_path / "split")] == [r["loss"] for r in sharded]
 
 
 @pytest.mark.parametrize("model, lo, hi", [("mhc_3b", 2.5e9, 3.5e9), ("mhc_9b", 8.5e9, 9.5e9),

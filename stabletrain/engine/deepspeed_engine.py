@@ -84,7 +84,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, cfg=cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world_size))
-    if world_size == 1 and cfg.engine.zero_stage == 0:
+    if cfg.engine.zero_stage == 0 and (world_size == 1 or cfg.engine.expert_parallel > 1):
         # One rank has nothing to reduce, but ZeRO-0 would still flatten, "all-reduce" and copy back every grad.
+        # With expert parallelism the trainer reduces instead (ExpertParallel.reduce_gradients).
         engine.enable_backward_allreduce = False
     return engine

@@ -94,21 +94,28 @@ class MoE(nn.Module):
         self.router = Router(d_model, cfg)
         self.experts = nn.ModuleList(SwiGLU(d_model, cfg.expert_hidden) for _ in range(cfg.n_routed))
         self.shared = SwiGLU(d_model, cfg.n_shared * cfg.expert_hidden) if cfg.n_shared else None
+        # Expert parallelism (stabletrain.engine.expert_parallel) swaps in an all-to-all dispatch from outside.
+        self.dispatch = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, gates = self.router(x)
         flat = x.flatten(0, -2)
-        out = torch.zeros_like(flat)
         token_of_slot = torch.arange(flat.shape[0], device=x.device).repeat_interleave(idx.shape[-1])
-        idx, gates = idx.flatten(), gates.flatten()
-        # One batched call per expert over the tokens routed to it (no loop over tokens). An expert with no
-        # tokens still runs on an empty batch, so its weights get (zero) gradients on every rank: data-parallel
-        # gradient reduction needs the same set of gradients everywhere.
-        order = idx.argsort(stable=True)
-        counts = torch.bincount(idx, minlength=len(self.experts)).tolist()
-        for expert, slots in zip(self.experts, order.split(counts)):
-            tokens = token_of_slot[slots]
-            out.index_add_(0, tokens, expert(flat[tokens]) * gates[slots, None])
+        dispatch = self.dispatch or self._local_dispatch
+        out = dispatch(self.experts, flat, idx.flatten(), gates.flatten(), token_of_slot)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view_as(x)
+
+    @staticmethod
+    def _local_dispatch(experts, flat, idx, gates, token_of_slot) -> torch.Tensor:
+        # One batched call per expert over the tokens routed to it (no loop over tokens). An expert with no
+        # tokens still runs on an empty batch, so its weights get (zero) gradients on every rank: data-parallel
+        # gradient reduction needs the same set of gradients everywhere.
+        out = torch.zeros_like(flat)
+        order = idx.argsort(stable=True)
+        counts = torch.bincount(idx, minlength=len(experts)).tolist()
+        for expert, slots in zip(experts, order.split(counts)):
+            tokens = token_of_slot[slots]
+            out.index_add_(0, tokens, expert(flat[tokens]) * gates[slots, None])
+        return out

@@ -1,7 +1,8 @@
 """Checkpoints through DeepSpeed's own save/load, plus what DeepSpeed does not keep: RNG states of every rank
 and a completeness manifest, so that a half-written checkpoint is never resumed from.
 
-    <run_dir>/checkpoints/step_00000100/   DeepSpeed files, rng_rank<r>.pt, COMPLETE.json (written last)
+    <run_dir>/checkpoints/step_00000100/   DeepSpeed files, rng_rank<r>.pt, state_rank<r>.pt (per-rank state
+                                           such as expert-parallel experts), COMPLETE.json (written last)
     <run_dir>/checkpoints/latest           DeepSpeed's pointer to the newest tag
 """
 from __future__ import annotations
@@ -40,12 +41,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, root: Path, step: int, client_state: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Rank 0 writes the manifest after all ranks finished writing."""
+def save(engine, root: Path, step: int, client_state: dict, keep: int, rank_state: dict | None = None) -> Path:
+    """Collective: every rank calls it. Rank 0 writes the manifest after all ranks finished writing.
+    `rank_state` is this rank's own state that DeepSpeed does not save (e.g. its expert-parallel experts)."""
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     tag_dir = root / tag
     torch.save(rng_state(), tag_dir / f"rng_rank{dist_utils.rank()}.pt")
+    if rank_state:
+        torch.save(rank_state, tag_dir / f"state_rank{dist_utils.rank()}.pt")
     dist_utils.barrier()
     if dist_utils.rank() == 0:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
@@ -105,3 +109,10 @@ def load(engine, tag_dir: Path) -> dict:
     if rng_file.is_file():  # absent when resuming on more ranks than saved: those ranks keep their seeded state
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state or {}
+
+
+def load_rank_state(tag_dir: Path) -> dict:
+    path = tag_dir / f"state_rank{dist_utils.rank()}.pt"
+    if not path.is_file():
+        raise RuntimeError(f"{path.name} is missing (saved on fewer ranks, or without expert parallelism)")
+    return torch.load(path, weights_only=False)

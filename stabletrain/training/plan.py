@@ -4,7 +4,8 @@ ZeRO stage, precision, offload and world size.
 
 Memory model (bytes per parameter, before sharding): weights 2 (bf16) or 4 (fp32); gradients the same; optimizer
 12 (fp32 master weights when bf16 + Adam m and v) or 8 (fp32). ZeRO-1 shards the optimizer over the data-parallel
-ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; offload moves the optimizer (and with offload_param
+ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; expert parallelism keeps 1/ep of the routed experts
+per rank; offload moves the optimizer (and with offload_param
 the weights) to CPU memory. Activations, per sequence and block without recomputation, follow Korthikanti et al.
 (2022) with a fused attention kernel: 34·T·d bytes in 16-bit (×2 in fp32), plus 4·(n-1)·T·d for the extra
 residual streams of HC/mHC and expert activations scaled by (top_k + shared) / dense width; the fp32 logits add
@@ -18,6 +19,7 @@ import torch
 
 from stabletrain.config import Config
 from stabletrain.models import build_model, flops_per_token, param_count
+from stabletrain.models.moe import MoE
 from stabletrain.models.transformer import is_moe_layer
 
 GiB = 1024**3
@@ -30,14 +32,16 @@ def plan(cfg: Config) -> dict:
     with torch.device("meta"):
         model = build_model(m)
     total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for mod in model.modules() if isinstance(mod, MoE) for p in mod.experts.parameters())
+    held = total - routed * (1 - 1 / e.expert_parallel)  # expert parallelism: each rank holds 1/ep of the experts
     active = param_count(m, active=True)
     world = t.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
     bf16 = cfg.precision.dtype == "bf16"
     w_bytes, opt_bytes = (2, 12) if bf16 else (4, 8)
     shard = lambda stage: world if e.zero_stage >= stage else 1  # noqa: E731
-    weights = total * w_bytes / shard(3) * (0 if e.offload_param != "none" else 1)
-    grads = total * w_bytes / shard(2)
-    optimizer = total * opt_bytes / shard(1) * (0 if e.offload_optimizer != "none" else 1)
+    weights = held * w_bytes / shard(3) * (0 if e.offload_param != "none" else 1)
+    grads = held * w_bytes / shard(2)
+    optimizer = held * opt_bytes / shard(1) * (0 if e.offload_optimizer != "none" else 1)
     T, d, B = cfg.data.seq_len, m.d_model, t.micro_batch_size
     act_scale = 1 if bf16 else 2
     per_block = []
@@ -66,7 +70,8 @@ def print_plan(cfg: Config) -> dict:
     print(f"flops_per_token={p['flops_per_token']:.4e}")
     offload = ", ".join(f"{k} offload to {v}" for k, v in (("optimizer", e.offload_optimizer),
                                                              ("param", e.offload_param)) if v != "none")
-    print(f"memory per GPU (ZeRO-{e.zero_stage}, {cfg.precision.dtype}, {p['world_size']} GPU(s), micro batch "
+    ep = f", expert parallel {e.expert_parallel}" if e.expert_parallel > 1 else ""
+    print(f"memory per GPU (ZeRO-{e.zero_stage}{ep}, {cfg.precision.dtype}, {p['world_size']} GPU(s), micro batch "
           f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} tokens{', ' + offload if offload else ''}): "
           + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
     return p

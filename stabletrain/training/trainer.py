@@ -21,6 +21,7 @@ from stabletrain.data.dataset import GlobalOrder, PackedSequences, RankLoader
 from stabletrain.data.setup import prepare_data
 from stabletrain.engine import distributed as dist_utils
 from stabletrain.engine.deepspeed_engine import build_engine, clips_in_engine
+from stabletrain.engine.expert_parallel import ExpertParallel
 from stabletrain.models import build_model, flops_per_token, param_count
 from stabletrain.monitoring.sinks import MetricsLogger, NullLogger
 from stabletrain.training import checkpoint
@@ -72,9 +73,13 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model)
+        self.expert_parallel = (ExpertParallel(self.model, cfg.engine.expert_parallel, self.world, self.rank)
+                                if cfg.engine.expert_parallel > 1 else None)
         self.n_params = param_count(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.engine = build_engine(cfg, self.model, self.world)
+        if self.expert_parallel is not None:
+            self.expert_parallel.restore_experts()
         self.step = 0
 
         resume_events = self._resume()
@@ -123,6 +128,9 @@ class Trainer:
         reason = None
         try:
             state = checkpoint.load(self.engine, tag_dir)
+            if self.expert_parallel is not None:
+                self.expert_parallel.load_local_state(checkpoint.load_rank_state(tag_dir)["local_experts"],
+                                                      self.engine.optimizer)
             self.step = int(state["step"])
             self.loader.samples_consumed = int(state["samples_consumed"])
         except Exception as e:  # a corrupt file surfaces as whatever torch/DeepSpeed raise while reading it
@@ -149,7 +157,11 @@ class Trainer:
             loss_sum += loss.detach().float()
             if i == self.cfg.trainer.grad_accum_steps - 1 and not clips_in_engine(self.cfg):
                 clip = self.cfg.optim.grad_clip or math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                if self.expert_parallel is not None:
+                    self.expert_parallel.reduce_gradients()
+                    grad_norm = self.expert_parallel.clip_grad_norm_(clip)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.engine.step()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
@@ -189,8 +201,10 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "samples_consumed": self.loader.samples_consumed, "world_size": self.world}
+        rank_state = ({"local_experts": self.expert_parallel.local_state(self.engine.optimizer)}
+                      if self.expert_parallel is not None else {})
         tag_dir = checkpoint.save(self.engine, self.run_dir / "checkpoints", self.step, state,
-                                  self.cfg.trainer.keep_checkpoints)
+                                  self.cfg.trainer.keep_checkpoints, rank_state)
         for cb in self.callbacks:
             cb.on_checkpoint(self, self.step, tag_dir)
 
