@@ -5,12 +5,13 @@ at compose time naming the key. `validate()` adds the cross-field checks a type 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import glob
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from stabletrain import REPO_ROOT, StableTrainError
 
@@ -97,6 +98,8 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None: equal to n_heads (multi-head attention)
     attention: str = "mha"  # mha | gqa | mla
+    qk_norm: bool = False  # stabiliser: RMSNorm on each head's q and k before RoPE (mha/gqa)
+    logit_z_loss: float = 0.0  # stabiliser: + coef * mean(logsumexp(logits)^2) in fp32 (PaLM 1e-4)
     mla: MLAConfig = field(default_factory=MLAConfig)
     ffn: str = "dense"  # dense | moe
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -126,19 +129,77 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    path: str = MISSING  # sentencepiece .model file; trained from data.train_files when missing
+    # A sentencepiece .model file or a Hugging Face tokenizer directory (tokenizer.json). A missing .model is
+    # trained on first use from train_docs documents sampled from the training source(s); None: such a model
+    # cached per source under data/<data.name>/tokenizer/.
+    path: Optional[str] = None
     vocab_size: int = 4096
     model_type: str = "bpe"  # bpe | unigram
+    train_docs: int = 20000  # documents sampled (shuffle buffer over the stream) to train a new tokenizer
 
 
 @dataclass
-class DataConfig:
-    name: str = "shakespeare"
-    train_files: List[str] = field(default_factory=list)
-    val_files: List[str] = field(default_factory=list)
+class SourceConfig:
+    """One document source: a Hugging Face hub dataset streamed with `datasets`, or local files.
+
+    A single-source data config sets these fields on `data` itself; a mixture sets them per entry of `data.sources`.
+    """
+
+    hf_id: Optional[str] = None  # hub dataset id, e.g. allenai/c4; None: local files (train_files)
+    subset: Optional[str] = None  # hub config name, e.g. en
+    data_files: List[str] = field(default_factory=list)  # hub: json files inside the repo (no loading script)
+    split: str = "train"
+    val_split: Optional[str] = None  # hub split held out for validation; None: see val_files / val_docs
+    train_files: List[str] = field(default_factory=list)  # jsonl, parquet or plain-text files or globs
+    val_files: List[str] = field(default_factory=list)  # empty (and no val_split): hold out val_docs documents
+    val_docs: int = 200  # held out from the start of the training stream when there is no validation split
     text_field: str = "text"
+    max_docs: Optional[int] = None  # at most N training documents from each input shard (quick runs on huge corpora)
+    weight: float = 1.0  # mixture weight (normalised over data.sources)
+
+
+@dataclass
+class PrepareConfig:
+    """`python -m stabletrain.data.prepare`: pre-tokenization into memory-mapped shards."""
+
+    workers: int = 2  # worker processes
+    shard_docs: int = 4096  # documents per output shard (the unit of resume)
+    dtype: str = "auto"  # auto: uint16 when the vocabulary fits, else uint32 | uint16 | uint32
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    name: str = "shakespeare"
+    format: str = "text"  # text: tokenize on first use (cached) | pretokenized: read data.path from `prepare`
+    path: Optional[str] = None  # format=text: a glob of local files (replaces train_files); pretokenized: the directory
+    # A weighted mixture: name -> SourceConfig fields (a plain dict so that `+data.sources.<name>={...}` works on the
+    # command line; unknown keys fail in source_configs()). Empty: the single source set on `data` itself.
+    sources: Dict[str, Any] = field(default_factory=dict)
     seq_len: int = 256
+    doc_mask: bool = False  # attention stays within documents (per-position document ids go to the model)
+    utf8_errors: str = "replace"  # replace: invalid bytes become U+FFFD (counted) | strict: error naming the file
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def source_configs(self) -> Dict[str, SourceConfig]:
+        """name -> source: the mixture's entries, or this config as its only source."""
+        if self.sources:
+            known, out = {f.name for f in fields(SourceConfig)}, {}
+            for name, entry in self.sources.items():
+                entry = dict(entry) if not isinstance(entry, SourceConfig) else entry.__dict__
+                unknown = sorted(set(entry) - known)
+                if unknown:
+                    raise ConfigError(f"data.sources.{name}: unknown key(s) {', '.join(unknown)} (known: "
+                                      f"{', '.join(sorted(known))})")
+                for key in ("train_files", "val_files", "data_files"):  # a single path is a list of one
+                    if isinstance(entry.get(key), str):
+                        entry[key] = [entry[key]]
+                out[name] = SourceConfig(**entry)
+            return out
+        own = SourceConfig(**{f.name: getattr(self, f.name) for f in fields(SourceConfig)})
+        if self.path and self.format == "text":
+            own.train_files = [self.path]
+        return {self.name: own}
 
 
 @dataclass
@@ -166,6 +227,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
+    grad_clip_warmup_steps: int = 0  # stabiliser: the clip threshold ramps from grad_clip_warmup_start x grad_clip
+    grad_clip_warmup_start: float = 0.1  # to grad_clip over this many steps (0: off)
     schedule: str = "cosine"  # cosine | wsd | constant | step
     warmup_steps: int = 20
     total_steps: Optional[int] = None  # schedule horizon; None: trainer.max_steps
@@ -198,6 +261,7 @@ class TrainerConfig:
     eval_batches: int = 4
     ckpt_interval: int = 100  # 0: only at the end
     keep_checkpoints: int = 2
+    skip_batches: List[List[int]] = field(default_factory=list)  # [start, end) ranges of global batch indices to skip
     log_interval: int = 1
     seed: int = 1234
     resume: str = "none"  # none | auto | <checkpoints dir of another run>
@@ -208,9 +272,48 @@ class TrainerConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """One rolling detector over a per-step scalar (methods.md §7): fires when the value exceeds
+    mean + sigma * std of the last `window` accepted values (and min_ratio times their mean), or max_ratio
+    times their maximum."""
+
+    enabled: bool = True
+    window: int = 128
+    sigma: float = 6.0  # 0: z-score rule off
+    min_ratio: float = 1.0  # the z-score rule also needs value >= min_ratio x window mean (noisy small-batch norms)
+    max_ratio: float = 0.0  # the "k x recent maximum" rule; 0: off
+    response: Optional[str] = None  # log | skip_step | rollback | stop; null: monitor.response
+
+
+@dataclass
+class NonfiniteConfig:
+    response: str = "skip_step"  # skip_step | rollback | stop (a NaN/Inf never reaches the weights)
+
+
+@dataclass
+class InjectConfig:
+    """Testing aid: perturb one step on purpose to exercise detection and the responses."""
+
+    step: Optional[int] = None  # the step to perturb (1-based, as logged); null: off
+    kind: str = "loss"  # loss: multiply the loss by `scale` | nan: make it NaN | poison: a batch of one repeated token
+    scale: float = 50.0
+
+
+@dataclass
 class MonitorConfig:
     name: str = "default"
     gain_interval: int = 25  # signal-gain diagnostics every N steps (gain/* metrics); 0: off
+    response: str = "skip_step"  # default response to a spike: log | skip_step | rollback | stop
+    warmup_steps: int = 64  # detectors fire only after this many accepted steps (OLMo-core: max(20, 64))
+    loss: DetectorConfig = field(default_factory=DetectorConfig)
+    grad_norm: DetectorConfig = field(default_factory=lambda: DetectorConfig(min_ratio=3.0, max_ratio=10.0))
+    nonfinite: NonfiniteConfig = field(default_factory=NonfiniteConfig)
+    rollback_skip_batches: int = 4  # batches of the data stream skipped after a rollback, ending with the spike's
+    max_rollbacks: int = 3  # more rollbacks than this within rollback_window steps: stop instead
+    rollback_window: int = 1000
+    forensics: bool = True  # write <run_dir>/spikes/<step>/ on every spike and non-finite step
+    alert_interval_s: float = 300.0  # at most one W&B alert of a kind per this many seconds
+    inject: InjectConfig = field(default_factory=InjectConfig)
 
 
 @dataclass
@@ -246,9 +349,17 @@ CHOICES = {
     ("model", "residual.phi_init"): ("normal", "xavier"),
     ("model", "residual.collapse"): ("sum", "head"),
     ("model", "residual.kernel"): ("eager", "fused"),
+    ("monitor", "response"): ("log", "skip_step", "rollback", "stop"),
+    ("monitor", "loss.response"): (None, "log", "skip_step", "rollback", "stop"),
+    ("monitor", "grad_norm.response"): (None, "log", "skip_step", "rollback", "stop"),
+    ("monitor", "nonfinite.response"): ("skip_step", "rollback", "stop"),
+    ("monitor", "inject.kind"): ("loss", "nan", "poison"),
     ("model", "norm.depth_scaling"): ("none", "lns"),
     ("model", "signal_scaling"): ("none", "bslo"),
     ("data", "tokenizer.model_type"): ("bpe", "unigram"),
+    ("data", "format"): ("text", "pretokenized"),
+    ("data", "utf8_errors"): ("replace", "strict"),
+    ("data", "prepare.dtype"): ("auto", "uint16", "uint32"),
     ("engine", "offload_optimizer"): ("none", "cpu"),
     ("engine", "offload_param"): ("none", "cpu"),
     ("engine", "backend"): ("auto", "nccl", "gloo"),
@@ -264,7 +375,7 @@ def validate(cfg: Config) -> None:
     for (group, key), allowed in CHOICES.items():
         value = OmegaConf.select(OmegaConf.structured(getattr(cfg, group)), key)
         if value not in allowed:
-            raise ConfigError(f"{group}.{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{group}.{key}={value!r} is not one of {', '.join(map(str, allowed))}")
     m, t = cfg.model, cfg.trainer
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
@@ -281,8 +392,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.residual.sinkhorn_iters={r.sinkhorn_iters} must be >= 1")
     if r.kernel == "fused" and r.kind != "mhc":
         raise ConfigError(f"model.residual.kernel=fused exists for model.residual.kind=mhc only (got {r.kind})")
+    if m.qk_norm and m.attention == "mla":
+        raise ConfigError("model.qk_norm applies to model.attention=mha|gqa (MLA normalises its latents already)")
+    if m.logit_z_loss < 0:
+        raise ConfigError(f"model.logit_z_loss={m.logit_z_loss} must be >= 0")
+    o = cfg.optim
+    if o.grad_clip_warmup_steps < 0 or not 0 < o.grad_clip_warmup_start <= 1:
+        raise ConfigError("optim.grad_clip_warmup_steps must be >= 0 and optim.grad_clip_warmup_start in (0, 1]")
+    if o.grad_clip_warmup_steps and not o.grad_clip:
+        raise ConfigError("optim.grad_clip_warmup_steps needs optim.grad_clip > 0")
     if cfg.monitor.gain_interval < 0:
         raise ConfigError(f"monitor.gain_interval={cfg.monitor.gain_interval} must be >= 0 (0: off)")
+    mon = cfg.monitor
+    for name in ("loss", "grad_norm"):
+        det = getattr(mon, name)
+        if det.window < 2 or det.sigma < 0 or det.max_ratio < 0:
+            raise ConfigError(f"monitor.{name}: window must be >= 2, sigma and max_ratio >= 0 (0: rule off)")
+    if mon.inject.step is not None and mon.inject.step < 1:
+        raise ConfigError(f"monitor.inject.step={mon.inject.step} must be >= 1 (steps are counted from 1)")
+    if mon.rollback_skip_batches < 0 or mon.max_rollbacks < 0:
+        raise ConfigError("monitor.rollback_skip_batches and monitor.max_rollbacks must be >= 0")
+    for r in t.skip_batches:
+        if len(r) != 2 or not 0 <= r[0] < r[1]:
+            raise ConfigError(f"trainer.skip_batches entry {list(r)} must be [start, end) with 0 <= start < end")
     if not 0 <= cfg.engine.zero_stage <= 3:
         raise ConfigError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
     if cfg.engine.offload_param != "none" and cfg.engine.zero_stage != 3:
@@ -311,15 +443,38 @@ def validate(cfg: Config) -> None:
     o = cfg.optim
     if o.schedule == "step" and len(o.step_milestones) != len(o.step_factors):
         raise ConfigError("optim.step_milestones and optim.step_factors must have the same length")
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
-    for key in ("train_files", "val_files"):
-        files = getattr(cfg.data, key)
-        if not files:
-            raise ConfigError(f"data.{key} is empty")
-        for f in files:
-            if not Path(f).is_file():
-                raise ConfigError(f"data.{key}: file not found: {f}")
+    validate_data(cfg.data)
+    if cfg.data.doc_mask and cfg.model.attention == "mla":
+        raise ConfigError("data.doc_mask=true is not supported with model.attention=mla (use mha or gqa)")
+
+
+def validate_data(d: DataConfig) -> None:
+    """Data checks that need no tokenizer or network: values, files and globs, the prepared directory."""
+    if d.seq_len < 2:
+        raise ConfigError(f"data.seq_len={d.seq_len} must be >= 2")
+    if d.prepare.workers < 1 or d.prepare.shard_docs < 1:
+        raise ConfigError("data.prepare.workers and data.prepare.shard_docs must be >= 1")
+    if d.format == "pretokenized":
+        if not d.path:
+            raise ConfigError("data.format=pretokenized needs data.path=<directory written by python -m stabletrain.data.prepare>")
+        if not (Path(d.path) / "manifest.json").is_file():
+            raise ConfigError(f"data.path={d.path} holds no manifest.json (write it with: python -m "
+                              f"stabletrain.data.prepare data={d.name} out={d.path})")
+    for name, src in d.source_configs().items():
+        prefix = f"data.sources.{name}." if d.sources else "data."
+        if src.weight <= 0:
+            raise ConfigError(f"{prefix}weight={src.weight} must be > 0")
+        if src.val_docs < 0 or (src.max_docs is not None and src.max_docs < 1):
+            raise ConfigError(f"{prefix}val_docs must be >= 0 and {prefix}max_docs >= 1 (or null)")
+        if d.format == "pretokenized" or src.hf_id:
+            continue  # the manifest is checked at load; hub sources are only reachable at run time
+        if not src.train_files:
+            hint = " (data=local needs data.path=<glob of jsonl/parquet/txt files>)" if not d.sources else ""
+            raise ConfigError(f"{prefix}train_files is empty{hint}")
+        for key in ("train_files", "val_files"):
+            for pattern in getattr(src, key):
+                if not (glob.glob(pattern) if glob.has_magic(pattern) else Path(pattern).is_file()):
+                    raise ConfigError(f"{prefix}{key}: file not found: {pattern}")
 
 
 def to_object(cfg: DictConfig) -> Config:

@@ -15,10 +15,10 @@ def tiny(**kw) -> ModelConfig:
 
 
 CONFIGS = [tiny(), tiny(attention="gqa", n_kv_heads=2), tiny(tie_embeddings=True), tiny(ffn_hidden=48, n_layers=3),
-           tiny(attention="gqa", n_kv_heads=1, d_model=64, n_heads=8)]
+           tiny(attention="gqa", n_kv_heads=1, d_model=64, n_heads=8), tiny(qk_norm=True)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.attention}-kv{c.kv_heads}-tie{c.tie_embeddings}-L{c.n_layers}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.attention}-kv{c.kv_heads}-tie{c.tie_embeddings}-L{c.n_layers}-qk{c.qk_norm}")
 def test_param_count_equals_formula(cfg):
     model = Transformer(cfg)
     assert param_count(cfg) == sum(p.numel() for p in model.parameters())
@@ -98,3 +98,46 @@ def test_flops_per_token_palm_formula():
     n_norm = (2 * 3 + 1) * 64
     matmul_params = param_count(cfg) - n_embed - n_norm  # head and all block matmuls
     assert flops_per_token(cfg, 128) == 6 * matmul_params + 12 * 3 * 64 * 128
+
+
+def test_qk_norm_makes_attention_invariant_to_the_scale_of_q_and_k():
+    torch.manual_seed(0)
+    model = Transformer(tiny(qk_norm=True, norm_eps=1e-12)).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    before = model(ids)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q_proj.weight.mul_(50.0)
+            block.attn.k_proj.weight.mul_(0.02)
+    torch.testing.assert_close(model(ids), before, rtol=1e-4, atol=1e-4)
+    plain = Transformer(tiny()).eval()  # without QK-norm the same rescaling changes the logits
+    ref = plain(ids)
+    with torch.no_grad():
+        plain.blocks[0].attn.q_proj.weight.mul_(50.0)
+    assert (plain(ids) - ref).abs().max() > 1e-2
+
+
+def test_logit_z_loss_adds_the_squared_log_normaliser():
+    torch.manual_seed(0)
+    cfg = tiny(logit_z_loss=1e-2)
+    model = Transformer(cfg)
+    ids, targets = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    logits = model(ids)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    expected = ce + 1e-2 * torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(model(ids, targets), expected)
+    cfg.logit_z_loss = 0.0
+    torch.testing.assert_close(model(ids, targets), ce)
+
+
+def test_grad_clip_warmup_ramps_the_threshold():
+    from stabletrain.config import Config
+    from stabletrain.engine.deepspeed_engine import clip_threshold
+
+    cfg = Config()
+    cfg.optim.grad_clip, cfg.optim.grad_clip_warmup_steps, cfg.optim.grad_clip_warmup_start = 1.0, 4, 0.1
+    assert [round(clip_threshold(cfg, s), 4) for s in range(1, 7)] == [0.1, 0.325, 0.55, 0.775, 1.0, 1.0]
+    cfg.optim.grad_clip_warmup_steps = 0
+    assert clip_threshold(cfg, 1) == 1.0
+    cfg.optim.grad_clip = 0.0
+    assert clip_threshold(cfg, 1) == math.inf

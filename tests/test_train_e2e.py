@@ -57,6 +57,7 @@ def test_wandb_offline_run_mirrors_metrics(baseline_run):
     ours = {r["step"]: r["loss"] for r in train_rows(run_dir)}
     assert logged == ours
     assert wb.config["model"]["d_model"] == 64
+    assert wb.name == run_dir.name and "model=baseline" in wb.tags and "engine=zero0" in wb.tags
 
 
 def test_resume_gives_identical_losses(tmp_path):

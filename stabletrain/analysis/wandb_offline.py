@@ -31,6 +31,9 @@ class OfflineRun:
     config: dict[str, Any] = field(default_factory=dict)
     alerts: list[dict[str, str]] = field(default_factory=list)
     run_id: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 def find_run_files(run_dir: str | os.PathLike) -> list[Path]:
@@ -53,6 +56,7 @@ def read_run(path_or_run_dir: str | os.PathLike) -> OfflineRun:
         run.history += part.history
         run.alerts += part.alerts
         run.summary, run.config, run.run_id = part.summary, part.config, part.run_id or run.run_id
+        run.name, run.group, run.tags = part.name or run.name, part.group or run.group, part.tags or run.tags
     return run
 
 
@@ -73,6 +77,7 @@ def _read_file(path: Path) -> OfflineRun:
             _apply(run.summary, rec.summary.update, rec.summary.remove)
         elif kind == "run":
             run.run_id = rec.run.run_id or run.run_id
+            run.name, run.group, run.tags = rec.run.display_name, rec.run.run_group, list(rec.run.tags)
             _apply(run.config, rec.run.config.update, rec.run.config.remove)
         elif kind == "config":
             _apply(run.config, rec.config.update, rec.config.remove)

@@ -1,27 +1,257 @@
-"""Document sources: local jsonl / parquet files read through HF `datasets`, plain-text files as one document each."""
+"""Document sources, all read through HF `datasets` streaming: hub datasets and local jsonl / parquet / text files.
+
+A source is a stream of documents split into input shards (a local file, or a file of a hub dataset). The
+streams are read as Arrow batches: faster than a dict per record, and the only way to see the raw bytes of a
+string that is not valid UTF-8 (pyarrow stores them; converting to Python would raise).
+
+Non-UTF-8 bytes (data.utf8_errors): `replace` (default) decodes them as U+FFFD and counts the documents affected
+(`invalid_utf8_docs` in prepare's manifest); `strict` raises naming the file. For plain-text files `datasets`
+decodes, so there the count is of documents that contain U+FFFD after decoding.
+"""
 from __future__ import annotations
 
+import glob
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from stabletrain import StableTrainError
+from stabletrain.config import SourceConfig
 
-_DATASETS_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # anything else: plain text, one doc per file
+_BATCH = 256  # documents per Arrow batch
+
+
+def resolve_files(patterns: Iterable[str], key: str = "data.train_files") -> list[str]:
+    """Files named by paths and globs, each glob sorted, in the order given; a pattern matching nothing is an error."""
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern] if Path(pattern).is_file() else []
+        if not matched:
+            raise StableTrainError(f"{key}: file not found: {pattern}")
+        files += [os.path.abspath(f) for f in matched if Path(f).is_file()]
+    return files
+
+
+def _builder(files: list[str], key: str) -> str:
+    kinds = {_BUILDER.get(Path(f).suffix, "text") for f in files}
+    if len(kinds) > 1:
+        raise StableTrainError(f"{key} mixes file types ({', '.join(sorted(kinds))}); use one source per type")
+    return kinds.pop()
+
+
+def _hub_error(desc: str, e: Exception) -> StableTrainError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    offline = any(os.environ.get(v) in ("1", "true", "True") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if isinstance(e, (ConnectionError, OSError)) or offline or "offline" in first.lower():
+        return StableTrainError(
+            f"cannot stream {desc}: the Hugging Face hub is unreachable from here or offline mode is on "
+            f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) ({type(e).__name__}: {first}); run `python -m "
+            "stabletrain.data.prepare` where the hub is reachable and train with data.format=pretokenized data.path=DIR")
+    return StableTrainError(f"cannot load {desc}: {type(e).__name__}: {first}")
+
+
+@dataclass
+class DocumentStream:
+    """The documents of one split of a source, as input shards that can be read independently (by prepare workers)."""
+
+    src: SourceConfig
+    split: str  # train | val
+    utf8_errors: str = "replace"
+    use_holdout: bool = True  # False: the whole training stream, even without a validation split
+    holdout: list[int] | None = None  # held-out documents per leading input shard (computed when None)
+    invalid_utf8_docs: int = 0  # documents whose bytes were not valid UTF-8 (replaced), counted as they are read
+
+    def __post_init__(self):
+        s = self.src
+        # No validation split or files: the first val_docs documents of the training stream are the validation set.
+        holds_out = self.use_holdout and not s.val_split and not s.val_files
+        self.holdout_only = self.split == "val" and holds_out
+        self.skip_holdout = self.split == "train" and holds_out
+        self._files: list[str] = []
+        self._kind = None
+        if s.hf_id:
+            self._hub_split = s.val_split if self.split == "val" and s.val_split else s.split
+            self.desc = (f"hub dataset {s.hf_id!r}" + (f" (subset {s.subset!r})" if s.subset else "")
+                         + f" split {self._hub_split!r}")
+        else:
+            key = "data.val_files" if self.split == "val" and s.val_files else "data.train_files"
+            self._files = resolve_files(s.val_files if key == "data.val_files" else s.train_files, key)
+            self._kind = _builder(self._files, key)
+            self.desc = ", ".join(self._files[:3]) + (f" (+{len(self._files) - 3} files)" if len(self._files) > 3 else "")
+        self._dataset = None
+
+    @property
+    def fingerprint(self) -> dict:
+        """What determines this stream's documents (recorded in manifests and cache keys)."""
+        s = self.src
+        files = [{"path": f, "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns} for f in self._files]
+        return {"hf_id": s.hf_id, "subset": s.subset, "data_files": list(s.data_files),
+                "split": self._hub_split if s.hf_id else self.split, "files": files, "text_field": s.text_field,
+                "holdout": s.val_docs if (self.holdout_only or self.skip_holdout) else 0, "max_docs": s.max_docs,
+                "utf8_errors": self.utf8_errors}
+
+    def dataset(self):
+        """The `datasets` IterableDataset (opened once; a hub source fails here when the hub is unreachable)."""
+        if self._dataset is None:
+            import datasets  # deferred: a 1-2 s import that only data preparation needs
+
+            s = self.src
+            try:
+                if s.hf_id and s.data_files:  # json files of a repo whose loading script `datasets` no longer runs
+                    files = [f"hf://datasets/{s.hf_id}/{p}" for p in s.data_files]
+                    ds = datasets.load_dataset("json", data_files=files, split=self._hub_split, streaming=True)
+                elif s.hf_id:
+                    ds = datasets.load_dataset(s.hf_id, s.subset, split=self._hub_split, streaming=True)
+                else:
+                    extra = {"sample_by": "document", "encoding_errors": self.utf8_errors} if self._kind == "text" else {}
+                    ds = datasets.load_dataset(self._kind, data_files=self._files, split="train", streaming=True, **extra)
+            except StableTrainError:
+                raise
+            except StopIteration:  # `datasets` infers the columns from the first record
+                raise StableTrainError(f"{self.desc} yielded no documents (empty file?)") from None
+            except Exception as e:  # network, auth, missing subset: all reported as one line naming the dataset
+                if s.hf_id:
+                    raise _hub_error(self.desc, e) from None
+                raise StableTrainError(f"cannot read {self.desc}: {type(e).__name__}: {e}") from None
+            self._dataset = ds
+        return self._dataset
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.holdout_layout()) if self.holdout_only else self.dataset().num_shards
+
+    def _shard(self, index: int):
+        ds = self.dataset()
+        return ds.shard(num_shards=ds.num_shards, index=index) if ds.num_shards > 1 else ds
+
+    def holdout_layout(self) -> list[int]:
+        """How many of the first val_docs documents of the stream lie in each leading input shard (rows are
+        counted, not decoded; only as many shards are read as the holdout needs)."""
+        if self.holdout is None:
+            self.holdout, remaining = [], self.src.val_docs if (self.holdout_only or self.skip_holdout) else 0
+            for index in range(self.dataset().num_shards):
+                if remaining <= 0:
+                    break
+                rows = 0
+                try:
+                    for table in self._shard(index).with_format("arrow").iter(batch_size=_BATCH):
+                        rows += table.num_rows
+                        if rows >= remaining:
+                            break
+                except Exception as e:
+                    if self.src.hf_id:
+                        raise _hub_error(self.desc, e) from None
+                    raise
+                self.holdout.append(min(rows, remaining))
+                remaining -= self.holdout[-1]
+        return self.holdout
+
+    def shard_name(self, index: int) -> str:
+        if not self.src.hf_id and len(self._files) == self.dataset().num_shards:
+            return self._files[index]
+        return f"{self.desc} shard {index}"
+
+    def iter_shard(self, index: int) -> Iterator[str]:
+        """The documents of input shard `index`, in order. Without a validation split the first val_docs documents
+        of the stream are the validation set and training skips them."""
+        import pyarrow as pa
+
+        ds = self._shard(index)  # one file each: what split_dataset_by_node assigns to a rank or worker
+        layout = self.holdout_layout() if (self.holdout_only or self.skip_holdout) else []
+        held = layout[index] if index < len(layout) else 0
+        skip = held if self.skip_holdout else 0
+        limit = held if self.holdout_only else None  # max_docs caps each input shard's training documents:
+        if limit == 0:
+            return
+        if self.split == "train" and self.src.max_docs is not None:
+            limit = skip + self.src.max_docs
+        n = 0
+        where = self.shard_name(index)
+        try:
+            for table in ds.with_format("arrow").iter(batch_size=_BATCH):
+                if self.src.text_field not in table.column_names:
+                    raise StableTrainError(f"{where}: record {n} has no field {self.src.text_field!r} (fields: "
+                                           f"{', '.join(table.column_names)}; set data.text_field)")
+                column = table.column(self.src.text_field)
+                if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                    raise StableTrainError(f"{where}: field {self.src.text_field!r} holds {column.type}, not text")
+                for raw in column.cast(pa.large_binary()).to_pylist():
+                    n += 1
+                    if n <= skip:
+                        continue
+                    if limit is not None and n > limit:
+                        return
+                    yield self._decode(raw, where, n - 1)
+        except StableTrainError:
+            raise
+        except UnicodeDecodeError as e:  # plain text with utf8_errors=strict: `datasets` decodes those files
+            raise StableTrainError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); data.utf8_errors=replace "
+                                   "decodes such bytes as U+FFFD") from None
+        except Exception as e:
+            if self.src.hf_id:
+                raise _hub_error(self.desc, e) from None
+            raise
+
+    def _decode(self, raw: bytes | None, where: str, record: int) -> str:
+        if raw is None:
+            return ""
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if self.utf8_errors == "strict":
+                raise StableTrainError(f"{where}: record {record} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                       "data.utf8_errors=replace decodes such bytes as U+FFFD") from None
+            self.invalid_utf8_docs += 1
+            return raw.decode("utf-8", errors="replace")
+        if self._kind == "text" and "\ufffd" in text:
+            self.invalid_utf8_docs += 1  # `datasets` already replaced this plain-text file's invalid bytes
+        return text
+
+    def __iter__(self) -> Iterator[str]:
+        """All documents of the split, input shard after input shard."""
+        for index in range(self.num_shards):
+            yield from self.iter_shard(index)
+
+    def sample(self, n: int, seed: int = 0) -> Iterator[str]:
+        """About n documents drawn with `datasets`' streaming shuffle (shard order plus a buffer), for tokenizer training."""
+        if self.holdout_only or not self.src.hf_id:
+            # Local files: the first n documents in a shard order shuffled by the seed.
+            import random
+
+            order = list(range(self.num_shards))
+            random.Random(seed).shuffle(order)
+            count = 0
+            for index in order:
+                for text in self.iter_shard(index):
+                    if count >= n:
+                        return
+                    count += 1
+                    yield text
+            return
+        ds = self.dataset().shuffle(seed=seed, buffer_size=10_000).take(n)
+        try:
+            for record in ds:
+                if self.src.text_field not in record:
+                    raise StableTrainError(f"{self.desc}: record has no field {self.src.text_field!r} "
+                                           f"(fields: {', '.join(record)}; set data.text_field)")
+                yield record[self.src.text_field]
+        except StableTrainError:
+            raise
+        except Exception as e:
+            raise _hub_error(self.desc, e) from None
+
+
+def open_source(src: SourceConfig, split: str, utf8_errors: str = "replace",
+                holdout: list[int] | None = None) -> DocumentStream:
+    return DocumentStream(src, split, utf8_errors, holdout=holdout)
 
 
 def iter_texts(files: Iterable[str], text_field: str = "text") -> Iterator[str]:
     """Yield the text of every document in `files`, in order."""
+    files = list(files)
     for f in files:
-        builder = _DATASETS_BUILDER.get(Path(f).suffix)
         if not Path(f).is_file():
             raise StableTrainError(f"data file not found: {f}")
-        if builder is None:
-            yield Path(f).read_text(encoding="utf-8")
-            continue
-        import datasets  # deferred: a 1-2 s import that only data preparation needs
-
-        stream = datasets.load_dataset(builder, data_files=[str(f)], split="train", streaming=True)
-        for i, record in enumerate(stream):
-            if text_field not in record:
-                raise StableTrainError(f"{f}: record {i} has no field {text_field!r} (set data.text_field)")
-            yield record[text_field]
+    yield from DocumentStream(SourceConfig(train_files=files, text_field=text_field), "train", use_holdout=False)

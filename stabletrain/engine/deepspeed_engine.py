@@ -6,12 +6,35 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import OmegaConf
 
 from stabletrain.config import Config
+
+
+class GatedAdamW(torch.optim.AdamW):
+    """torch AdamW whose step() asks `gate` (once per engine step) whether to apply the update at all.
+
+    DeepSpeed's ZeRO optimizers call step() once per parameter group; the first answer holds for the rest.
+    """
+
+    gate: Callable[[], bool] | None = None
+    _answer: bool | None = None
+
+    def step(self, closure=None):
+        if self.gate is not None:
+            if self._answer is None:
+                self._answer = bool(self.gate())
+            if not self._answer:
+                return None
+        return super().step(closure)
+
+    def reset_gate(self) -> bool | None:
+        """Clear the gate; the answer it gave this step (None when step() was never reached)."""
+        answer, self._answer, self.gate = self._answer, None, None
+        return answer
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -48,6 +71,17 @@ def lr_multiplier(step: int, cfg: Config) -> float:
     return 1.0 - (1.0 - o.min_lr_ratio) * progress
 
 
+def clip_threshold(cfg: Config, step: int) -> float:
+    """The gradient-norm clip for (1-based) `step`: optim.grad_clip, ramped up linearly from
+    grad_clip_warmup_start x grad_clip over the first grad_clip_warmup_steps steps when that is set."""
+    o = cfg.optim
+    if not o.grad_clip:
+        return math.inf
+    if step > o.grad_clip_warmup_steps:
+        return o.grad_clip
+    return o.grad_clip * (o.grad_clip_warmup_start + (1 - o.grad_clip_warmup_start) * (step - 1) / o.grad_clip_warmup_steps)
+
+
 def clips_in_engine(cfg: Config) -> bool:
     """DeepSpeed reports the pre-clip norm only for its ZeRO/bf16 optimizers; plain fp32 ZeRO-0 we clip ourselves."""
     return cfg.engine.zero_stage > 0 or cfg.precision.dtype != "fp32"
@@ -80,7 +114,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # AdamW with a veto on the update (loss-spike responses, stabletrain.training.spikes); engine.client_optimizer
+    optimizer = GatedAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, cfg=cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world_size))

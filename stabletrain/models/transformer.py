@@ -44,7 +44,7 @@ class Block(nn.Module):
 
             self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps)
         else:
-            self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
+            self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.qk_norm, cfg.norm_eps)
         self.attn_res = stream.connection(2 * layer_index, depth_scale, signal())
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if is_moe_layer(cfg, layer_index):
@@ -53,8 +53,10 @@ class Block(nn.Module):
             self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
         self.mlp_res = stream.connection(2 * layer_index + 1, depth_scale, signal())
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = self.attn_res(x, self.attn_norm, lambda h: self.attn(h, cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = () if attn_mask is None else (attn_mask,)  # MLA takes none: validate() rejects doc_mask with it
+        x = self.attn_res(x, self.attn_norm, lambda h: self.attn(h, cos, sin, *mask))
         return self.mlp_res(x, self.mlp_norm, self.mlp)
 
 
@@ -87,20 +89,28 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V], or the mean next-token cross-entropy when targets are given."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V], or the mean next-token cross-entropy when targets are given.
+        doc_ids [B, T] (optional): attention stays within each document of a packed sequence."""
         cos, sin = rope_tables(idx.shape[1], rope_dim(self.cfg), self.cfg.rope_theta, idx.device)
+        attn_mask = None
+        if doc_ids is not None:
+            causal = torch.ones(idx.shape[1], idx.shape[1], dtype=torch.bool, device=idx.device).tril()
+            attn_mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
         x = self.stream.expand(self.embed(idx))
         for i, block in enumerate(self.blocks):
             if self.probe is not None:
                 self.probe.observe(i, x)
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, attn_mask)
         if self.probe is not None:
             self.probe.observe(len(self.blocks), x)
         logits = self.head(self.norm(self.stream.collapse(x)))
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
+        if self.cfg.logit_z_loss:  # pushes log Z towards 0 so the softmax normaliser cannot drift (PaLM)
+            loss = loss + self.cfg.logit_z_loss * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
         aux = [r.aux_loss for r in self.routers() if r.aux_loss is not None]
         return loss + torch.stack(aux).sum() if aux else loss
 
@@ -132,7 +142,7 @@ def _attn_params(cfg: ModelConfig) -> int:
         from stabletrain.models.mla import mla_param_count
 
         return mla_param_count(d, cfg.n_heads, cfg.mla)
-    return d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2
+    return d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2 + (2 * hd if cfg.qk_norm else 0)
 
 
 def _ffn_params(cfg: ModelConfig, layer_index: int, active: bool = False) -> int:

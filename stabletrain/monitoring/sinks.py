@@ -41,6 +41,13 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
+def default_tags(cfg: Config) -> list[str]:
+    """What a dashboard filters on: model variant and size, residual stream, FFN, engine, precision."""
+    m = cfg.model
+    return [f"model={m.name}", f"residual={m.residual.kind}", f"ffn={m.ffn}", f"layers={m.n_layers}",
+            f"d_model={m.d_model}", f"engine={cfg.engine.name}", f"precision={cfg.precision.dtype}"]
+
+
 class MetricsLogger:
     def __init__(self, cfg: Config, run_dir: Path, resolved_config: dict, resumed_step: int | None):
         self.run_dir = run_dir
@@ -50,7 +57,7 @@ class MetricsLogger:
             self._truncate_metrics_after(resumed_step)
         self.metrics = open(self.metrics_path, "a", buffering=1)
         self.events = open(self.events_path, "a", buffering=1)
-        self.wandb = None
+        self.wandb, self.wandb_step = None, 0
         if cfg.logging.wandb:
             self.wandb = self._init_wandb(cfg, resolved_config)
 
@@ -74,7 +81,8 @@ class MetricsLogger:
         id_file.write_text(run_id + "\n")
         lg = cfg.logging
         run = wandb.init(project=lg.project, entity=lg.entity, name=lg.run_name or self.run_dir.name,
-                         group=lg.group, tags=list(lg.tags) or None, config=resolved_config, dir=str(self.run_dir),
+                         group=lg.group, tags=list(lg.tags) or default_tags(cfg), config=resolved_config,
+                         dir=str(self.run_dir),
                          mode=mode, id=run_id, resume="allow",
                          settings=wandb.Settings(quiet=True, console="off"))  # our console is the progress bar
         return run
@@ -88,13 +96,29 @@ class MetricsLogger:
             # Lists are per-expert loads: a histogram over expert index in W&B.
             payload = {k: wandb.Histogram(np_histogram=(v, list(range(len(v) + 1)))) if isinstance(v, list) else v
                        for k, v in row.items() if k != "step"}
-            self.wandb.log(payload, step=row["step"])
+            if row["step"] >= self.wandb_step:  # W&B steps only grow: replayed steps after a rollback stay local
+                self.wandb.log(payload, step=row["step"])
+                self.wandb_step = row["step"]
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
         row = {"step": step, "kind": kind, "time": time.time(), **{k: _jsonable(v) for k, v in fields.items()}}
         self.events.write(json.dumps(row) + "\n")
+        if self.wandb is not None:  # a rollback's event lands on the spike's step, the newest W&B knows
+            self.wandb_step = max(step, self.wandb_step)
+            self.wandb.log({f"events/{kind}": 1}, step=self.wandb_step)
+
+    def alert(self, title: str, text: str, wait_s: float) -> None:
+        """A W&B alert (email/Slack when the run is online); W&B itself drops repeats within wait_s."""
         if self.wandb is not None:
-            self.wandb.log({f"events/{kind}": 1}, step=step)
+            import wandb
+
+            self.wandb.alert(title=title, text=text, level=wandb.AlertLevel.WARN, wait_duration=wait_s)
+
+    def rewind(self, step: int) -> None:
+        """After a rollback: rows past `step` belong to an abandoned timeline (W&B keeps its own history)."""
+        self.metrics.close()
+        self._truncate_metrics_after(step)
+        self.metrics = open(self.metrics_path, "a", buffering=1)
 
     def close(self) -> None:
         self.metrics.close()
@@ -111,6 +135,12 @@ class NullLogger:
         pass
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
+        pass
+
+    def alert(self, title: str, text: str, wait_s: float) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
         pass
 
     def close(self) -> None:

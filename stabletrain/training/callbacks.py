@@ -55,7 +55,8 @@ class MoEBalance(Callback):
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
         routers = trainer.model.routers()
         loads = global_loads(trainer)
-        update_router_biases(routers, loads)
+        if not metrics.get("update_skipped"):  # a vetoed step leaves the balancing state alone too
+            update_router_biases(routers, loads)
         per_layer = [maxvio(load) for load in loads]
         metrics["moe/maxvio_batch"] = sum(per_layer) / len(per_layer)
         first = trainer.cfg.model.moe.first_dense

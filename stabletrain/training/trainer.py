@@ -17,15 +17,16 @@ from tqdm import tqdm
 
 from stabletrain import StableTrainError
 from stabletrain.config import Config, to_object, validate
-from stabletrain.data.dataset import GlobalOrder, PackedSequences, RankLoader
-from stabletrain.data.setup import prepare_data
+from stabletrain.data.dataset import RankLoader
+from stabletrain.data.setup import build_data
 from stabletrain.engine import distributed as dist_utils
-from stabletrain.engine.deepspeed_engine import build_engine, clips_in_engine
+from stabletrain.engine.deepspeed_engine import build_engine, clip_threshold, clips_in_engine
 from stabletrain.engine.expert_parallel import ExpertParallel
 from stabletrain.models import build_model, flops_per_token, param_count
 from stabletrain.monitoring.sinks import MetricsLogger, NullLogger
 from stabletrain.training import checkpoint
 from stabletrain.training.perf import peak_flops
+from stabletrain.training.spikes import SkipList, SpikeMonitor, Verdict, rewind_scheduler
 
 
 class Callback:
@@ -57,19 +58,15 @@ class Trainer:
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.is_main = self.rank == 0
 
-        data = prepare_data(cfg.data, self.is_main)
+        self.data = data = build_data(cfg.data, t.seed, self.is_main)
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = data.tokenizer.vocab_size
         elif cfg.model.vocab_size < data.tokenizer.vocab_size:
             raise StableTrainError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                                    f"{data.tokenizer.vocab_size}")
-        self.train_data = PackedSequences(data.train_tokens, cfg.data.seq_len)
-        self.val_data = PackedSequences(data.val_tokens, cfg.data.seq_len)
-        for name, d in (("train", self.train_data), ("val", self.val_data)):
-            if len(d) == 0:
-                raise StableTrainError(f"the {name} split has fewer than data.seq_len+1={cfg.data.seq_len + 1} tokens")
-        self.loader = RankLoader(self.train_data, GlobalOrder(len(self.train_data), t.seed), t.micro_batch_size,
-                                 t.grad_accum_steps, self.rank, self.world)
+        self.train_data, self.val_data = data.train, data.val  # each split's samples, checked non-empty
+        self.loader = RankLoader(self.train_data, data.order, t.micro_batch_size, t.grad_accum_steps, self.rank,
+                                 self.world)
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model)
@@ -81,6 +78,11 @@ class Trainer:
         if self.expert_parallel is not None:
             self.expert_parallel.restore_experts()
         self.step = 0
+        self.spikes = SpikeMonitor(cfg.monitor)
+        self.skips = SkipList(t.skip_batches)
+        self.rollbacks: list[int] = []  # steps at which a rollback happened (capped by monitor.max_rollbacks)
+        self._injected = False
+        self.last_step: tuple | None = None
 
         resume_events = self._resume()
         if self.is_main:
@@ -133,6 +135,10 @@ class Trainer:
                                                       self.engine.optimizer)
             self.step = int(state["step"])
             self.loader.samples_consumed = int(state["samples_consumed"])
+            if "spike_monitor" in state:
+                self.spikes.load_state_dict(state["spike_monitor"])
+                self.skips.merge(state["skip_batches"])
+                self.rollbacks = sorted(set(self.rollbacks) | set(state["rollbacks"]))
         except Exception as e:  # a corrupt file surfaces as whatever torch/DeepSpeed raise while reading it
             reason = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         failed = torch.tensor(float(reason is not None), device=self.device)
@@ -148,39 +154,102 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
+        accum, step = self.cfg.trainer.grad_accum_steps, self.step + 1
+        G = self.loader.global_batch_size
+        batch_index = self.loader.samples_consumed // G
+        allowed = self.skips.next_allowed(batch_index)
+        if allowed != batch_index:  # trainer.skip_batches or a rollback: jump over whole global batches
+            self.loader.samples_consumed, batch_index = allowed * G, allowed
+        batches = self.loader.next_batch()
+        inject = self._injection(step, batch_index)
+        if inject == "poison":  # testing aid: one rare token repeated, a batch that spikes from any state
+            batches = [torch.full_like(b, self.cfg.model.vocab_size - 1) for b in batches]
         loss_sum = torch.zeros((), device=self.device)
         grad_norm = None
-        for i, batch in enumerate(self.loader.next_batch()):
+        for i, batch in enumerate(batches):
             batch = batch.to(self.engine.device, non_blocking=True)
-            loss = self.engine(batch[:, :-1], batch[:, 1:])
+            loss = self.engine(batch[:, :-1], batch[:, 1:], **self.data.model_kwargs(batch))
+            if inject == "loss":
+                loss = loss * self.cfg.monitor.inject.scale
+            elif inject == "nan":
+                loss = loss * float("nan")
             self.engine.backward(loss)
             loss_sum += loss.detach().float()
-            if i == self.cfg.trainer.grad_accum_steps - 1 and not clips_in_engine(self.cfg):
-                clip = self.cfg.optim.grad_clip or math.inf
-                if self.expert_parallel is not None:
-                    self.expert_parallel.reduce_gradients()
-                    grad_norm = self.expert_parallel.clip_grad_norm_(clip)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            if i == accum - 1:
+                mean_loss = self._global_mean_loss(loss_sum / accum)
+                clip = clip_threshold(self.cfg, step)
+                if clips_in_engine(self.cfg) and self.cfg.optim.grad_clip_warmup_steps:
+                    self.engine.optimizer.clip_grad = clip  # DeepSpeed's ZeRO/bf16 optimizers read it each step
+                if not clips_in_engine(self.cfg):
+                    if self.expert_parallel is not None:
+                        self.expert_parallel.reduce_gradients()
+                        grad_norm = self.expert_parallel.clip_grad_norm_(clip)
+                    else:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self._arm_veto(step, mean_loss, None if grad_norm is None else float(grad_norm))
             self.engine.step()
+        verdict = self._disarm_veto(step, mean_loss)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        # One all-reduce carries the mean loss and any rank's stop request.
-        packed = torch.stack([loss_sum / self.cfg.trainer.grad_accum_steps,
-                              torch.tensor(float(self._stop_requested), device=loss_sum.device)])
+        self.step = step
+        self.last_step = (verdict, batch_index, batches)
+        elapsed = time.perf_counter() - t0
+        tps = G * self.cfg.data.seq_len / elapsed
+        row = {"step": self.step, "tokens": self.loader.samples_consumed * self.cfg.data.seq_len,
+               "samples": self.loader.samples_consumed, **self.data.source_tokens(self.loader.samples_consumed),
+               "loss": mean_loss,
+               "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.peak * self.world),
+               "step_time_s": elapsed}
+        if self.cfg.optim.grad_clip_warmup_steps:
+            row["grad_clip"] = clip
+        if not verdict.applied:
+            row["update_skipped"] = 1
+        return row
+
+    def _global_mean_loss(self, local_mean: torch.Tensor) -> float:
+        """Mean loss over ranks; the same all-reduce carries any rank's SIGTERM stop request."""
+        packed = torch.stack([local_mean, torch.tensor(float(self._stop_requested), device=local_mean.device)])
         if self.world > 1:
             dist.all_reduce(packed)
             packed[0] /= self.world
         self._stop_requested = bool(packed[1] > 0)
-        self.step += 1
-        elapsed = time.perf_counter() - t0
-        tokens = self.loader.global_batch_size * self.cfg.data.seq_len
-        tps = tokens / elapsed
-        return {"step": self.step, "tokens": self.loader.samples_consumed * self.cfg.data.seq_len,
-                "samples": self.loader.samples_consumed, "loss": float(packed[0]),
-                "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.peak * self.world),
-                "step_time_s": elapsed}
+        return float(packed[0])
+
+    def _injection(self, step: int, batch_index: int) -> str | None:
+        """monitor.inject (a testing aid): `poison` is tied to the data (the batch of an uninterrupted run's
+        step, so a rollback that skips it clears it); `loss`/`nan` perturb the state once per process."""
+        inj = self.cfg.monitor.inject
+        if inj.step is None:
+            return None
+        if inj.kind == "poison":
+            return "poison" if batch_index == inj.step - 1 else None
+        if step == inj.step and not self._injected:
+            self._injected = True
+            return inj.kind
+        return None
+
+    def _arm_veto(self, step: int, loss: float, grad_norm: float | None) -> None:
+        """Let the detectors veto this step's update from inside the optimizer, where the global gradient norm
+        is known (DeepSpeed computes it there for ZeRO-1/2/3 and bf16) and nothing has changed yet."""
+        self._epoch_before = self.engine.lr_scheduler.last_epoch
+
+        def gate() -> bool:
+            gn = grad_norm if grad_norm is not None else getattr(self.engine.optimizer, "_global_grad_norm", None)
+            self._verdict = self.spikes.judge(step, loss, None if gn is None else float(gn))
+            return self._verdict.applied
+
+        self.engine.client_optimizer.gate = gate
+
+    def _disarm_veto(self, step: int, loss: float) -> Verdict:
+        answer = self.engine.client_optimizer.reset_gate()
+        if answer is None:  # the optimizer never ran: DeepSpeed skipped the step itself (non-finite gradients)
+            verdict = self.spikes.judge(step, loss, self.engine.get_global_grad_norm())
+            verdict.applied = False
+            return verdict
+        if not answer:  # vetoed: DeepSpeed still stepped the LR schedule, which must not advance
+            rewind_scheduler(self.engine.lr_scheduler, self._epoch_before)
+        return self._verdict
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -192,7 +261,7 @@ class Trainer:
             first = b * per_batch + self.rank * t.micro_batch_size
             ids = torch.arange(first, first + t.micro_batch_size).numpy() % len(self.val_data)
             batch = self.val_data.get(ids).to(self.engine.device)
-            total += self.engine(batch[:, :-1], batch[:, 1:]).float()
+            total += self.engine(batch[:, :-1], batch[:, 1:], **self.data.model_kwargs(batch)).float()
         if self.world > 1:
             dist.all_reduce(total)
         self.engine.train()
@@ -200,7 +269,9 @@ class Trainer:
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0))}
 
     def save(self) -> None:
-        state = {"step": self.step, "samples_consumed": self.loader.samples_consumed, "world_size": self.world}
+        state = {"step": self.step, "samples_consumed": self.loader.samples_consumed, "world_size": self.world,
+                 "spike_monitor": self.spikes.state_dict(), "skip_batches": self.skips.ranges,
+                 "rollbacks": self.rollbacks}
         rank_state = ({"local_experts": self.expert_parallel.local_state(self.engine.optimizer)}
                       if self.expert_parallel is not None else {})
         tag_dir = checkpoint.save(self.engine, self.run_dir / "checkpoints", self.step, state,
@@ -226,10 +297,11 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_begin(self, self.step + 1)
                 metrics = self.train_step()
-                if not math.isfinite(metrics["loss"]):
-                    self.logger.event("nonfinite", self.step, value=metrics["loss"])
-                    raise StableTrainError(f"non-finite loss at step {self.step}; the newest checkpoint in "
-                                           f"{self.run_dir / 'checkpoints'} holds finite weights")
+                verdict = self.last_step[0]
+                if (verdict.fired or not verdict.applied) and self._respond(verdict) == "rollback":
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step, metrics)
                 if self.step % t.log_interval == 0 or self.step == last or any(k.startswith("gain/") for k in metrics):
@@ -247,6 +319,73 @@ class Trainer:
         if self._stop_requested:
             self._say(f"stopped on SIGTERM at step {self.step} after saving a checkpoint")
         return val["val_loss"] if val else float("nan")
+
+    # ---------------------------------------------------------------- spike responses
+    def _respond(self, verdict: Verdict) -> str:
+        """Record a firing (events, W&B alert, forensics) and carry out its response; returns the response."""
+        from stabletrain.monitoring.forensics import investigate
+
+        mon, (_, batch_index, batches) = self.cfg.monitor, self.last_step
+        for f in verdict.firings:
+            fields = {k: v for k, v in f.items() if k != "kind"}
+            self.logger.event(f["kind"], verdict.step, response=verdict.response, batch=batch_index, **fields)
+            threshold = f" > {f['threshold']:.4g}" if "threshold" in f else ""
+            self.logger.alert(f"stabletrain: {f['kind']} in {f['metric']}",
+                              f"step {verdict.step}: {f['metric']}={f['value']:.4g}{threshold} ({f['rule']}); "
+                              f"response: {verdict.response}", mon.alert_interval_s)
+        if verdict.fired and mon.forensics:
+            report = investigate(self, verdict, batch_index, batches)
+            if report is not None:
+                self.logger.event("forensics", verdict.step, report=str(report["path"]), cause=report["cause"])
+                self._say(f"step {verdict.step}: {verdict.firings[0]['kind']} ({report['cause']}); "
+                          f"forensics in {report['path']}")
+        if not verdict.fired:  # DeepSpeed dropped the update itself (its overflow check)
+            self.logger.event("skip_step", verdict.step, reason="DeepSpeed skipped the update (non-finite gradients)")
+        elif verdict.response == "skip_step":
+            self.logger.event("skip_step", verdict.step, reason=verdict.firings[0]["kind"])
+        elif verdict.response == "rollback":
+            return "rollback" if self._rollback(verdict, batch_index) else "skip_step"
+        elif verdict.response == "stop":
+            self._stop(verdict, "monitor response 'stop'")
+        return verdict.response if verdict.fired else "skip_step"
+
+    def _rollback(self, verdict: Verdict, batch_index: int) -> bool:
+        """Restore the newest complete checkpoint and skip the data around the spike (PaLM's remedy); False when
+        there is no checkpoint yet (the update was vetoed, so that is a skipped step)."""
+        mon = self.cfg.monitor
+        recent = [s for s in self.rollbacks if s > verdict.step - mon.rollback_window]
+        if len(recent) >= mon.max_rollbacks:
+            self._stop(verdict, f"{len(recent)} rollbacks within {mon.rollback_window} steps (monitor.max_rollbacks)")
+        good = [d for d, reason in checkpoint.candidates(self.run_dir / "checkpoints") if reason is None]
+        if not good:
+            self.logger.event("skip_step", verdict.step, reason="rollback requested but no checkpoint yet")
+            return False
+        skip = [max(0, batch_index - mon.rollback_skip_batches + 1), batch_index + 1] if mon.rollback_skip_batches else None
+        if skip:
+            self.skips.add(*skip)
+        self.rollbacks.append(verdict.step)
+        ranges, rollbacks = list(self.skips.ranges), list(self.rollbacks)
+        reason = self._try_load(good[0])
+        if reason is not None:
+            raise StableTrainError(f"rollback at step {verdict.step} could not load {good[0]}: {reason}")
+        self.skips.merge(ranges)
+        self.rollbacks = sorted(set(self.rollbacks) | set(rollbacks))
+        for router in self.model.routers():  # the abandoned step's expert loads
+            router.load.zero_()
+        self.logger.rewind(self.step)
+        self.logger.event("rollback", self.step, from_step=verdict.step, checkpoint=str(good[0]), skip_batches=skip)
+        self._say(f"step {verdict.step}: rolled back to step {self.step} ({good[0].name}); skipping global batches "
+                  f"{skip[0]}..{skip[1] - 1}" if skip else f"step {verdict.step}: rolled back to step {self.step}")
+        return True
+
+    def _stop(self, verdict: Verdict, why: str) -> None:
+        self.save()  # the vetoed update never reached these weights
+        self.logger.event("stop", verdict.step, reason=why)
+        f = verdict.firings[0]
+        raise StableTrainError(f"stopped at step {verdict.step} by {why}: {f['kind']} in {f['metric']} "
+                               f"({f['value']:.4g}); checkpoint {checkpoint.tag_for(self.step)} holds the weights "
+                               f"before that update (continue with trainer.resume=auto, optionally with "
+                               f"trainer.skip_batches=[[{self.last_step[1]},{self.last_step[1] + 1}]])")
 
     def _eval_and_log(self) -> dict:
         for cb in self.callbacks:
@@ -292,6 +431,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             print_plan(typed)
             return float("nan")
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        if typed.logging.group is None:  # a sweep's runs form one W&B group, named after the sweep directory
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+                typed.logging.group = Path(HydraConfig.get().sweep.dir).name
         trainer = Trainer(typed, run_dir, resolved)
         try:
             val_loss = trainer.fit()

@@ -1,0 +1,239 @@
+"""Pre-tokenize a source (or a mixture's sources) into memory-mapped shards that `data.format=pretokenized` reads.
+
+    python -m stabletrain.data.prepare data=c4 out=/scratch/c4-sp32k data.prepare.workers=32
+    python -m stabletrain.data.prepare data=local data.path='corpus/*.jsonl' out=prepared/corpus
+
+Work is split by input shard (a file of the source, as `datasets`' split_dataset_by_node assigns them) and, when
+there are fewer files than workers, by blocks of data.prepare.shard_docs documents within a file. Output shard
+(S, B) holds block B of input shard S, so the result does not depend on the number of workers. Each shard is
+written atomically with its checksum record; rerunning an interrupted command skips the finished shards (their
+documents are read again but not tokenized) and writes manifest.json last. The layout is in shards.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+from pathlib import Path
+
+from stabletrain import StableTrainError
+from stabletrain.config import DataConfig, SourceConfig
+from stabletrain.data.shards import FORMAT, pick_dtype, write_atomic, write_shard
+from stabletrain.data.sources import open_source
+from stabletrain.data.tokenizer import encode_documents, load_tokenizer
+
+KILL_AFTER_ENV = "STABLETRAIN_PREPARE_KILL_AFTER"  # test hook: SIGKILL the whole prepare after N shards written
+_progress = None  # worker side: a queue of (documents, tokens) per finished shard
+
+
+def _init_worker(queue) -> None:
+    global _progress
+    _progress = queue
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
+
+
+def prepare_unit(out: str, source: str, src: dict, split: str, utf8_errors: str, holdout: list[int], tokenizer: str,
+                 dtype: str, shard_docs: int, index: int, part: int, parts: int, report=None) -> dict:
+    """Tokenize the blocks b ≡ part (mod parts) of input shard `index`; skip blocks already finished."""
+    started = time.perf_counter()
+    stream = open_source(SourceConfig(**src), split, utf8_errors, holdout)
+    tok = load_tokenizer(tokenizer, num_threads=1)  # parallelism comes from worker processes
+    directory = Path(out) / source / split
+    report = report or (_progress.put if _progress is not None else None)
+    stats = {"pid": os.getpid(), "tokens": 0, "docs": 0, "busy_s": 0.0, "skipped_shards": 0, "shards": 0}  # busy: tokenize+write
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
+    block, pending, invalid = 0, [], 0
+
+    def flush():
+        nonlocal pending, invalid
+        if pending:
+            t0 = time.perf_counter()
+            record = write_shard(directory, f"{index:05d}_{block:05d}", list(encode_documents(pending, tok)), dtype,
+                                 invalid)
+            stats["busy_s"] += time.perf_counter() - t0
+            stats["tokens"] += record["tokens"]
+            stats["docs"] += record["docs"]
+            stats["shards"] += 1
+            if report:
+                report((record["docs"], record["tokens"]))
+            if kill_after and stats["shards"] >= kill_after:
+                os.killpg(os.getpgrp(), signal.SIGKILL)  # as `kill -9` of the job would: no cleanup anywhere
+        pending, invalid = [], 0
+
+    seen_invalid = 0
+    for text_index, text in enumerate(stream.iter_shard(index)):
+        replaced = stream.invalid_utf8_docs > seen_invalid  # the stream counts a document as it decodes it
+        seen_invalid = stream.invalid_utf8_docs
+        b = text_index // shard_docs
+        if b != block:
+            flush()
+            block = b
+        if b % parts != part:
+            continue
+        if (directory / f"{index:05d}_{b:05d}.json").is_file():  # finished by an earlier run
+            stats["skipped_shards"] += text_index % shard_docs == 0
+            continue
+        pending.append(text)
+        invalid += replaced
+    flush()
+    stats["wall_s"] = time.perf_counter() - started  # reading included: a worker's whole time on this unit
+    return stats
+
+
+def _fingerprint(cfg: DataConfig, tokenizer, dtype: str) -> dict:
+    sources = {}
+    for name, src in cfg.source_configs().items():
+        sources[name] = {"config": asdict(src),
+                         "splits": {s: open_source(src, s, cfg.utf8_errors).fingerprint for s in ("train", "val")}}
+    return {"format": FORMAT, "sources": sources, "tokenizer_sha256": tokenizer.sha256, "dtype": dtype,
+            "shard_docs": cfg.prepare.shard_docs, "utf8_errors": cfg.utf8_errors}
+
+
+def _copy_tokenizer(tokenizer, out: Path) -> str:
+    """A copy of the tokenizer inside DIR, so the directory trains without the original path."""
+    dest = out / "tokenizer"
+    dest.mkdir(parents=True, exist_ok=True)
+    src = tokenizer.path
+    files = [src, src.with_suffix(".json")] if src.is_file() else [src / n for n in (
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+    for f in files:
+        if f.is_file():
+            write_atomic(dest / f.name, f.read_bytes())
+    return src.name if src.is_file() else ""
+
+
+def prepare(cfg: DataConfig, out: str | os.PathLike, workers: int | None = None, progress: bool = True) -> dict:
+    """Pre-tokenize every source and split of `cfg` into `out`; return the manifest plus timing stats."""
+    from tqdm import tqdm
+
+    from stabletrain.data.setup import ensure_tokenizer
+
+    out = Path(out)
+    workers = workers or cfg.prepare.workers
+    tokenizer = ensure_tokenizer(cfg)
+    dtype = pick_dtype(tokenizer.vocab_size, cfg.prepare.dtype)
+    fingerprint = _fingerprint(cfg, tokenizer, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    recorded = out / "prepare.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != fingerprint:
+        raise StableTrainError(f"{out} holds a preparation with other settings (source files, tokenizer, dtype or "
+                               "shard_docs differ): choose another out= or delete it")
+    write_atomic(recorded, (json.dumps(fingerprint, indent=1, sort_keys=True) + "\n").encode())
+    for stale in out.rglob(".*.tmp*"):  # half-written files of a killed run (one prepare per directory at a time)
+        stale.unlink()
+    tok_file = _copy_tokenizer(tokenizer, out)
+
+    tasks = []
+    for name, src in cfg.source_configs().items():
+        for split in ("train", "val"):
+            stream = open_source(src, split, cfg.utf8_errors)
+            holdout = stream.holdout_layout()  # counted once here, not by every worker
+            n_in = stream.num_shards
+            parts = max(1, workers // n_in) if split == "train" else 1
+            (out / name / split).mkdir(parents=True, exist_ok=True)
+            for index in range(n_in):
+                for part in range(parts):
+                    tasks.append((str(out), name, asdict(src), split, cfg.utf8_errors, holdout, str(tokenizer.path),
+                                  dtype, cfg.prepare.shard_docs, index, part, parts))
+
+    bar = tqdm(unit="doc", desc=f"prepare {cfg.name}", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    tokens_done = 0
+
+    def report(item):
+        nonlocal tokens_done
+        bar.update(item[0])
+        tokens_done += item[1]
+        bar.set_postfix(tokens=f"{tokens_done:,}", refresh=False)
+
+    t0 = time.perf_counter()
+    results = []
+    try:
+        if workers == 1:
+            results = [prepare_unit(*task, report=report) for task in tasks]
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")  # fork is unsafe with datasets/pyarrow threads
+            queue = ctx.Queue()
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+                pending = {pool.submit(prepare_unit, *task) for task in tasks}
+                try:
+                    while pending:
+                        done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                        while not queue.empty():
+                            report(queue.get())
+                        results += [f.result() for f in done]
+                except BaseException:
+                    for f in pending:  # a worker's error (or Ctrl-C): do not start the remaining units
+                        f.cancel()
+                    raise
+                while not queue.empty():
+                    report(queue.get())
+    except BrokenProcessPool:
+        raise StableTrainError(f"a prepare worker died (killed, or out of memory); rerun the same command to resume "
+                               f"{out} from its finished shards") from None
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t0
+
+    manifest = {"format": FORMAT, "dtype": dtype, "shard_docs": cfg.prepare.shard_docs,
+                "utf8_errors": cfg.utf8_errors,
+                "tokenizer": {"file": tok_file, "kind": tokenizer.kind, "sha256": tokenizer.sha256,
+                              "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
+                "sources": {}}
+    for name, src in cfg.source_configs().items():
+        splits = {}
+        for split in ("train", "val"):
+            records = [json.loads(p.read_text()) for p in sorted((out / name / split).glob("*.json"))]
+            if not records:
+                raise StableTrainError(f"source {name!r} split {split!r} ({open_source(src, split).desc}) yielded "
+                                       "no documents (empty file?)")
+            splits[split] = {k: sum(r[k] for r in records) for k in ("tokens", "docs", "invalid_utf8_docs")}
+            splits[split]["shards"] = records
+        manifest["sources"][name] = {"source": fingerprint["sources"][name], "weight": src.weight, "splits": splits}
+    write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+
+    tokens = sum(r["tokens"] for r in results)
+    per_worker: dict[int, dict] = {}
+    for r in results:
+        w = per_worker.setdefault(r["pid"], {"tokens": 0, "wall_s": 0.0})
+        w["tokens"] += r["tokens"]
+        w["wall_s"] += r["wall_s"]
+    stats = {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0, "workers": workers,
+             "skipped_shards": sum(r["skipped_shards"] for r in results),
+             "per_worker_tokens_per_s": [w["tokens"] / w["wall_s"] for w in per_worker.values() if w["wall_s"]]}
+    return {"manifest": manifest, "stats": stats}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
+    overrides = [a for a in argv if not a.startswith("out=")]
+    if len(outs) != 1 or any(a in ("-h", "--help") for a in argv):
+        sys.exit(__doc__.split("\n\n")[1] if not outs else "stabletrain: error: give exactly one out=<dir>")
+    try:
+        from stabletrain.data.setup import compose_data
+
+        cfg = compose_data(overrides)
+        result = prepare(cfg, outs[0])
+    except StableTrainError as e:
+        print(f"stabletrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(f"stabletrain: interrupted; rerun the same command to resume {outs[0]}")
+    s, m = result["stats"], result["manifest"]
+    for name, source in m["sources"].items():
+        for split, info in source["splits"].items():
+            print(f"{name}/{split}: {info['docs']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} "
+                  f"shard(s)" + (f", {info['invalid_utf8_docs']} with invalid UTF-8 replaced" if info["invalid_utf8_docs"] else ""))
+    print(f"tokenized {s['tokens']:,} tokens in {s['wall_s']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s, "
+          f"{s['workers']} worker(s); {s['skipped_shards']} finished shard(s) skipped) -> {outs[0]} ({m['dtype']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Spike forensics: what the batch and the model looked like at a spike, and whether the batch or the state
+caused it — the experiment PaLM ran by hand, automated.
+
+    <run_dir>/spikes/<step>/batch.json       global sample positions (and sample ids) of the step's batch,
+                                             loss per sequence now and on the previous checkpoint's weights
+    <run_dir>/spikes/<step>/forensics.json   per-block gradient norms, Adam update norms, forward gains,
+                                             MoE routing entropy / MaxVio, the classification and its numbers
+    <run_dir>/spikes/<step>/report.md        the same, for people;  spike.png: metrics around the spike
+
+Classification: the firing metric is recomputed for the same batch on the newest earlier checkpoint's weights.
+With mu the detector's window mean, the spike is *data* when the old state spikes on the batch too,
+(old - mu) >= 1/2 (now - mu), and *state* otherwise. Everything runs on rank 0 on plain fp32 copies of the
+model (the engine is not touched); ZeRO-3 and expert-parallel runs, whose ranks hold only shards, get the batch
+record and the plot.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from stabletrain.models import build_model
+from stabletrain.training import checkpoint
+from stabletrain.training.callbacks import maxvio
+
+
+def investigate(trainer, verdict, batch_index: int, batches: list[torch.Tensor]) -> dict | None:
+    """Collective (every rank calls it); returns {path, cause} on rank 0, None elsewhere."""
+    local = torch.cat(batches).to(trainer.device)
+    gathered = [torch.empty_like(local) for _ in range(trainer.world)]
+    if trainer.world > 1:
+        dist.all_gather(gathered, local)
+    else:
+        gathered = [local]
+    shards_only = trainer.cfg.engine.zero_stage == 3 or trainer.expert_parallel is not None
+    result = None
+    if trainer.is_main:
+        now = None if shards_only else {k: v.detach().float().cpu().clone() for k, v in trainer.model.state_dict().items()}
+        result = _analyse(trainer, verdict, batch_index, torch.cat([g.cpu() for g in gathered]), now, shards_only)
+    if trainer.world > 1:
+        dist.barrier()
+    return result
+
+
+def _positions(trainer, batch_index: int) -> list[int]:
+    """Global stream positions of the gathered rows, in gather order (rank, micro-step, row)."""
+    L = trainer.loader
+    base = batch_index * L.global_batch_size
+    return [base + m * L.micro * trainer.world + r * L.micro + j
+            for r in range(trainer.world) for m in range(L.accum) for j in range(L.micro)]
+
+
+def _plain_model(trainer, state: dict):
+    cfg = copy.deepcopy(trainer.cfg.model)
+    cfg.residual.kernel = "eager"  # no compile for a one-off pass
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _examine(trainer, model, tokens: torch.Tensor) -> dict:
+    """Loss per sequence, gradient norm and per-block gradient norms, gains and routing for one batch."""
+    for r in model.routers():
+        r.load.zero_()
+    block_io: dict[int, float] = {}
+    hooks = [b.register_forward_hook(lambda mod, inp, out, i=i: block_io.__setitem__(
+        i, (out.detach().float().norm(dim=-1).mean() / inp[0].detach().float().norm(dim=-1).mean().clamp(min=1e-30)).item()))
+        for i, b in enumerate(model.blocks)]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs, **trainer.data.model_kwargs(tokens))
+    for h in hooks:
+        h.remove()
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), reduction="none")
+    per_seq = per_token.view(targets.shape).mean(-1)
+    per_seq.mean().backward()
+    groups: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            key = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
+            groups[key] = groups.get(key, 0.0) + p.grad.float().pow(2).sum().item()
+    routing = []
+    for r in model.routers():
+        share = r.load / r.load.sum().clamp(min=1)
+        entropy = -(share * share.clamp(min=1e-12).log()).sum().item()
+        routing.append({"entropy": entropy, "max_entropy": math.log(len(share)), "maxvio": maxvio(r.load)})
+    return {"loss": per_seq.mean().item(), "per_seq_loss": per_seq.tolist(),
+            "grad_norm": math.sqrt(sum(groups.values())), "grad_norm_by_block": {k: math.sqrt(v) for k, v in groups.items()},
+            "gain_by_block": [block_io[i] for i in sorted(block_io)], "routing": routing}
+
+
+def _adam_update_norms(trainer, model) -> dict[str, float] | None:
+    """Per-block norm of the update AdamW would take with this batch's gradient (moments from the live optimizer;
+    with ZeRO-0 only: ZeRO-1/2 keep them in flat partitions)."""
+    if trainer.cfg.engine.zero_stage != 0:
+        return None
+    opt = trainer.engine.client_optimizer
+    live = dict(trainer.model.named_parameters())
+    out: dict[str, float] = {}
+    for group in opt.param_groups:
+        b1, b2 = group["betas"]
+        for p in group["params"]:
+            name = next((n for n, q in live.items() if q is p), None)
+            state = opt.state.get(p, {})
+            g = dict(model.named_parameters())[name].grad if name else None
+            if g is None or "exp_avg" not in state:
+                continue
+            t = int(state["step"]) + 1
+            m = b1 * state["exp_avg"] + (1 - b1) * g
+            v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
+            upd = group["lr"] * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
+            key = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
+            out[key] = math.sqrt(out.get(key, 0.0) ** 2 + upd.pow(2).sum().item())
+    return out
+
+
+def _previous_weights(trainer, step: int) -> tuple[Path, dict] | None:
+    for tag_dir, reason in checkpoint.candidates(trainer.run_dir / "checkpoints"):
+        if reason is None and int(checkpoint.TAG_RE.match(tag_dir.name).group(1)) < step:
+            if trainer.cfg.engine.zero_stage == 3:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                return tag_dir, get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            states = sorted(tag_dir.glob("*model_states.pt"))
+            module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+            return tag_dir, {k: v.float() for k, v in module.items()}
+    return None
+
+
+def _classify(verdict, metric: str, now_value: float, old_value: float | None, mu: float) -> tuple[str, str]:
+    if old_value is None:
+        return "unclassified", "no earlier checkpoint to re-run the batch on"
+    if not math.isfinite(now_value):
+        cause = "data" if not math.isfinite(old_value) else "state"
+        return cause, f"{metric} is {now_value} now and {old_value:.4g} on the previous checkpoint"
+    cause = "data" if old_value - mu >= 0.5 * (now_value - mu) else "state"
+    return cause, (f"{metric}: {now_value:.4g} at the spike, {old_value:.4g} for the same batch on the previous "
+                   f"checkpoint, window mean {mu:.4g}: the old state {'spikes too' if cause == 'data' else 'does not spike'}")
+
+
+def _analyse(trainer, verdict, batch_index: int, tokens: torch.Tensor, now_state: dict | None, shards_only: bool) -> dict:
+    out = trainer.run_dir / "spikes" / str(verdict.step)
+    out.mkdir(parents=True, exist_ok=True)
+    positions = _positions(trainer, batch_index)
+    order = getattr(trainer.loader, "order", None)
+    sample_ids = [int(i) for i in order(positions)] if callable(order) else None
+    firing = verdict.firings[0]
+    metric = firing["metric"]
+    now = old = adam = None
+    if not shards_only:
+        model_now = _plain_model(trainer, now_state)
+        now = _examine(trainer, model_now, tokens)
+        adam = _adam_update_norms(trainer, model_now)
+    previous = None if shards_only else _previous_weights(trainer, verdict.step)
+    if previous is not None:
+        old = _examine(trainer, _plain_model(trainer, previous[1]), tokens)
+    mu = trainer.spikes.detectors[metric].mean()
+    observed = verdict.loss if metric == "loss" else verdict.grad_norm
+    cause, why = _classify(verdict, metric, observed, None if old is None else old[metric], mu)
+    batch = {"step": verdict.step, "batch_index": batch_index, "positions": positions, "sample_ids": sample_ids,
+             "per_seq_loss_now": now and now["per_seq_loss"], "per_seq_loss_previous_checkpoint": old and old["per_seq_loss"]}
+    (out / "batch.json").write_text(json.dumps(batch) + "\n")
+    facts = {"step": verdict.step, "firings": verdict.firings, "response": verdict.response, "cause": cause,
+             "why": why, "window_mean": mu, "previous_checkpoint": str(previous[0]) if previous else None,
+             "weights": "before the update" if not verdict.applied else "after the update (response log)",
+             "now": now, "previous": old, "adam_update_norm_by_block": adam}
+    (out / "forensics.json").write_text(json.dumps(facts, indent=1, default=str) + "\n")
+    _plot(trainer, verdict, now, old, out / "spike.png")
+    (out / "report.md").write_text(_report(verdict, facts, batch))
+    return {"path": out, "cause": cause}
+
+
+def _report(verdict, f: dict, batch: dict) -> str:
+    lines = [f"# Spike at step {verdict.step}: {f['cause']}", "", f"**Cause: {f['cause']}** — {f['why']}.", ""]
+    for x in verdict.firings:
+        thr = f", threshold {x['threshold']:.4g}" if "threshold" in x else ""
+        lines.append(f"- {x['kind']} in `{x['metric']}` ({x['rule']}): {x['value']:.4g}{thr}")
+    lines += [f"- response: `{verdict.response}` (update {'applied' if verdict.applied else 'not applied'})",
+              f"- batch: global batch {batch['batch_index']}, stream positions {batch['positions'][0]}.."
+              f"{batch['positions'][-1]} (batch.json; replay around it with trainer.skip_batches)",
+              f"- previous checkpoint: {f['previous_checkpoint']}", ""]
+    now, old = f["now"], f["previous"]
+    if now:
+        worst = sorted(range(len(now["per_seq_loss"])), key=lambda i: -now["per_seq_loss"][i])[:5]
+        lines += ["| sequence (row) | stream position | loss now | loss on previous checkpoint |", "|---|---|---|---|"]
+        for i in worst:
+            prev = f"{old['per_seq_loss'][i]:.4f}" if old else "n/a"
+            lines.append(f"| {i} | {batch['positions'][i]} | {now['per_seq_loss'][i]:.4f} | {prev} |")
+        lines += ["", "| block | grad norm now | grad norm previous | Adam update norm | forward gain now |",
+                  "|---|---|---|---|---|"]
+        adam = f["adam_update_norm_by_block"] or {}
+        for k, g in now["grad_norm_by_block"].items():
+            prev = f"{old['grad_norm_by_block'].get(k, float('nan')):.4g}" if old else "n/a"
+            gain = ""
+            if k.startswith("blocks."):
+                gain = f"{now['gain_by_block'][int(k.split('.')[1])]:.4g}"
+            lines.append(f"| {k} | {g:.4g} | {prev} | {adam.get(k, float('nan')):.4g} | {gain} |")
+        for i, r in enumerate(now["routing"]):
+            lines.append(f"- MoE layer {i}: routing entropy {r['entropy']:.3f} of {r['max_entropy']:.3f}, MaxVio {r['maxvio']:.3f}")
+    else:
+        lines.append("Per-sequence and per-block analysis needs full weights on one rank (not ZeRO-3 or expert parallel).")
+    lines += ["", "![metrics around the spike](spike.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(trainer, verdict, now: dict | None, old: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = list(trainer.spikes.history)
+    fig, axes = plt.subplots(1, 3 if now else 1, figsize=(15 if now else 6, 3.6), squeeze=False)
+    ax = axes[0][0]
+    steps = [h[0] for h in hist]
+    ax.plot(steps, [h[1] for h in hist], label="loss", color="C0")
+    ax.axvline(verdict.step, color="red", ls="--", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h[2] if h[2] is not None else float("nan") for h in hist], color="C1", label="grad norm")
+    ax2.set_ylabel("grad norm")
+    ax2.set_yscale("log")
+    ax.set_title(f"step {verdict.step}: {verdict.firings[0]['kind']} in {verdict.firings[0]['metric']}")
+    if now:
+        ax = axes[0][1]
+        x = range(len(now["per_seq_loss"]))
+        ax.bar([i - 0.2 for i in x], now["per_seq_loss"], width=0.4, label="now")
+        if old:
+            ax.bar([i + 0.2 for i in x], old["per_seq_loss"], width=0.4, label="previous checkpoint")
+        ax.set_xlabel("sequence in batch")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+        ax = axes[0][2]
+        keys = list(now["grad_norm_by_block"])
+        ax.bar([i - 0.2 for i in range(len(keys))], [now["grad_norm_by_block"][k] for k in keys], width=0.4, label="now")
+        if old:
+            ax.bar([i + 0.2 for i in range(len(keys))], [old["grad_norm_by_block"].get(k, 0) for k in keys],
+                   width=0.4, label="previous checkpoint")
+        ax.set_xticks(range(len(keys)), keys, rotation=60, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("grad norm")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
