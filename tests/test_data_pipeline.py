@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import zstandard
 
 from stabletrain import StableTrainError
 from stabletrain.config import ConfigError, DataConfig
@@ -56,6 +57,10 @@ def corpus(tmp_path_factory):
     (root / "parquet").mkdir()
     pq.write_table(pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]}),
                    root / "parquet" / "plays.parquet", row_group_size=8)
+    (root / "zst").mkdir()  # compressed jsonl, as the Pile ships (jsonl.zst) and as C4 ships (json.gz)
+    for name, part in (("a", docs[:20]), ("b", docs[20:])):
+        payload = "".join(json.dumps(d) + "\n" for d in part).encode()
+        (root / "zst" / f"{name}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload))
     (root / "txt").mkdir()
     for i, d in enumerate(docs):
         (root / "txt" / f"{i:03d}.txt").write_text(d["text"])
@@ -112,7 +117,7 @@ def test_train_cli_reports_the_hub_error_in_one_line(tmp_path):
 
 def test_local_jsonl_parquet_and_text_yield_the_same_documents(corpus):
     texts = [d["text"] for d in plays()]
-    for pattern in ("jsonl/*.jsonl", "parquet/*.parquet", "txt/*.txt"):
+    for pattern in ("jsonl/*.jsonl", "zst/*.jsonl.zst", "parquet/*.parquet", "txt/*.txt"):
         stream = open_source(local(corpus / pattern).source_configs()["local"], "train", "replace")
         assert list(stream) == texts[3:], pattern  # the first val_docs=3 documents are held out
         assert list(open_source(stream.src, "val")) == texts[:3]

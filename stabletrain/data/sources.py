@@ -34,8 +34,18 @@ def resolve_files(patterns: Iterable[str], key: str = "data.train_files") -> lis
     return files
 
 
+_COMPRESSED = (".zst", ".gz", ".bz2", ".xz")  # datasets decompresses these (zstandard for .zst, e.g. the Pile)
+
+
+def _kind(path: str) -> str:
+    suffixes = Path(path).suffixes
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes = suffixes[:-1]
+    return _BUILDER.get(suffixes[-1] if suffixes else "", "text")
+
+
 def _builder(files: list[str], key: str) -> str:
-    kinds = {_BUILDER.get(Path(f).suffix, "text") for f in files}
+    kinds = {_kind(f) for f in files}
     if len(kinds) > 1:
         raise StableTrainError(f"{key} mixes file types ({', '.join(sorted(kinds))}); use one source per type")
     return kinds.pop()
