@@ -32,6 +32,8 @@ VARIANTS = {
     "hc": ["model=hc"],
     "mhc": ["model=mhc"],
     "mhc_fused": ["model=mhc", "model.residual.kernel=fused"],
+    "baseline_compiled": ["model=baseline", "trainer.compile=true"],
+    "mhc_compiled": ["model=mhc", "model.residual.kernel=fused", "trainer.compile=true"],
     "lns": ["model=lns"],
 }
 SIZE = ["model.d_model=512", "model.n_heads=8", "model.n_layers=8", "monitor.gain_interval=0"]

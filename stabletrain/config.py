@@ -267,6 +267,7 @@ class TrainerConfig:
     resume: str = "none"  # none | auto | <checkpoints dir of another run>
     peak_tflops: Optional[float] = None  # for MFU; None: known GPU table, or a measured CPU matmul peak
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each transformer block (torchtitan-style); the first steps pay the compile
     plan: bool = False  # print parameters, FLOPs and per-GPU memory for the configured run, then exit
     plan_world_size: Optional[int] = None  # plan for this many GPUs (None: WORLD_SIZE or 1)
 

@@ -171,3 +171,12 @@ def test_multirun_sweep_in_one_process(tmp_path):
         assert len(train_rows(tmp_path / job)) == 2
     lrs = [read_jsonl(tmp_path / job / "metrics.jsonl") for job in ("0", "1")]
     assert lrs[0] != lrs[1]
+
+
+def test_compiled_blocks_train_like_eager(tmp_path):
+    """trainer.compile=true (torch.compile per block) follows the eager run's losses."""
+    common = ("trainer.max_steps=4", "trainer.eval_interval=0", "logging=none")
+    train(tmp_path / "eager", *common)
+    train(tmp_path / "compiled", *common, "trainer.compile=true", timeout=600)
+    eager, compiled = train_rows(tmp_path / "eager"), train_rows(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)

@@ -70,6 +70,13 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model)
+        if t.compile:  # per block: graphs shared by the layers, and the engine still sees the plain module
+            import torch._dynamo.config as dynamo_config
+
+            # Layer-specific constants (e.g. LNS's 1/sqrt(l)) specialise a graph per layer: allow one per layer.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * cfg.model.n_layers)
+            for block in self.model.blocks:
+                block.compile()
         self.expert_parallel = (ExpertParallel(self.model, cfg.engine.expert_parallel, self.world, self.rank)
                                 if cfg.engine.expert_parallel > 1 else None)
         self.n_params = param_count(cfg.model)
