@@ -55,6 +55,11 @@ def _positions(trainer, batch_index: int) -> list[int]:
             for r in range(trainer.world) for m in range(L.accum) for j in range(L.micro)]
 
 
+def _block_of(name: str) -> str:
+    """The report's row for a parameter: `blocks.<i>` for block parameters, else the top-level module."""
+    return ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
+
+
 def _plain_model(trainer, state: dict):
     cfg = copy.deepcopy(trainer.cfg.model)
     cfg.residual.kernel = "eager"  # no compile for a one-off pass
@@ -81,7 +86,7 @@ def _examine(trainer, model, tokens: torch.Tensor) -> dict:
     groups: dict[str, float] = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
-            key = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
+            key = _block_of(name)
             groups[key] = groups.get(key, 0.0) + p.grad.float().pow(2).sum().item()
     routing = []
     for r in model.routers():
@@ -99,21 +104,22 @@ def _adam_update_norms(trainer, model) -> dict[str, float] | None:
     if trainer.cfg.engine.zero_stage != 0:
         return None
     opt = trainer.engine.client_optimizer
-    live = dict(trainer.model.named_parameters())
+    name_of = {id(p): n for n, p in trainer.model.named_parameters()}
+    grads = {n: p.grad for n, p in model.named_parameters()}  # the forensic copy's, same names
     out: dict[str, float] = {}
     for group in opt.param_groups:
         b1, b2 = group["betas"]
         for p in group["params"]:
-            name = next((n for n, q in live.items() if q is p), None)
+            name = name_of.get(id(p))
             state = opt.state.get(p, {})
-            g = dict(model.named_parameters())[name].grad if name else None
+            g = grads.get(name)
             if g is None or "exp_avg" not in state:
                 continue
             t = int(state["step"]) + 1
             m = b1 * state["exp_avg"] + (1 - b1) * g
             v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
             upd = group["lr"] * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
-            key = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
+            key = _block_of(name)
             out[key] = math.sqrt(out.get(key, 0.0) ** 2 + upd.pow(2).sum().item())
     return out
 
