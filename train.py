@@ -32,5 +32,8 @@ if __name__ == "__main__":
     error = check_overrides(sys.argv[1:], REPO_ROOT / "conf")
     if error:
         sys.exit(f"stabletrain: config error: {error}")
-    agree_on_run_stamp()
-    main()
+    try:
+        agree_on_run_stamp()
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while the config composes or the process group forms
+        sys.exit("stabletrain: aborted by Ctrl-C before training started")

@@ -245,7 +245,19 @@ def test_tokenizer_that_does_not_match_the_manifest_is_an_error(prepared, tmp_pa
         load_pretokenized(prepared, f"data.tokenizer.path={other.path}")
     # Without a configured tokenizer file the directory's own copy is used.
     data = load_pretokenized(prepared, f"data.tokenizer.path={tmp_path / 'absent.model'}")
-    assert data.tokenizer.path == prepared / "tokenizer" / "sp4096.model"
+    assert data.tokenizer.path.parent == prepared / "tokenizer"
+
+
+def test_a_prepared_directory_carries_its_tokenizer(tmp_path, corpus, bundled_tokenizer):
+    """Prepared with its own tokenizer, the directory trains under the default data group without naming the
+    group that produced it; naming a different tokenizer explicitly is still a mismatch."""
+    own = local(corpus / "jsonl/*.jsonl", "data.tokenizer.vocab_size=512", "data.tokenizer.train_docs=3",
+                tok=tmp_path / "own.model")
+    prepare(own, tmp_path / "prepared", workers=1, progress=False)
+    data = load_pretokenized(tmp_path / "prepared")  # data=shakespeare (the default), no tokenizer named
+    assert data.tokenizer.vocab_size == 512 and data.tokenizer.path.parent == tmp_path / "prepared" / "tokenizer"
+    with pytest.raises(StableTrainError, match="tokenizer mismatch"):
+        load_pretokenized(tmp_path / "prepared", f"data.tokenizer.path={bundled_tokenizer.path}")
 
 
 def test_empty_source_and_missing_text_field_are_errors(tmp_path, bundled_tokenizer):

@@ -87,7 +87,7 @@ def test_poisoned_batch_rolls_back_skips_and_finishes(tmp_path):
 
 def test_nan_never_reaches_the_weights_and_stop_exits_cleanly(tmp_path):
     run = tmp_path / "nan"
-    train(run, *DETECT, "trainer.max_steps=12", "monitor.inject.step=5", "monitor.inject.kind=nan")
+    train(run, *DETECT, "trainer.max_steps=12", "monitor.inject.step=5", "monitor.inject.kind=nan_loss")
     nonfinite = events(run, "nonfinite")
     assert [e["step"] for e in nonfinite] == [5, 5] and {e["metric"] for e in nonfinite} == {"loss", "grad_norm"}
     rows = train_rows(run)
@@ -96,7 +96,7 @@ def test_nan_never_reaches_the_weights_and_stop_exits_cleanly(tmp_path):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
     stop = tmp_path / "stop"
-    proc = train(stop, *DETECT, "trainer.max_steps=12", "monitor.inject.step=5", "monitor.inject.kind=nan",
+    proc = train(stop, *DETECT, "trainer.max_steps=12", "monitor.inject.step=5", "monitor.inject.kind=nan_loss",
                  "monitor.nonfinite.response=stop", check=False)
     assert proc.returncode == 2
     assert "stopped at step 5 by monitor response 'stop': nonfinite in loss" in proc.stderr

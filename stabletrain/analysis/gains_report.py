@@ -5,14 +5,15 @@ writes <out>/report.md (a markdown table) and <out>/gains.png.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from stabletrain.analysis.report import report_main
+from stabletrain.config import ResidualConfig
+from stabletrain.analysis.report import read_metrics, report_main
+from stabletrain.monitoring.plots import log_scale_if_positive
 
 
 def load(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     gains = [r for r in rows if "gain/fwd_max" in r]
     vals = [r for r in rows if "val_loss" in r]
     losses = [r for r in rows if "loss" in r]
@@ -22,7 +23,9 @@ def load(run_dir: Path) -> dict:
         import yaml
 
         model = yaml.safe_load(cfg.read_text())["model"]
-        name = f"{model['name']} (L={model['n_layers']}, n={model['residual']['streams']})"
+        res = model["residual"]
+        n = ResidualConfig(kind=res["kind"], streams=res["streams"]).n
+        name = f"{model['name']} (L={model['n_layers']}, n={n})"
     return {"name": name, "dir": run_dir, "gains": gains, "vals": vals, "losses": losses}
 
 
@@ -66,10 +69,11 @@ def plot(runs: list[dict], path: Path) -> None:
             axes[1].plot(range(1, len(fwd) + 1), fwd, label=f"{r['name']} fwd")
             axes[1].plot(range(1, len(bwd) + 1), bwd, "--", label=f"{r['name']} bwd")
         axes[2].plot([x["step"] for x in r["losses"]], [x["grad_norm"] for x in r["losses"]], lw=0.8, label=r["name"])
-    axes[0].set(title="composite Amax gain, max over depth", xlabel="step", yscale="log")
-    axes[1].set(title="composite Amax gain vs depth (last measurement)", xlabel="sublayer", yscale="log")
-    axes[2].set(title="gradient norm (pre-clip)", xlabel="step", yscale="log")
+    axes[0].set(title="composite Amax gain, max over depth", xlabel="step")
+    axes[1].set(title="composite Amax gain vs depth (last measurement)", xlabel="sublayer")
+    axes[2].set(title="gradient norm (pre-clip)", xlabel="step")
     for ax in axes:
+        log_scale_if_positive(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

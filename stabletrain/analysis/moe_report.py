@@ -5,14 +5,14 @@ writes <out>/report.md and <out>/maxvio.png.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from stabletrain.analysis.report import report_main
+from stabletrain.analysis.report import read_metrics, report_main
+from stabletrain.monitoring.plots import log_scale_if_positive
 
 
 def load(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     train = [r for r in rows if "moe/maxvio_batch" in r]
     vals = [r for r in rows if "val_loss" in r]
     name = run_dir.name
@@ -47,9 +47,10 @@ def plot(runs: list[dict], path: Path) -> None:
         smooth = [sum(vio[max(0, i - k + 1):i + 1]) / len(vio[max(0, i - k + 1):i + 1]) for i in range(len(vio))]
         a.plot(steps, smooth, label=r["name"])
         b.plot([v["step"] for v in r["vals"]], [v["moe/maxvio_global"] for v in r["vals"]], marker="o", label=r["name"])
-    a.set(title="MaxVio per batch (10-step moving average)", xlabel="step", yscale="log")
-    b.set(title="MaxVio over the validation set", xlabel="step", yscale="log")
+    a.set(title="MaxVio per batch (10-step moving average)", xlabel="step")
+    b.set(title="MaxVio over the validation set", xlabel="step")
     for ax in (a, b):
+        log_scale_if_positive(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -2,8 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Callable
+
+from stabletrain.monitoring.plots import finite
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows; a torn line (a crash mid-write) is skipped and NaN/Inf strings become floats."""
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append({k: finite([v])[0] if v in ("nan", "inf", "-inf") else v for k, v in row.items()})
+    return rows
 
 
 def report_main(description: str, load: Callable, table: Callable, plot: Callable, png: str,

@@ -11,6 +11,7 @@ decodes, so there the count is of documents that contain U+FFFD after decoding.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,9 @@ class DocumentStream:
         if self._dataset is None:
             import datasets  # deferred: a 1-2 s import that only data preparation needs
 
+            # Its json reader logs a parse error before raising it; we report the same error as one line.
+            logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+
             s = self.src
             try:
                 if s.hf_id and s.data_files:  # json files of a repo whose loading script `datasets` no longer runs
@@ -151,9 +155,7 @@ class DocumentStream:
                         if rows >= remaining:
                             break
                 except Exception as e:
-                    if self.src.hf_id:
-                        raise _hub_error(self.desc, e) from None
-                    raise
+                    raise self._read_error(self.shard_name(index), e) from None
                 self.holdout.append(min(rows, remaining))
                 remaining -= self.holdout[-1]
         return self.holdout
@@ -196,13 +198,20 @@ class DocumentStream:
                     yield self._decode(raw, where, n - 1)
         except StableTrainError:
             raise
-        except UnicodeDecodeError as e:  # plain text with utf8_errors=strict: `datasets` decodes those files
-            raise StableTrainError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); data.utf8_errors=replace "
-                                   "decodes such bytes as U+FFFD") from None
         except Exception as e:
-            if self.src.hf_id:
-                raise _hub_error(self.desc, e) from None
-            raise
+            raise self._read_error(where, e) from None
+
+    def _read_error(self, where: str, e: Exception) -> StableTrainError:
+        """One line naming the file for whatever `datasets`/pyarrow raise while reading it."""
+        if isinstance(e, StableTrainError):
+            return e
+        if self.src.hf_id:
+            return _hub_error(self.desc, e)
+        if isinstance(e, UnicodeDecodeError):  # plain text with utf8_errors=strict: `datasets` decodes those files
+            return StableTrainError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                    "data.utf8_errors=replace decodes such bytes as U+FFFD")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return StableTrainError(f"{where}: cannot be read as {self._kind} ({type(e).__name__}: {first})")
 
     def _decode(self, raw: bytes | None, where: str, record: int) -> str:
         if raw is None:

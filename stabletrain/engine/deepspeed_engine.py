@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from stabletrain.config import Config
+from stabletrain.engine import safe_load
 
 
 class GatedAdamW(torch.optim.AdamW):
@@ -123,4 +124,30 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
         # One rank has nothing to reduce, but ZeRO-0 would still flatten, "all-reduce" and copy back every grad.
         # With expert parallelism the trainer reduces instead (ExpertParallel.reduce_gradients).
         engine.enable_backward_allreduce = False
+    safe_load.install(engine)  # checkpoints are loaded with weights_only=True
     return engine
+
+
+def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """The first weight, buffer, optimizer master weight or optimizer moment holding NaN/Inf on this rank, by
+    name, or None. Under ZeRO the optimizer's parameters are this rank's fp32 master partitions."""
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def bad(t: torch.Tensor) -> bool:
+        return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t.detach()).all())
+
+    for name, p in model.named_parameters():
+        if bad(p):
+            return f"weight {name}"
+    for name, b in model.named_buffers():
+        if bad(b):
+            return f"buffer {name}"
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            where = names.get(id(p), f"param group {gi} (ZeRO partition)")
+            if bad(p):
+                return f"optimizer master weight {where}"
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and bad(value):
+                    return f"optimizer state {key} of {where}"
+    return None

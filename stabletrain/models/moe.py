@@ -42,7 +42,9 @@ class Router(nn.Module):
             gates = scores.gather(-1, idx)
             gates = gates / gates.sum(-1, keepdim=True) * c.route_scale
             if self.training and c.seq_aux_coef:
-                aux = aux + c.seq_aux_coef * self._seq_balance_loss(scores, idx)
+                # DeepSeek-V3 counts f_i on the top-k of the raw affinities over all experts (no balancing bias)
+                counted = scores.detach().topk(c.top_k, dim=-1).indices if c.seq_aux_indicator == "unbiased" else idx
+                aux = aux + c.seq_aux_coef * self._seq_balance_loss(scores, counted)
         elif c.router == "bslo":
             probs = torch.softmax(logits / c.temperature, dim=-1)
             with torch.no_grad():  # N_i: tokens that would pick expert i; the capacity factor has no gradient

@@ -78,7 +78,7 @@ class Transformer(nn.Module):
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.residual_init == "scaled" else std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.out_proj_init == "scaled" else std
         out_std *= self.cfg.residual.out_init_mult
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -126,7 +126,7 @@ class Transformer(nn.Module):
 
 def residual_param_count(cfg: ModelConfig) -> int:
     """Parameters the residual-stream policy adds (methods.md §1 and §2 formulas)."""
-    r, d, n, L = cfg.residual, cfg.d_model, cfg.residual.streams, cfg.n_layers
+    r, d, n, L = cfg.residual, cfg.d_model, cfg.residual.n, cfg.n_layers
     if r.kind == "hc":
         per = n * (n + 2) + (d * (n + 2) + 2 + d if r.dynamic else 0)  # static; dynamic W's, s_alpha, s_beta, norm
         return 2 * L * per

@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from stabletrain import StableTrainError
 from stabletrain.models import build_model
+from stabletrain.monitoring.plots import finite, log_scale_if_positive
 from stabletrain.training import checkpoint
 from stabletrain.training.callbacks import maxvio
 
@@ -125,15 +127,13 @@ def _adam_update_norms(trainer, model) -> dict[str, float] | None:
 
 
 def _previous_weights(trainer, step: int) -> tuple[Path, dict] | None:
-    for tag_dir, reason in checkpoint.candidates(trainer.run_dir / "checkpoints"):
-        if reason is None and int(checkpoint.TAG_RE.match(tag_dir.name).group(1)) < step:
-            if trainer.cfg.engine.zero_stage == 3:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-                return tag_dir, get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-            states = sorted(tag_dir.glob("*model_states.pt"))
-            module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
-            return tag_dir, {k: v.float() for k, v in module.items()}
+    """The newest complete checkpoint before `step` and its fp32 weights (read with weights-only loading)."""
+    for tag_dir, rejection in checkpoint.candidates(trainer.run_dir / "checkpoints"):
+        if rejection is None and checkpoint.step_of(tag_dir) < step:
+            try:
+                return tag_dir, checkpoint.model_weights(tag_dir)
+            except StableTrainError:  # a file the safe loader refuses: look further back
+                continue
     return None
 
 
@@ -223,33 +223,35 @@ def _plot(trainer, verdict, now: dict | None, old: dict | None, path: Path) -> N
     fig, axes = plt.subplots(1, 3 if now else 1, figsize=(15 if now else 6, 3.6), squeeze=False)
     ax = axes[0][0]
     steps = [h[0] for h in hist]
-    ax.plot(steps, [h[1] for h in hist], label="loss", color="C0")
+    losses, norms = finite(h[1] for h in hist), finite(h[2] for h in hist)
+    ax.plot(steps, losses, label="loss", color="C0")
+    log_scale_if_positive(ax)
     ax.axvline(verdict.step, color="red", ls="--", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
     ax2 = ax.twinx()
-    ax2.plot(steps, [h[2] if h[2] is not None else float("nan") for h in hist], color="C1", label="grad norm")
+    ax2.plot(steps, norms, color="C1", label="grad norm")
+    log_scale_if_positive(ax2)
     ax2.set_ylabel("grad norm")
-    ax2.set_yscale("log")
     ax.set_title(f"step {verdict.step}: {verdict.firings[0]['kind']} in {verdict.firings[0]['metric']}")
     if now:
         ax = axes[0][1]
         x = range(len(now["per_seq_loss"]))
-        ax.bar([i - 0.2 for i in x], now["per_seq_loss"], width=0.4, label="now")
+        ax.bar([i - 0.2 for i in x], finite(now["per_seq_loss"]), width=0.4, label="now")
         if old:
-            ax.bar([i + 0.2 for i in x], old["per_seq_loss"], width=0.4, label="previous checkpoint")
+            ax.bar([i + 0.2 for i in x], finite(old["per_seq_loss"]), width=0.4, label="previous checkpoint")
         ax.set_xlabel("sequence in batch")
         ax.set_ylabel("loss")
         ax.legend(fontsize=8)
         ax = axes[0][2]
         keys = list(now["grad_norm_by_block"])
-        ax.bar([i - 0.2 for i in range(len(keys))], [now["grad_norm_by_block"][k] for k in keys], width=0.4, label="now")
+        bars = finite(now["grad_norm_by_block"][k] for k in keys)
+        ax.bar([i - 0.2 for i in range(len(keys))], bars, width=0.4, label="now")
         if old:
-            ax.bar([i + 0.2 for i in range(len(keys))], [old["grad_norm_by_block"].get(k, 0) for k in keys],
+            ax.bar([i + 0.2 for i in range(len(keys))], finite(old["grad_norm_by_block"].get(k, 0) for k in keys),
                    width=0.4, label="previous checkpoint")
         ax.set_xticks(range(len(keys)), keys, rotation=60, fontsize=7)
-        ax.set_yscale("log")
+        log_scale_if_positive(ax)
         ax.set_ylabel("grad norm")
         ax.legend(fontsize=8)
     fig.tight_layout()

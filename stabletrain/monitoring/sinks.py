@@ -53,6 +53,9 @@ class MetricsLogger:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.events_path = run_dir / "events.jsonl"
+        self.repairs: list[str] = []  # what was mended in files a crash left behind (the trainer prints these)
+        for path in (self.metrics_path, self.events_path):
+            self._repair_torn_tail(path)
         if resumed_step is not None:
             self._truncate_metrics_after(resumed_step)
         self.metrics = open(self.metrics_path, "a", buffering=1)
@@ -61,12 +64,32 @@ class MetricsLogger:
         if cfg.logging.wandb:
             self.wandb = self._init_wandb(cfg, resolved_config)
 
+    def _repair_torn_tail(self, path: Path) -> None:
+        """A crash in the middle of a write leaves a final line without its newline: drop it, so that appending
+        does not glue the next row onto it."""
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+        data = path.read_bytes()
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        self.repairs.append(f"{path.name}: dropped a torn final line ({len(data) - keep} bytes) left by an "
+                            "interrupted write")
+
     def _truncate_metrics_after(self, step: int) -> None:
         # Rows logged after the checkpoint we resume from belong to a timeline that no longer exists.
         if not self.metrics_path.is_file():
             return
-        rows = self.metrics_path.read_text().splitlines()
-        kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+        rows = self.metrics_path.read_text(errors="replace").splitlines()
+        kept = []
+        for r in rows:
+            try:
+                if r.strip() and json.loads(r).get("step", 0) <= step:
+                    kept.append(r)
+            except (ValueError, AttributeError):
+                self.repairs.append(f"{self.metrics_path.name}: dropped a line that is not a JSON object: {r[:60]!r}")
         if len(kept) != len(rows):
             tmp = self.metrics_path.with_suffix(".tmp")
             tmp.write_text("".join(r + "\n" for r in kept))

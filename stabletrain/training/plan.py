@@ -50,7 +50,7 @@ def plan(cfg: Config) -> dict:
         if is_moe_layer(m, i):
             ffn_ratio = (m.moe.top_k + m.moe.n_shared) * m.moe.expert_hidden / m.ffn_dim
         # 34·T·d: about 10 T·d for attention and norms, 24 T·d for the dense SwiGLU part (scaled for experts).
-        per_block.append((10 + 24 * ffn_ratio) * T * d * act_scale + 4 * (m.residual.streams - 1) * T * d)
+        per_block.append((10 + 24 * ffn_ratio) * T * d * act_scale + 4 * (m.residual.n - 1) * T * d)
     activations = B * (sum(per_block) + 8 * T * m.vocab_size)
     return {
         "total_params": total, "active_params": active, "formula_params": param_count(m),

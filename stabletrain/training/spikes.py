@@ -27,8 +27,12 @@ SEVERITY = {"log": 0, "skip_step": 1, "rollback": 2, "stop": 3}
 
 
 class RollingDetector:
-    def __init__(self, metric: str, cfg: DetectorConfig, warmup: int):
-        self.metric, self.cfg, self.warmup = metric, cfg, warmup
+    """style `stabletrain`: one-sided z-score (plus min_ratio) and the k x max rule over clean values only.
+    style `olmo_core`: OLMo-core's SkipStepOptimizer rule, |value - mean| > sigma * std over the window of all
+    recent values, spikes included (the ratio rules are off)."""
+
+    def __init__(self, metric: str, cfg: DetectorConfig, warmup: int, style: str = "stabletrain"):
+        self.metric, self.cfg, self.warmup, self.style = metric, cfg, warmup, style
         self.values: deque[float] = deque(maxlen=cfg.window)
         self.accepted = 0
 
@@ -39,6 +43,12 @@ class RollingDetector:
             return None
         vals = torch.tensor(list(self.values), dtype=torch.float64)
         mean, std = vals.mean().item(), vals.std().item()
+        if self.style == "olmo_core":
+            if c.sigma and abs(value - mean) > c.sigma * std:
+                return {"metric": self.metric, "rule": "zscore_two_sided", "value": value,
+                        "threshold": mean + math.copysign(c.sigma * std, value - mean),
+                        "zscore": (value - mean) / max(std, 1e-12)}
+            return None
         if c.sigma and value > mean + c.sigma * std and value >= c.min_ratio * mean:
             return {"metric": self.metric, "rule": "zscore", "value": value, "threshold": mean + c.sigma * std,
                     "zscore": (value - mean) / max(std, 1e-12)}
@@ -75,7 +85,7 @@ class SpikeMonitor:
 
     def __init__(self, cfg: MonitorConfig):
         self.cfg = cfg
-        self.detectors = {name: RollingDetector(name, getattr(cfg, name), cfg.warmup_steps)
+        self.detectors = {name: RollingDetector(name, getattr(cfg, name), cfg.warmup_steps, cfg.style)
                           for name in ("loss", "grad_norm")}
         self.history: deque[tuple[int, float, float | None, bool]] = deque(maxlen=512)
 
@@ -96,7 +106,7 @@ class SpikeMonitor:
             if v.firings:
                 responses = [getattr(self.cfg, f["metric"]).response or self.cfg.response for f in v.firings]
                 v.response = max(responses, key=SEVERITY.__getitem__)
-            else:
+            if not v.firings or self.cfg.style == "olmo_core":  # olmo_core keeps spikes in its window
                 for name, det in self.detectors.items():
                     if values[name] is not None:
                         det.accept(values[name])

@@ -5,6 +5,7 @@ Everything around the loop hangs off Callback hooks so the loop itself stays sho
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -16,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from stabletrain import StableTrainError
-from stabletrain.config import Config, to_object, validate
+from stabletrain.config import Config, to_container, to_object, validate
 from stabletrain.data.dataset import RankLoader
 from stabletrain.data.setup import build_data
 from stabletrain.engine import distributed as dist_utils
-from stabletrain.engine.deepspeed_engine import build_engine, clip_threshold, clips_in_engine
+from stabletrain.engine.deepspeed_engine import build_engine, clip_threshold, clips_in_engine, first_nonfinite
 from stabletrain.engine.expert_parallel import ExpertParallel
 from stabletrain.models import build_model, flops_per_token, param_count
 from stabletrain.monitoring.sinks import MetricsLogger, NullLogger
@@ -89,51 +90,69 @@ class Trainer:
         self.skips = SkipList(t.skip_batches)
         self.rollbacks: list[int] = []  # steps at which a rollback happened (capped by monitor.max_rollbacks)
         self._injected = False
+        self._half_loaded = False
         self.last_step: tuple | None = None
+        self.stop_signal: int | None = None  # SIGTERM/SIGINT: finish the step, checkpoint, stop
 
         resume_events = self._resume()
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
             self.logger = MetricsLogger(cfg, run_dir, resolved, self.step if resume_events else None)
+            for note in self.logger.repairs:
+                self._say(note)
         else:
             self.logger = NullLogger()
         for kind, fields in resume_events:
             self.logger.event(kind, self.step, **fields)
         self.peak, self.peak_source = peak_flops(self.device, cfg.precision.dtype, t.peak_tflops)
         self.callbacks: list[Callback] = default_callbacks(cfg)
-        self._stop_requested = False
 
     # ---------------------------------------------------------------- resume
     def _resume(self) -> list[tuple[str, dict]]:
-        """Load the checkpoint trainer.resume points at; return the events to record."""
+        """Load the checkpoint trainer.resume points at; return the events to record.
+
+        auto: the newest intact checkpoint of this run (damaged ones are skipped, each with a
+        `checkpoint_rejected` event), or a fresh start when there is none. A checkpoint directory (step_*): that
+        one, or a one-line error. A directory of checkpoints: its newest intact one, or an error."""
         mode = self.cfg.trainer.resume
+        own = self.run_dir / "checkpoints"
         if mode == "none":
-            if checkpoint.candidates(self.run_dir / "checkpoints"):
+            if checkpoint.tags_newest_first(own):
                 # Training from scratch here would interleave two runs' metrics and prune the old checkpoints.
                 raise StableTrainError(f"{self.run_dir} already holds checkpoints: pass trainer.resume=auto to "
                                        "continue that run, or choose another hydra.run.dir")
             return []
-        root = self.run_dir / "checkpoints" if mode == "auto" else Path(mode)
-        if checkpoint.TAG_RE.match(root.name):  # a tag directory was given: search its parent, newest first
-            root = root.parent
+        path = own if mode == "auto" else Path(mode)
+        exact = checkpoint.TAG_RE.match(path.name) is not None
+        tags = [path] if exact else checkpoint.tags_newest_first(path)
+        events: list[tuple[str, dict]] = []
         rejected: list[list[str]] = []
-        for tag_dir, reason in checkpoint.candidates(root):
-            if reason is None:
-                reason = self._try_load(tag_dir)
-            if reason is None:
+        damaged = False
+        for tag_dir in tags:
+            rejection = checkpoint.verify(tag_dir) or self._try_load(tag_dir)
+            if rejection is None:
                 self._say(f"resumed from {tag_dir} at step {self.step}")
-                return [("resume", {"checkpoint": str(tag_dir), "rejected": rejected})]
-            self._say(f"resume: skipping checkpoint {tag_dir.name}: {reason}")
-            rejected.append([tag_dir.name, reason])
-        if any(r.startswith("unreadable") for _, r in rejected):
-            # A failed load may have left half-restored state behind: do not train from it.
-            raise StableTrainError(f"no checkpoint in {root} could be loaded ({'; '.join(': '.join(r) for r in rejected)})")
-        self._say(f"resume={mode}: no complete checkpoint in {root}; starting fresh")
-        return [("resume", {"checkpoint": None, "rejected": rejected})]
+                return events + [("resume", {"checkpoint": str(tag_dir), "rejected": rejected})]
+            if exact:
+                raise StableTrainError(f"trainer.resume={tag_dir}: {rejection}")
+            self._say(f"resume: skipping checkpoint {tag_dir.name}: {rejection}")
+            events.append(("checkpoint_rejected", {"checkpoint": str(tag_dir), "file": rejection.file,
+                                                   "reason": rejection.reason}))
+            rejected.append([tag_dir.name, str(rejection)])
+            damaged |= not rejection.interrupted
+        if self._half_loaded or (damaged and mode == "auto"):
+            # A failed load may have left half-restored state behind, and a fresh start would overwrite damaged
+            # checkpoints someone may want to inspect or repair: stop instead.
+            raise StableTrainError(f"no checkpoint in {path} could be loaded ({'; '.join(': '.join(r) for r in rejected)}); "
+                                   "move them away to start fresh")
+        if mode != "auto":
+            raise StableTrainError(f"trainer.resume={mode}: no intact checkpoint ({'; '.join(': '.join(r) for r in rejected)})")
+        self._say(f"resume=auto: no {'intact ' if tags else ''}checkpoint in {path}; starting fresh")
+        return events + [("resume", {"checkpoint": None, "rejected": rejected})]
 
-    def _try_load(self, tag_dir: Path) -> str | None:
-        """Load a complete-looking checkpoint on every rank; the reason it failed on any rank, or None."""
+    def _try_load(self, tag_dir: Path) -> checkpoint.Rejection | None:
+        """Load a verified checkpoint on every rank; why it failed on any rank, or None."""
         reason = None
         try:
             state = checkpoint.load(self.engine, tag_dir)
@@ -148,6 +167,7 @@ class Trainer:
                 self.rollbacks = sorted(set(self.rollbacks) | set(state["rollbacks"]))
         except Exception as e:  # a corrupt file surfaces as whatever torch/DeepSpeed raise while reading it
             reason = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            self._half_loaded = True
         failed = torch.tensor(float(reason is not None), device=self.device)
         if self.world > 1:
             dist.all_reduce(failed)
@@ -155,7 +175,8 @@ class Trainer:
             reason = "unreadable on another rank"
         if reason is not None:
             self.step, self.loader.samples_consumed = 0, 0
-        return reason
+            return checkpoint.Rejection(None, reason)
+        return None
 
     # ---------------------------------------------------------------- steps
     def train_step(self) -> dict:
@@ -178,7 +199,7 @@ class Trainer:
             loss = self.engine(batch[:, :-1], batch[:, 1:], **self.data.model_kwargs(batch))
             if inject == "loss":
                 loss = loss * self.cfg.monitor.inject.scale
-            elif inject == "nan":
+            elif inject == "nan_loss":
                 loss = loss * float("nan")
             self.engine.backward(loss)
             loss_sum += loss.detach().float()
@@ -215,17 +236,22 @@ class Trainer:
         return row
 
     def _global_mean_loss(self, local_mean: torch.Tensor) -> float:
-        """Mean loss over ranks; the same all-reduce carries any rank's SIGTERM stop request."""
-        packed = torch.stack([local_mean, torch.tensor(float(self._stop_requested), device=local_mean.device)])
+        """Mean loss over ranks; the same all-reduce carries any rank's stop signal (SIGINT wins over SIGTERM)."""
+        flags = [float(self.stop_signal == s) for s in (signal.SIGINT, signal.SIGTERM)]
+        packed = torch.stack([local_mean, torch.tensor(flags, device=local_mean.device)[0],
+                              torch.tensor(flags, device=local_mean.device)[1]])
         if self.world > 1:
             dist.all_reduce(packed)
             packed[0] /= self.world
-        self._stop_requested = bool(packed[1] > 0)
+        if packed[1] > 0:
+            self.stop_signal = signal.SIGINT
+        elif packed[2] > 0:
+            self.stop_signal = signal.SIGTERM
         return float(packed[0])
 
     def _injection(self, step: int, batch_index: int) -> str | None:
         """monitor.inject (a testing aid): `poison` is tied to the data (the batch of an uninterrupted run's
-        step, so a rollback that skips it clears it); `loss`/`nan` perturb the state once per process."""
+        step, so a rollback that skips it clears it); `loss`/`nan_loss` perturb the state once per process."""
         inj = self.cfg.monitor.inject
         if inj.step is None:
             return None
@@ -276,6 +302,7 @@ class Trainer:
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0))}
 
     def save(self) -> None:
+        self._refuse_nonfinite_state()
         state = {"step": self.step, "samples_consumed": self.loader.samples_consumed, "world_size": self.world,
                  "spike_monitor": self.spikes.state_dict(), "skip_batches": self.skips.ranges,
                  "rollbacks": self.rollbacks}
@@ -286,6 +313,21 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_checkpoint(self, self.step, tag_dir)
 
+    def _refuse_nonfinite_state(self) -> None:
+        """Collective. A checkpoint never stores NaN/Inf: raise (one line, an event; older checkpoints stay)."""
+        where = first_nonfinite(self.model, self.engine.client_optimizer)
+        bad = torch.tensor(float(where is not None), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(bad)
+        if not bad.item():
+            return
+        where = where or "a tensor on another rank"
+        intact = [d.name for d, r in checkpoint.candidates(self.run_dir / "checkpoints") if r is None]
+        self.logger.event("checkpoint_refused", self.step, reason=f"{where} holds NaN/Inf")
+        raise StableTrainError(f"step {self.step}: {where} holds NaN/Inf; refusing to write a checkpoint "
+                               f"(newest intact one: {intact[0] if intact else 'none'}; continue from it with "
+                               "trainer.resume=auto, optionally with trainer.skip_batches)")
+
     # ---------------------------------------------------------------- loop
     def fit(self) -> float:
         t = self.cfg.trainer
@@ -293,14 +335,14 @@ class Trainer:
         self._say(f"model: {self.n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
                   f"{self.world} rank(s), global batch {self.loader.global_batch_size}×{self.cfg.data.seq_len} tokens; "
                   f"MFU peak: {self.peak / 1e12:.2f} TFLOP/s ({self.peak_source})")
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=last, initial=self.step, disable=not (self.is_main and self.cfg.logging.progress),
                    dynamic_ncols=True, mininterval=1.0, file=sys.stdout)
         val = None
         try:
             if self.step == 0:
                 val = self._eval_and_log()
-            while self.step < last and not self._stop_requested:
+            while self.step < last and self.stop_signal is None:
                 for cb in self.callbacks:
                     cb.on_step_begin(self, self.step + 1)
                 metrics = self.train_step()
@@ -318,13 +360,16 @@ class Trainer:
                                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
                 if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == last:
                     val = self._eval_and_log()
-                if (t.ckpt_interval and self.step % t.ckpt_interval == 0) or self.step == last or self._stop_requested:
+                if (t.ckpt_interval and self.step % t.ckpt_interval == 0) or self.step == last or self.stop_signal:
                     self.save()
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
-        if self._stop_requested:
-            self._say(f"stopped on SIGTERM at step {self.step} after saving a checkpoint")
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.stop_signal:
+            self._say(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; checkpoint "
+                      f"{checkpoint.tag_for(self.step)} saved (continue with trainer.resume=auto)")
+            return float("nan")
         return val["val_loss"] if val else float("nan")
 
     # ---------------------------------------------------------------- spike responses
@@ -333,6 +378,8 @@ class Trainer:
         from stabletrain.monitoring.forensics import investigate
 
         mon, (_, batch_index, batches) = self.cfg.monitor, self.last_step
+        if any(f["kind"] == "nonfinite" for f in verdict.firings):
+            self._refuse_nonfinite_state()  # NaN weights (e.g. loaded ones): no step can recover, stop now
         for f in verdict.firings:
             fields = {k: v for k, v in f.items() if k != "kind"}
             self.logger.event(f["kind"], verdict.step, response=verdict.response, batch=batch_index, **fields)
@@ -364,8 +411,15 @@ class Trainer:
         if len(recent) >= mon.max_rollbacks:
             self._stop(verdict, f"{len(recent)} rollbacks within {mon.rollback_window} steps (monitor.max_rollbacks)")
         good = [d for d, reason in checkpoint.candidates(self.run_dir / "checkpoints") if reason is None]
+        for tag_dir in list(good):
+            rejection = checkpoint.verify(tag_dir)
+            if rejection is None:
+                break
+            self.logger.event("checkpoint_rejected", verdict.step, checkpoint=str(tag_dir), file=rejection.file,
+                              reason=rejection.reason)
+            good.remove(tag_dir)
         if not good:
-            self.logger.event("skip_step", verdict.step, reason="rollback requested but no checkpoint yet")
+            self.logger.event("skip_step", verdict.step, reason="rollback requested but no intact checkpoint")
             return False
         skip = [max(0, batch_index - mon.rollback_skip_batches + 1), batch_index + 1] if mon.rollback_skip_batches else None
         if skip:
@@ -404,8 +458,14 @@ class Trainer:
         self._say(f"step {self.step}: val_loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})")
         return val
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop_requested = True  # acted on at the end of the current step: checkpoint, then stop
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM/SIGINT: stop at the end of the current step after a checkpoint; a second Ctrl-C aborts now."""
+        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            self._say(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then a checkpoint and stop"
+                      + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""))
 
     def _say(self, msg: str) -> None:
         if self.is_main:
@@ -429,15 +489,18 @@ def default_callbacks(cfg: Config) -> list[Callback]:
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train from a composed config; user errors become one line on stderr and exit status 2."""
+    trainer = None
     try:
         typed = to_object(cfg)
-        validate(typed)
+        for warning in validate(typed):
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"stabletrain: warning: {warning}", file=sys.stderr)
         if typed.trainer.plan:
             from stabletrain.training.plan import print_plan
 
             print_plan(typed)
             return float("nan")
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = to_container(cfg)
         if typed.logging.group is None:  # a sweep's runs form one W&B group, named after the sweep directory
             from hydra.core.hydra_config import HydraConfig
 
@@ -448,9 +511,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             val_loss = trainer.fit()
         finally:
             trainer.close()
+        if trainer.stop_signal:  # 128 + signal number (130 SIGINT, 143 SIGTERM): schedulers requeue on it
+            sys.exit(128 + trainer.stop_signal)
         if trainer.is_main:
             print(f"final val_loss {val_loss:.4f}; run directory: {run_dir}")
         return val_loss
     except StableTrainError as e:
         print(f"stabletrain: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        at = f" at step {trainer.step}" if trainer is not None else " before training started"
+        print(f"stabletrain: aborted by Ctrl-C{at}; nothing was saved after the last checkpoint", file=sys.stderr)
+        sys.exit(130)

@@ -56,8 +56,9 @@ class HyperConnection(Connection):
     def write(self, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
         B, A_r = ctx
         A_r = A_r.to(x.dtype).expand(*x.shape[:-2], -1, -1)
-        if self.record:
-            # x' = M x with M = A_r^T; keep the token average over the first sequence (diagnostics).
+        if self.record and self.last_mix is None:
+            # x' = M x with M = A_r^T; the token average over the first sequence of the step's first
+            # micro-batch (the one the per-block gains use).
             self.last_mix = A_r[0].detach().float().mean(0).transpose(-1, -2)
         mixed = torch.einsum("...ij,...ic->...jc", A_r, x)
         return mixed + B.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
@@ -69,7 +70,7 @@ class HyperStream(ResidualStream):
     def __init__(self, d_model: int, cfg: ResidualConfig, norm_eps: float):
         super().__init__()
         self.d_model, self.cfg, self.norm_eps = d_model, cfg, norm_eps
-        self.streams = cfg.streams
+        self.streams = cfg.n
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         return h.unsqueeze(-2).expand(*h.shape[:-1], self.streams, h.shape[-1]).contiguous()

@@ -100,7 +100,7 @@ class ManifoldConnection(Connection):
 
     def write(self, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
         post, res = ctx
-        if self.record:
+        if self.record and self.last_mix is None:  # the step's first micro-batch, as the per-block gains
             self.last_mix = res[0].detach().mean(0)  # token average over the first sequence (diagnostics)
         if self.fused:
             return _compiled(_fused_write)(x, y, post, res)
@@ -113,9 +113,9 @@ class ManifoldStream(ResidualStream):
 
     def __init__(self, d_model: int, cfg: ResidualConfig):
         super().__init__()
-        self.d_model, self.cfg, self.streams = d_model, cfg, cfg.streams
+        self.d_model, self.cfg, self.streams = d_model, cfg, cfg.n
         if cfg.collapse == "head":
-            n = cfg.streams
+            n = cfg.n
             self.head_phi = nn.Parameter(torch.empty(n * d_model, n))
             _init_phi(self.head_phi.data, cfg)
             self.head_bias = nn.Parameter(torch.zeros(n))

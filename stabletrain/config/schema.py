@@ -1,0 +1,482 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Composition merges the YAML files in `conf/` over these dataclasses, so a misspelt key, a wrong type or a value
+outside a closed vocabulary fails at compose time naming the key. Every number declares its range beside its
+default (stabletrain.config.fields); `validate()` checks those and the cross-field rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from stabletrain.config.fields import Choice, ConfigError, at_least, between, finite, positive
+
+
+class ResidualKind(Choice):
+    standard = "standard"
+    hc = "hc"
+    mhc = "mhc"
+
+
+class MHCInit(Choice):
+    hc = "hc"  # b_res = tau*I, soft one-hot b_pre
+    megatron = "megatron"  # all biases 0
+
+
+class PhiInit(Choice):
+    normal = "normal"
+    xavier = "xavier"
+
+
+class Collapse(Choice):
+    sum = "sum"
+    head = "head"
+
+
+class Kernel(Choice):
+    eager = "eager"
+    fused = "fused"
+
+
+class DepthScaling(Choice):
+    none = "none"
+    lns = "lns"
+
+
+class SignalScaling(Choice):
+    none = "none"
+    bslo = "bslo"
+
+
+class Attention(Choice):
+    mha = "mha"
+    gqa = "gqa"
+    mla = "mla"
+
+
+class FFN(Choice):
+    dense = "dense"
+    moe = "moe"
+
+
+class Router(Choice):
+    none = "none"
+    softmax_aux = "softmax_aux"
+    aux_free = "aux_free"
+    bslo = "bslo"
+
+
+class SeqAuxIndicator(Choice):
+    unbiased = "unbiased"  # DeepSeek-V3's definition: the top-k of the raw affinities
+    biased = "biased"  # the selection actually made (affinities + balancing bias)
+
+
+class ResidualInit(Choice):
+    scaled = "scaled"
+    plain = "plain"
+
+
+class TokenizerModel(Choice):
+    bpe = "bpe"
+    unigram = "unigram"
+
+
+class DataFormat(Choice):
+    text = "text"
+    pretokenized = "pretokenized"
+
+
+class UTF8Errors(Choice):
+    replace = "replace"
+    strict = "strict"
+
+
+class TokenDtype(Choice):
+    auto = "auto"
+    uint16 = "uint16"
+    uint32 = "uint32"
+
+
+class Offload(Choice):
+    none = "none"
+    cpu = "cpu"
+
+
+class Backend(Choice):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class DType(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    wsd = "wsd"
+    constant = "constant"
+    step = "step"
+
+
+class WandbMode(Choice):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Response(Choice):
+    log = "log"
+    skip_step = "skip_step"
+    rollback = "rollback"
+    stop = "stop"
+
+
+class NonfiniteResponse(Choice):  # a NaN/Inf update is never applied, so `log` is not offered
+    skip_step = "skip_step"
+    rollback = "rollback"
+    stop = "stop"
+
+
+class InjectKind(Choice):
+    loss = "loss"
+    nan_loss = "nan_loss"
+    poison = "poison"
+
+
+class DetectorStyle(Choice):
+    stabletrain = "stabletrain"  # one-sided z-score over clean steps, plus the ratio rules
+    olmo_core = "olmo_core"  # OLMo-core's SkipStepOptimizer: two-sided z-score over all recent steps
+
+
+@dataclass
+class ResidualConfig:
+    """The residual-stream policy (docs/methods.md): standard, Hyper-Connections (hc) or manifold-constrained (mhc)."""
+
+    kind: ResidualKind = ResidualKind.standard
+    streams: Optional[int] = at_least(1, None)  # expansion rate n; null: 1 for standard, the papers' 4 for hc/mhc
+    dynamic: bool = True  # hc: input-dependent coefficients on top of the static ones
+    tanh: bool = True  # hc: tanh on the dynamic coefficients
+    gate_init: float = at_least(0, 0.01)  # hc: s_alpha = s_beta init; mhc: alpha_pre/post/res init
+    out_init_mult: float = positive(1.0)  # multiplies the init std of attention/MLP output projections
+    sinkhorn_iters: int = at_least(1, 20)  # mhc
+    init: MHCInit = MHCInit.hc  # mhc bias init
+    phi_init: PhiInit = PhiInit.normal  # mhc: normal (std phi_std) | xavier
+    phi_std: float = at_least(0, 0.02)
+    res_logit: float = finite(4.0)  # mhc init=hc: tau on the diagonal of b_res
+    pre_logit: float = finite(4.0)  # mhc init=hc: +/- this on b_pre (soft one-hot on stream k mod n)
+    norm_eps: float = positive(1e-20)  # mhc: eps of the RMS over the flattened n*C vector (paper: 1e-20)
+    collapse: Collapse = Collapse.sum  # mhc output collapse: sum | head (learned pre-only head)
+    kernel: Kernel = Kernel.eager  # mhc: eager (PyTorch reference) | fused (torch.compile'd read/write)
+
+    @property
+    def n(self) -> int:
+        """The stream count: `streams`, or the kind's default (HC and mHC papers: n = 4)."""
+        if self.streams is not None:
+            return self.streams
+        return 1 if self.kind == ResidualKind.standard else 4
+
+
+@dataclass
+class NormConfig:
+    depth_scaling: DepthScaling = DepthScaling.none  # lns: block l's pre-norm output times 1/sqrt(l)
+
+
+@dataclass
+class BSLOConfig:
+    """Propagation scalar alpha_l = E|h_in| / (E|h_in + F| + eps), an EMA measured without gradient (experimental)."""
+
+    momentum: float = between(0, 1, 0.99, hi_open=True)
+    eps: float = positive(1e-6)
+    clamp_min: float = positive(0.1)
+    clamp_max: float = positive(10.0)
+    warmup_steps: int = at_least(0, 50)  # alpha = 1 until this many training forwards
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank compressed Q and KV, decoupled RoPE key."""
+
+    q_lora_rank: int = at_least(0, 0)  # 0: queries projected directly from x (no compression)
+    kv_lora_rank: int = at_least(1, 64)
+    qk_nope_head_dim: int = at_least(1, 32)
+    qk_rope_head_dim: int = at_least(2, 16)
+    v_head_dim: int = at_least(1, 32)
+
+
+@dataclass
+class MoEConfig:
+    """Fine-grained routed experts plus shared experts (DeepSeekMoE)."""
+
+    n_routed: int = at_least(1, 8)
+    n_shared: int = at_least(0, 1)
+    top_k: int = at_least(1, 2)
+    expert_hidden: int = at_least(1, 128)  # SwiGLU width of one routed (and one shared) expert
+    first_dense: int = at_least(0, 1)  # the first k blocks keep a dense MLP
+    router: Router = Router.aux_free
+    aux_loss_coef: float = at_least(0, 0.01)  # softmax_aux: Switch/GShard load-balancing loss
+    bias_update_rate: float = at_least(0, 1e-3)  # aux_free: u in b_i += u * sign(mean load - load_i)
+    seq_aux_coef: float = at_least(0, 0.0)  # aux_free: complementary sequence-wise balance loss (DeepSeek-V3: 1e-4)
+    seq_aux_indicator: SeqAuxIndicator = SeqAuxIndicator.unbiased  # which top-k the sequence-wise loss counts
+    route_scale: float = positive(1.0)  # aux_free: gates multiplied after normalisation (DeepSeek-V3: 2.5)
+    n_groups: int = at_least(1, 1)  # aux_free: group-limited routing over n_groups expert groups
+    topk_groups: int = at_least(1, 1)  # ... of which each token may use this many
+    z_loss_coef: float = at_least(0, 0.0)  # router z-loss, any router
+    capacity_factor: float = positive(1.25)  # bslo: C = capacity_factor * tokens * top_k / n_routed
+    temperature: float = positive(1.0)  # bslo: softmax temperature tau
+
+
+@dataclass
+class ModelConfig:
+    name: str = "baseline"
+    vocab_size: Optional[int] = at_least(2, None)  # None: taken from the tokenizer
+    d_model: int = at_least(1, 256)
+    n_layers: int = at_least(1, 4)
+    n_heads: int = at_least(1, 4)
+    n_kv_heads: Optional[int] = at_least(1, None)  # None: equal to n_heads (multi-head attention)
+    attention: Attention = Attention.mha
+    qk_norm: bool = False  # stabiliser: RMSNorm on each head's q and k before RoPE (mha/gqa)
+    logit_z_loss: float = at_least(0, 0.0)  # stabiliser: + coef * mean(logsumexp(logits)^2) in fp32 (PaLM 1e-4)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    ffn: FFN = FFN.dense
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    ffn_hidden: Optional[int] = at_least(1, None)  # None: 8/3·d_model rounded up to ffn_multiple_of
+    ffn_multiple_of: int = at_least(1, 64)
+    rope_theta: float = positive(10000.0)
+    norm_eps: float = positive(1e-6)
+    tie_embeddings: bool = False
+    init_std: float = positive(0.02)
+    # scaled: output projections use init_std/sqrt(2·n_layers); plain: init_std everywhere;
+    # null: plain with LayerNorm Scaling (its paper found scaled init worse with it), scaled otherwise
+    residual_init: Optional[ResidualInit] = None
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    signal_scaling: SignalScaling = SignalScaling.none
+    bslo: BSLOConfig = field(default_factory=BSLOConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.attention == "mha" or self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        m = self.ffn_multiple_of
+        return ((8 * self.d_model // 3 + m - 1) // m) * m
+
+    @property
+    def out_proj_init(self) -> ResidualInit:
+        if self.residual_init is not None:
+            return ResidualInit(self.residual_init)
+        return ResidualInit.plain if self.norm.depth_scaling == DepthScaling.lns else ResidualInit.scaled
+
+
+@dataclass
+class TokenizerConfig:
+    # A sentencepiece .model file or a Hugging Face tokenizer directory (tokenizer.json). A missing .model is
+    # trained on first use from train_docs documents sampled from the training source(s); None: such a model
+    # cached per source under data/<data.name>/tokenizer/ (and, with data.format=pretokenized, the prepared
+    # directory's own tokenizer).
+    path: Optional[str] = None
+    vocab_size: int = at_least(8, 4096)
+    model_type: TokenizerModel = TokenizerModel.bpe
+    train_docs: int = at_least(1, 20000)  # documents sampled (shuffle buffer over the stream) to train a new one
+
+
+@dataclass
+class SourceConfig:
+    """One document source: a Hugging Face hub dataset streamed with `datasets`, or local files.
+
+    A single-source data config sets these fields on `data` itself; a mixture sets them per entry of `data.sources`.
+    """
+
+    hf_id: Optional[str] = None  # hub dataset id, e.g. allenai/c4; None: local files (train_files)
+    subset: Optional[str] = None  # hub config name, e.g. en
+    data_files: List[str] = field(default_factory=list)  # hub: json files inside the repo (no loading script)
+    split: str = "train"
+    val_split: Optional[str] = None  # hub split held out for validation; None: see val_files / val_docs
+    train_files: List[str] = field(default_factory=list)  # jsonl, parquet or plain-text files or globs
+    val_files: List[str] = field(default_factory=list)  # empty (and no val_split): hold out val_docs documents
+    val_docs: int = at_least(0, 200)  # held out from the start of the training stream when there is no val split
+    text_field: str = "text"
+    max_docs: Optional[int] = at_least(1, None)  # at most N training documents from each input shard
+    weight: float = positive(1.0)  # mixture weight (normalised over data.sources)
+
+
+@dataclass
+class PrepareConfig:
+    """`python -m stabletrain.data.prepare`: pre-tokenization into memory-mapped shards."""
+
+    workers: int = at_least(1, 2)  # worker processes
+    shard_docs: int = at_least(1, 4096)  # documents per output shard (the unit of resume)
+    dtype: TokenDtype = TokenDtype.auto  # auto: uint16 when the vocabulary fits, else uint32
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    name: str = "shakespeare"
+    format: DataFormat = DataFormat.text  # text: tokenize on first use (cached) | pretokenized: read data.path
+    path: Optional[str] = None  # format=text: a glob of local files (replaces train_files); pretokenized: the dir
+    # A weighted mixture: name -> SourceConfig fields (a plain dict so that `+data.sources.<name>={...}` works on the
+    # command line; unknown keys fail in source_configs()). Empty: the single source set on `data` itself.
+    sources: Dict[str, Any] = field(default_factory=dict)
+    seq_len: int = at_least(2, 256)
+    doc_mask: bool = False  # attention stays within documents (per-position document ids go to the model)
+    utf8_errors: UTF8Errors = UTF8Errors.replace  # replace: invalid bytes become U+FFFD | strict: error naming the file
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def source_configs(self) -> Dict[str, SourceConfig]:
+        """name -> source: the mixture's entries, or this config as its only source."""
+        if self.sources:
+            known, out = {f.name for f in fields(SourceConfig)}, {}
+            for name, entry in self.sources.items():
+                entry = dict(entry) if not isinstance(entry, SourceConfig) else entry.__dict__
+                unknown = sorted(set(entry) - known)
+                if unknown:
+                    raise ConfigError(f"data.sources.{name}: unknown key(s) {', '.join(unknown)} (known: "
+                                      f"{', '.join(sorted(known))})")
+                for key in ("train_files", "val_files", "data_files"):  # a single path is a list of one
+                    if isinstance(entry.get(key), str):
+                        entry[key] = [entry[key]]
+                out[name] = SourceConfig(**entry)
+            return out
+        own = SourceConfig(**{f.name: getattr(self, f.name) for f in fields(SourceConfig)})
+        if self.path and self.format == DataFormat.text:
+            own.train_files = [self.path]
+        return {self.name: own}
+
+
+@dataclass
+class EngineConfig:
+    name: str = "zero0"
+    zero_stage: int = between(0, 3, 0)
+    offload_optimizer: Offload = Offload.none
+    offload_param: Offload = Offload.none  # ZeRO-3 only
+    backend: Backend = Backend.auto  # auto: nccl with CUDA, gloo otherwise
+    expert_parallel: int = at_least(1, 1)  # ranks per expert-parallel group (experts sharded, all-to-all dispatch)
+    ds_config: Dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    dtype: DType = DType.fp32
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = positive(1e-3)
+    betas: List[float] = between(0, 1, [0.9, 0.95], hi_open=True, length=2)
+    eps: float = positive(1e-8)
+    weight_decay: float = at_least(0, 0.1)
+    grad_clip: float = at_least(0, 1.0)  # 0 disables clipping
+    grad_clip_warmup_steps: int = at_least(0, 0)  # stabiliser: the clip threshold ramps from
+    grad_clip_warmup_start: float = between(0, 1, 0.1, lo_open=True)  # start x grad_clip over those steps (0: off)
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: int = at_least(0, 20)
+    total_steps: Optional[int] = at_least(1, None)  # schedule horizon; None: trainer.max_steps
+    min_lr_ratio: float = between(0, 1, 0.1)  # final lr as a fraction of lr (cosine and wsd)
+    decay_fraction: float = between(0, 1, 0.2)  # wsd: fraction of total_steps spent decaying
+    step_milestones: List[float] = between(0, 1, [0.8, 0.9])  # step: fractions of total_steps
+    step_factors: List[float] = positive([0.316, 0.1])  # step: lr factor after each milestone
+
+
+@dataclass
+class LoggingConfig:
+    name: str = "wandb"
+    wandb: bool = True
+    mode: WandbMode = WandbMode.auto  # auto: online with an API key, offline without
+    project: str = "stabletrain"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    progress: bool = True  # console progress bar on rank 0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = at_least(1, 200)
+    stop_at: Optional[int] = at_least(1, None)  # stop (with a checkpoint) at this step, as an interruption would
+    micro_batch_size: int = at_least(1, 8)
+    grad_accum_steps: int = at_least(1, 1)
+    eval_interval: int = at_least(0, 50)  # 0: evaluate only at the end
+    eval_batches: int = at_least(1, 4)
+    ckpt_interval: int = at_least(0, 100)  # 0: only at the end
+    keep_checkpoints: int = at_least(0, 2)  # 0: keep all
+    skip_batches: List[List[int]] = at_least(0, [])  # [start, end) ranges of global batch indices to skip
+    log_interval: int = at_least(1, 1)
+    seed: int = between(0, 2**32 - 1, 1234)
+    resume: str = "none"  # none | auto | a checkpoint directory (step_*) or a directory of them
+    peak_tflops: Optional[float] = positive(None)  # for MFU; None: known GPU table, or a measured CPU matmul peak
+    device: Device = Device.auto
+    compile: bool = False  # torch.compile each transformer block (torchtitan-style); the first steps pay the compile
+    plan: bool = False  # print parameters, FLOPs and per-GPU memory for the configured run, then exit
+    plan_world_size: Optional[int] = at_least(1, None)  # plan for this many GPUs (None: WORLD_SIZE or 1)
+
+
+@dataclass
+class DetectorConfig:
+    """One rolling detector over a per-step scalar: fires when the value exceeds mean + sigma * std of the last
+    `window` values (and min_ratio times their mean), or max_ratio times their maximum."""
+
+    enabled: bool = True
+    window: int = at_least(2, 128)
+    sigma: float = at_least(0, 6.0)  # 0: z-score rule off
+    min_ratio: float = at_least(0, 1.0)  # the z-score rule also needs value >= min_ratio x window mean
+    max_ratio: float = at_least(0, 0.0)  # the "k x recent maximum" rule; 0: off
+    response: Optional[Response] = None  # null: monitor.response
+
+
+@dataclass
+class NonfiniteConfig:
+    response: NonfiniteResponse = NonfiniteResponse.skip_step
+
+
+@dataclass
+class InjectConfig:
+    """Testing aid: perturb one step on purpose to exercise detection and the responses."""
+
+    step: Optional[int] = at_least(1, None)  # the step to perturb (1-based, as logged); null: off
+    kind: InjectKind = InjectKind.loss  # loss: x scale | nan_loss | poison: a batch of one repeated token
+    scale: float = finite(50.0)
+
+
+@dataclass
+class MonitorConfig:
+    name: str = "default"
+    gain_interval: int = at_least(0, 25)  # signal-gain diagnostics every N steps (gain/* metrics); 0: off
+    response: Response = Response.skip_step  # default response to a spike
+    style: DetectorStyle = DetectorStyle.stabletrain  # the detection rule (docs/spikes.md compares both)
+    warmup_steps: int = at_least(0, 64)  # detectors fire only after this many accepted steps (OLMo-core: 64)
+    loss: DetectorConfig = field(default_factory=DetectorConfig)
+    grad_norm: DetectorConfig = field(default_factory=lambda: DetectorConfig(min_ratio=3.0, max_ratio=10.0))
+    nonfinite: NonfiniteConfig = field(default_factory=NonfiniteConfig)
+    rollback_skip_batches: int = at_least(0, 4)  # global batches skipped after a rollback, ending with the spike's
+    max_rollbacks: int = at_least(0, 3)  # more rollbacks than this within rollback_window steps: stop instead
+    rollback_window: int = at_least(1, 1000)
+    forensics: bool = True  # write <run_dir>/spikes/<step>/ on every spike and non-finite step
+    alert_interval_s: float = at_least(0, 300.0)  # at most one W&B alert of a kind per this many seconds
+    inject: InjectConfig = field(default_factory=InjectConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)

@@ -1,0 +1,154 @@
+"""Checks that run after composition and before anything heavy starts: every declared range (schema), the
+cross-field rules a type system cannot express, paths that must exist, and the machine (a CUDA device when
+asked for). Each failure is one ConfigError line naming the key; `validate` returns warnings to print."""
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+
+import torch
+
+from stabletrain.config.fields import ConfigError, check_ranges
+from stabletrain.config.schema import Config, DataConfig
+
+CHECKPOINT_TAG = re.compile(r"^step_(\d+)$")
+
+
+def validate(cfg: Config) -> list[str]:
+    """Raise ConfigError on the first problem; return warnings (one line each) for the caller to print."""
+    for group in ("model", "data", "engine", "precision", "optim", "logging", "trainer", "monitor"):
+        check_ranges(getattr(cfg, group), group)
+    _model(cfg)
+    _engine(cfg)
+    warnings = _training(cfg)
+    validate_data(cfg.data)
+    if cfg.data.doc_mask and cfg.model.attention == "mla":
+        raise ConfigError("data.doc_mask=true is not supported with model.attention=mla (use mha or gqa)")
+    if cfg.model.signal_scaling == "bslo" or (cfg.model.ffn == "moe" and cfg.model.moe.router == "bslo"):
+        warnings.append("BSLO is experimental: our reading of one news article, not a published method "
+                        "(docs/methods.md)")
+    return warnings
+
+
+def _model(cfg: Config) -> None:
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.attention != "mla" and (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model head dimension {m.d_model // m.n_heads} must be even for rotary embeddings")
+    if m.attention == "mla" and m.mla.qk_rope_head_dim % 2:
+        raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be even for rotary embeddings")
+    if m.attention == "gqa" and (m.n_kv_heads is None or m.n_heads % m.n_kv_heads):
+        raise ConfigError(f"model.attention=gqa needs model.n_kv_heads dividing model.n_heads={m.n_heads}, got {m.n_kv_heads}")
+    r = m.residual
+    if r.kind == "standard" and r.n != 1:
+        raise ConfigError(f"model.residual.streams={r.streams} needs model.residual.kind=hc or mhc")
+    if r.kernel == "fused" and r.kind != "mhc":
+        raise ConfigError(f"model.residual.kernel=fused exists for model.residual.kind=mhc only (got {r.kind})")
+    if m.qk_norm and m.attention == "mla":
+        raise ConfigError("model.qk_norm applies to model.attention=mha|gqa (MLA normalises its latents already)")
+    if m.bslo.clamp_min > m.bslo.clamp_max:
+        raise ConfigError(f"model.bslo.clamp_min={m.bslo.clamp_min} is above model.bslo.clamp_max={m.bslo.clamp_max}")
+    if m.ffn == "moe":
+        e = m.moe
+        if e.top_k > e.n_routed:
+            raise ConfigError(f"model.moe.top_k={e.top_k} is more than model.moe.n_routed={e.n_routed} experts")
+        if e.n_routed % e.n_groups:
+            raise ConfigError(f"model.moe.n_groups={e.n_groups} must divide model.moe.n_routed={e.n_routed}")
+        if e.topk_groups > e.n_groups:
+            raise ConfigError(f"model.moe.topk_groups={e.topk_groups} is more than model.moe.n_groups={e.n_groups}")
+        if e.n_groups > 1 and e.topk_groups * (e.n_routed // e.n_groups) < e.top_k:
+            raise ConfigError(f"model.moe.topk_groups={e.topk_groups} groups of {e.n_routed // e.n_groups} experts "
+                              f"cannot hold model.moe.top_k={e.top_k}")
+        if e.first_dense > m.n_layers:
+            raise ConfigError(f"model.moe.first_dense={e.first_dense} is more than model.n_layers={m.n_layers}")
+
+
+def _engine(cfg: Config) -> None:
+    e = cfg.engine
+    if e.offload_param != "none" and e.zero_stage != 3:
+        raise ConfigError("engine.offload_param needs engine.zero_stage=3")
+    if e.offload_optimizer != "none" and e.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
+    ep = e.expert_parallel
+    if ep > 1:
+        if cfg.model.ffn != "moe":
+            raise ConfigError(f"engine.expert_parallel={ep} needs MoE layers (model.ffn=moe)")
+        if cfg.model.moe.n_routed % ep:
+            raise ConfigError(f"model.moe.n_routed={cfg.model.moe.n_routed} is not divisible by "
+                              f"engine.expert_parallel={ep}")
+        if e.zero_stage != 0 or cfg.precision.dtype != "fp32":
+            # ZeRO-1/2 and DeepSpeed's bf16 optimizer reduce gradients inside DeepSpeed, which would average
+            # different experts together; only DeepSpeed's own MoE layer class gets expert groups there.
+            raise ConfigError(f"engine.expert_parallel={ep} runs with engine=zero0 and precision=fp32 for now "
+                              f"(got zero_stage={e.zero_stage}, dtype={cfg.precision.dtype})")
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"
+        raise ConfigError(f"trainer.device=cuda, but this machine has {build} (use trainer.device=cpu or auto)")
+
+
+def _training(cfg: Config) -> list[str]:
+    t, o, mon = cfg.trainer, cfg.optim, cfg.monitor
+    warnings = []
+    if t.stop_at is not None and t.stop_at > t.max_steps:
+        raise ConfigError(f"trainer.stop_at={t.stop_at} must lie in 1..trainer.max_steps={t.max_steps}")
+    if o.grad_clip_warmup_steps and not o.grad_clip:
+        raise ConfigError("optim.grad_clip_warmup_steps needs optim.grad_clip > 0")
+    if o.schedule == "step" and len(o.step_milestones) != len(o.step_factors):
+        raise ConfigError("optim.step_milestones and optim.step_factors must have the same length")
+    if o.total_steps is not None and o.total_steps < t.max_steps:
+        warnings.append(f"optim.total_steps={o.total_steps} is below trainer.max_steps={t.max_steps}: the LR "
+                        f"schedule ends at step {o.total_steps} and stays at its final value after it")
+    for r in t.skip_batches:
+        if len(r) != 2 or not 0 <= r[0] < r[1]:
+            raise ConfigError(f"trainer.skip_batches entry {list(r)} must be [start, end) with 0 <= start < end")
+    if mon.inject.step is not None and mon.inject.step > t.max_steps:
+        warnings.append(f"monitor.inject.step={mon.inject.step} is after trainer.max_steps={t.max_steps}: nothing "
+                        "will be injected")
+    check_resume_path(t.resume)
+    return warnings
+
+
+def check_resume_path(resume: str) -> None:
+    """trainer.resume names a checkpoint (step_* directory) or a directory holding some: it must exist."""
+    if resume in ("none", "auto"):
+        return
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"trainer.resume={resume}: no such directory (none | auto | a checkpoint directory)")
+    if not path.is_dir():
+        raise ConfigError(f"trainer.resume={resume} is a file; give a checkpoint directory (step_*) or a "
+                          "directory of them")
+    if not CHECKPOINT_TAG.match(path.name) and not any(CHECKPOINT_TAG.match(p.name) for p in path.iterdir()):
+        raise ConfigError(f"trainer.resume={resume} holds no checkpoint (no step_* directory)")
+
+
+def validate_data(d: DataConfig) -> None:
+    """Data checks that need no tokenizer or network: values, files and globs, the prepared directory."""
+    check_ranges(d, "data")
+    if d.format == "pretokenized":
+        if not d.path:
+            raise ConfigError("data.format=pretokenized needs data.path=<directory written by python -m stabletrain.data.prepare>")
+        if not (Path(d.path) / "manifest.json").is_file():
+            raise ConfigError(f"data.path={d.path} holds no manifest.json (write it with: python -m "
+                              f"stabletrain.data.prepare data={d.name} out={d.path})")
+    if d.tokenizer.path and not Path(d.tokenizer.path).exists():
+        parent = Path(d.tokenizer.path).parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"data.tokenizer.path={d.tokenizer.path}: {parent} is a file, so no tokenizer can be "
+                              "written below it")
+    for name, src in d.source_configs().items():
+        prefix = f"data.sources.{name}." if d.sources else "data."
+        check_ranges(src, prefix.rstrip("."))
+        if d.format == "pretokenized" or src.hf_id:
+            continue  # the manifest is checked at load; hub sources are only reachable at run time
+        if not src.train_files:
+            hint = " (data=local needs data.path=<glob of jsonl/parquet/txt files>)" if not d.sources else ""
+            raise ConfigError(f"{prefix}train_files is empty{hint}")
+        for key in ("train_files", "val_files"):
+            for pattern in getattr(src, key):
+                if not (glob.glob(pattern) if glob.has_magic(pattern) else Path(pattern).is_file()):
+                    raise ConfigError(f"{prefix}{key}: file not found: {pattern}")

@@ -1,0 +1,221 @@
+"""Malformed input, table-driven: each case is one line naming the key (or the file), before anything heavy.
+
+`cli_error` returns what train.py prints for a set of overrides: the compose-time error (Hydra's structured
+configs: unknown keys, wrong types, values outside a closed vocabulary) or validate()'s (ranges, cross-field
+rules, paths, the machine). A few cases also run through train.py itself to check the exit status and stderr.
+"""
+import json
+import math
+import subprocess
+import typing
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from stabletrain import StableTrainError
+from stabletrain.config import Config, ConfigError, check_overrides, register, to_object, validate
+from tests.helpers import PYTHON, REPO, env
+
+register()
+
+
+def composed(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return to_object(compose("config", overrides=list(overrides)))
+
+
+def cli_error(*overrides: str) -> str | None:
+    error = check_overrides(list(overrides), REPO / "conf")
+    if error:
+        return error
+    try:
+        validate(composed(*overrides))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+CASES = [
+    # --- compose time: keys, types, vocabularies
+    ("model.d_modle=512", "model.d_modle"),
+    ("model.d_model=wide", "model.d_model"),
+    ("model=no_such_preset", "no_such_preset"),
+    ("model.residual.kind=mch", "Invalid value 'mch', expected one of [standard, hc, mhc]"),
+    ("precision.dtype=fp16", "Invalid value 'fp16'"),
+    ("optim.schedule=linear", "Invalid value 'linear'"),
+    ("trainer.device=tpu", "Invalid value 'tpu'"),
+    ("model.residual.kernel=triton", "Invalid value 'triton'"),
+    ("monitor.response=panic", "Invalid value 'panic'"),
+    ("monitor.nonfinite.response=log", "Invalid value 'log'"),
+    ("data.format=arrow", "Invalid value 'arrow'"),
+    ("model.moe.router=topk", "Invalid value 'topk'"),
+    # --- ranges (the audit's tracebacks and silent acceptances first)
+    ("optim.lr=-0.001", "optim.lr=-0.001 must be > 0"),
+    ("optim.lr=nan", "optim.lr=nan must be > 0"),
+    ("optim.lr=inf", "optim.lr=inf must be > 0"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9] must have 2 entries"),
+    ("optim.betas=[0.9,1.5]", "optim.betas entry 1.5 (in [0.9, 1.5]) must be >= 0 and < 1"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0"),
+    ("trainer.ckpt_interval=-1", "trainer.ckpt_interval=-1 must be >= 0"),
+    ("model.d_model=0", "model.d_model=0 must be >= 1"),
+    ("model.n_layers=0", "model.n_layers=0 must be >= 1"),
+    ("optim.eps=0", "optim.eps=0.0 must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio=2.0 must be >= 0 and <= 1"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps=-5 must be >= 0"),
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size=0 must be >= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 must be >= 1"),
+    ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1 must be >= 0"),
+    ("trainer.seed=-1", "trainer.seed=-1 must be >= 0"),
+    ("data.seq_len=1", "data.seq_len=1 must be >= 2"),
+    ("data.tokenizer.vocab_size=0", "data.tokenizer.vocab_size=0 must be >= 8"),
+    ("monitor.loss.sigma=-1", "monitor.loss.sigma=-1.0 must be >= 0"),
+    ("monitor.inject.step=0", "monitor.inject.step=0 must be >= 1"),
+    ("model.residual.streams=0", "model.residual.streams=0 must be >= 1"),
+    ("model.residual.sinkhorn_iters=0", "model.residual.sinkhorn_iters=0 must be >= 1"),
+    ("engine.zero_stage=5", "engine.zero_stage=5 must be >= 0 and <= 3"),
+    ("model.bslo.momentum=1", "model.bslo.momentum=1.0 must be >= 0 and < 1"),
+    # --- cross-field rules
+    ("model.n_heads=3", "model.d_model=256 is not divisible by model.n_heads=3"),
+    ("model.attention=gqa", "model.attention=gqa needs model.n_kv_heads"),
+    ("model=moe model.moe.top_k=10", "model.moe.top_k=10 is more than model.moe.n_routed=8"),
+    ("model=moe model.moe.n_groups=3", "model.moe.n_groups=3 must divide model.moe.n_routed=8"),
+    ("model.residual.streams=4", "model.residual.streams=4 needs model.residual.kind=hc or mhc"),
+    ("engine.offload_param=cpu", "engine.offload_param needs engine.zero_stage=3"),
+    ("engine.offload_optimizer=cpu", "engine.offload_optimizer needs engine.zero_stage >= 1"),
+    ("model=moe engine.expert_parallel=3", "model.moe.n_routed=8 is not divisible by engine.expert_parallel=3"),
+    ("trainer.stop_at=1000", "trainer.stop_at=1000 must lie in 1..trainer.max_steps=200"),
+    ("trainer.skip_batches=[[5,2]]", "trainer.skip_batches entry [5, 2] must be [start, end)"),
+    ("optim.grad_clip=0 optim.grad_clip_warmup_steps=5", "optim.grad_clip_warmup_steps needs optim.grad_clip > 0"),
+    ("model.bslo.clamp_min=5 model.bslo.clamp_max=2", "model.bslo.clamp_min=5.0 is above model.bslo.clamp_max=2.0"),
+    # --- paths
+    ("data.train_files=[/nonexistent/corpus.jsonl]", "data.train_files: file not found: /nonexistent/corpus.jsonl"),
+    ("trainer.resume=/nonexistent/run/checkpoints", "trainer.resume=/nonexistent/run/checkpoints: no such directory"),
+    ("data.format=pretokenized", "data.format=pretokenized needs data.path="),
+    ("data.format=pretokenized data.path=/nonexistent/prepared", "data.path=/nonexistent/prepared holds no manifest.json"),
+    ("data=local", "data.train_files is empty (data=local needs data.path="),
+]
+if not torch.cuda.is_available():
+    CASES.append(("trainer.device=cuda", "trainer.device=cuda, but this machine has"))
+
+
+@pytest.mark.parametrize("overrides, needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_config_is_one_line_naming_the_key(overrides, needle):
+    error = cli_error(*overrides.split())
+    assert error is not None, f"{overrides} was accepted"
+    assert needle in error and "\n" not in error, error
+
+
+def test_the_table_holds_the_audits_cases_and_more():
+    assert len(CASES) + len(DATA_CASES) >= 37 + 10
+
+
+def test_resume_path_without_checkpoints_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "holds no checkpoint (no step_* directory)" in cli_error(f"trainer.resume={tmp_path / 'empty'}")
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in cli_error(f"trainer.resume={tmp_path / 'file'}")
+
+
+def test_total_steps_below_max_steps_warns_naming_both():
+    warnings = validate(composed("optim.total_steps=50", "trainer.max_steps=100"))
+    assert any("optim.total_steps=50 is below trainer.max_steps=100" in w for w in warnings)
+    assert validate(composed("trainer.max_steps=100")) == []
+
+
+def test_bslo_warns_at_start_up():
+    assert any("BSLO is experimental" in w for w in validate(composed("model.signal_scaling=bslo")))
+    assert any("BSLO is experimental" in w for w in validate(composed("model=bslo_moe")))
+
+
+def _numeric(tp) -> bool:
+    args = typing.get_args(tp)
+    return tp in (int, float) or any(_numeric(a) for a in args if a is not type(None))
+
+
+def _walk(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            yield from _walk(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, f
+
+
+def test_every_number_in_the_schema_declares_its_range():
+    """The class of error is gone, not just the examples: no int/float field without a range."""
+    missing = [key for key, tp, f in _walk(Config) if _numeric(tp) and "range" not in f.metadata]
+    assert missing == [], missing
+
+
+# --- data-level input: files the pipeline reads (one line naming the file, no traceback from a library)
+def _data_error(tmp_path: Path, *overrides: str) -> str:
+    from stabletrain.data.setup import build_data, compose_data
+
+    try:
+        build_data(compose_data([*overrides, f"data.tokenizer.path={tmp_path / 'tok' / 'sp.model'}",
+                                 "data.tokenizer.vocab_size=300"]), seed=0, is_main=True)
+    except StableTrainError as e:
+        return str(e)
+    raise AssertionError(f"{overrides} was accepted")
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+DATA_CASES = [
+    ("not_json", b"this is not json\n{\"text\": \"x\"}\n", "bad.jsonl", [], "cannot be read as json"),
+    ("strict_utf8_text", b"hello \xff\xfe world\n", "bad.txt", ["data.utf8_errors=strict", "data.val_docs=1"],
+     "not valid UTF-8"),
+    ("strict_utf8_jsonl", b'{"text": "ok"}\n', "bad.jsonl", ["data.utf8_errors=strict"], None),
+    ("missing_field", b'{"body": "text"}\n' * 20, "bad.jsonl", ["data.text_field=text"], "has no field 'text'"),
+    ("empty_file", b"", "empty.jsonl", [], "empty"),
+    ("wrong_field_type", b'{"text": 5}\n' * 20, "bad.jsonl", [], "not text"),
+]
+
+
+@pytest.mark.parametrize("name, content, filename, extra, needle", [c for c in DATA_CASES if c[4]],
+                         ids=[c[0] for c in DATA_CASES if c[4]])
+def test_bad_data_file_is_one_line_naming_the_file(tmp_path, name, content, filename, extra, needle):
+    bad = _write(tmp_path / filename, content)
+    val = _write(tmp_path / "val.jsonl", b'{"text": "held out text"}\n' * 5)
+    overrides = ["data=local", f"data.path={bad}", *extra]
+    if "data.val_docs=1" not in extra:
+        overrides.append(f"data.val_files=[{val}]")
+    error = _data_error(tmp_path, *overrides)
+    assert needle in error and str(bad) in error and "\n" not in error, error
+
+
+def test_tokenizer_path_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert "is a file, so no tokenizer can be written below it" in cli_error(
+        f"data.tokenizer.path={tmp_path / 'afile' / 'sp.model'}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, needle", [
+    (["optim.lr=nan"], "optim.lr=nan must be > 0"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9] must have 2 entries"),
+    (["trainer.resume=/nonexistent/ckpts"], "trainer.resume=/nonexistent/ckpts: no such directory"),
+])
+def test_train_py_prints_one_line_and_exits_2(tmp_path, overrides, needle):
+    proc = subprocess.run([PYTHON, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}", "logging=none"],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"stabletrain: error: {needle}" or needle in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_metrics_reader_and_plots_tolerate_nonfinite_and_torn_lines(tmp_path):
+    from stabletrain.analysis.report import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": "nan"}) + "\n" + '{"step": 2, "lo')
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 1 and math.isnan(rows[0]["loss"])
