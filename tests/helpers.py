@@ -51,3 +51,23 @@ def train_rows(run_dir: Path) -> list[dict]:
 
 def val_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r]
+
+
+def compose_config(*overrides: str):
+    """The composed (DictConfig) config tree with the given overrides, as train.py composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from stabletrain.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def train_inprocess(run_dir: Path, *overrides: str) -> list[dict]:
+    """Train in this process (no interpreter start-up, no DeepSpeed import per run); returns the training rows.
+    For end-to-end tests where a separate process is not what is tested."""
+    from stabletrain.training.trainer import run
+
+    run(compose_config(*TINY, "logging=none", *overrides), Path(run_dir))
+    return train_rows(Path(run_dir))
