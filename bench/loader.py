@@ -34,8 +34,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from stabletrain.data.dataset import RankLoader  # noqa: E402
 from stabletrain.data.prepare import prepare  # noqa: E402
-from stabletrain.data.setup import build_data, compose_data, ensure_tokenizer  # noqa: E402
+from stabletrain.cli import compose_config  # noqa: E402
+from stabletrain.data.setup import build_data, ensure_tokenizer  # noqa: E402
 from stabletrain.data.sources import iter_texts  # noqa: E402
+
+
+
+def compose_data(overrides: list[str]):
+    return compose_config(overrides).data
+
 
 TRAINING_TOKENS_PER_S = {"tiny (d=256, 4 layers)": 3995, "d=512, 8 layers": 778}  # docs/BENCHMARKS.md
 TRAIN = REPO / "data/shakespeare/train.jsonl"

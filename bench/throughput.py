@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from stabletrain.config import register, to_object, validate  # noqa: E402
+from stabletrain.cli import setup  # noqa: E402
+from stabletrain.config import to_object, validate  # noqa: E402
 from stabletrain.data.dataset import GlobalOrder, RankLoader  # noqa: E402
 from stabletrain.engine.deepspeed_engine import lr_multiplier, param_groups  # noqa: E402
 from stabletrain.models import build_model, param_count  # noqa: E402
@@ -42,7 +43,7 @@ DEFAULT_OVERRIDES = ["logging=none", "trainer.micro_batch_size=8", "data.seq_len
 
 def compose_config(overrides: list[str]):
     """Hydra compose with our defaults; a key the user overrides replaces the default for it."""
-    register()
+    setup()
     user_keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     merged = [o for o in DEFAULT_OVERRIDES if o.split("=", 1)[0] not in user_keys] + overrides
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -57,17 +57,55 @@ def compose_config(*overrides: str):
     """The composed (DictConfig) config tree with the given overrides, as train.py composes it."""
     from hydra import compose, initialize_config_dir
 
-    from stabletrain.config import register
+    from stabletrain.cli import setup
 
-    register()
+    setup()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+def composed(*overrides: str):
+    """The typed Config for these overrides."""
+    from stabletrain.config import to_object
+
+    return to_object(compose_config(*overrides))
 
 
 def train_inprocess(run_dir: Path, *overrides: str) -> list[dict]:
     """Train in this process (no interpreter start-up, no DeepSpeed import per run); returns the training rows.
     For end-to-end tests where a separate process is not what is tested."""
-    from stabletrain.training.trainer import run
+    from stabletrain.cli.train import run
 
     run(compose_config(*TINY, "logging=none", *overrides), Path(run_dir))
     return train_rows(Path(run_dir))
+
+
+def residual_config(kind: str = "standard", **fields):
+    """The registered config of residual stream `kind` (what model/residual=<kind> selects)."""
+    from stabletrain.models import RESIDUAL_STREAMS
+
+    return RESIDUAL_STREAMS[kind].config(**fields)
+
+
+def moe_config(router: str = "aux_free", **fields):
+    """An MoEConfig with router `router` (what model/ffn=moe model/ffn/router=<router> selects); each keyword goes
+    to whichever of the two configs has that field."""
+    import dataclasses
+
+    from stabletrain.models import ROUTERS
+    from stabletrain.models.moe import MoEConfig
+
+    router_cls = ROUTERS[router].config
+    own = {f.name for f in dataclasses.fields(router_cls)}
+    return MoEConfig(router=router_cls(**{k: v for k, v in fields.items() if k in own}),
+                     **{k: v for k, v in fields.items() if k not in own})
+
+
+def compose_data(overrides: list[str]):
+    """The validated `data` node for these overrides (what the data CLIs compose)."""
+    from stabletrain.cli import compose_config as compose_typed
+    from stabletrain.config import validate_data
+
+    data = compose_typed(list(overrides)).data
+    validate_data(data)
+    return data

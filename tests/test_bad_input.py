@@ -13,18 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from stabletrain import StableTrainError
-from stabletrain.config import Config, ConfigError, check_overrides, register, to_object, validate
-from tests.helpers import PYTHON, REPO, env
+from stabletrain.config import Config, ConfigError, check_overrides, register, validate
+from tests.helpers import composed, PYTHON, REPO, env
 
 register()
 
 
-def composed(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return to_object(compose("config", overrides=list(overrides)))
 
 
 def cli_error(*overrides: str) -> str | None:
@@ -43,15 +39,19 @@ CASES = [
     ("model.d_modle=512", "model.d_modle"),
     ("model.d_model=wide", "model.d_model"),
     ("model=no_such_preset", "no_such_preset"),
-    ("model.residual.kind=mch", "Invalid value 'mch', expected one of [standard, hc, mhc]"),
+    ("model/residual=mch", "Could not find 'model/residual/mch'"),
+    ("model.residual=mhc", "model.residual='mhc': choose it with model/residual=<name> (one of: hc, mhc, standard)"),
+    ("model.residual.kind=mhc", "model.residual.kind=mhc does not swap the component (standard is selected): use model/residual=mhc"),
+    ("model.residual.kernel=fused", "Could not override 'model.residual.kernel'"),
     ("precision.dtype=fp16", "Invalid value 'fp16'"),
     ("optim.schedule=linear", "Invalid value 'linear'"),
     ("trainer.device=tpu", "Invalid value 'tpu'"),
-    ("model.residual.kernel=triton", "Invalid value 'triton'"),
+    ("model=mhc model.residual.kernel=triton", "Invalid value 'triton'"),
     ("monitor.response=panic", "Invalid value 'panic'"),
     ("monitor.nonfinite.response=log", "Invalid value 'log'"),
     ("data.format=arrow", "Invalid value 'arrow'"),
-    ("model.moe.router=topk", "Invalid value 'topk'"),
+    ("model=moe model/ffn/router=topk", "Could not find 'model/ffn/router/topk'"),
+    ("model=moe model.ffn.router.aux_loss_coef=0.1", "Could not override 'model.ffn.router.aux_loss_coef'"),
     # --- ranges (the audit's tracebacks and silent acceptances first)
     ("optim.lr=-0.001", "optim.lr=-0.001 must be > 0"),
     ("optim.lr=nan", "optim.lr=nan must be > 0"),
@@ -75,18 +75,20 @@ CASES = [
     ("monitor.loss.sigma=-1", "monitor.loss.sigma=-1.0 must be >= 0"),
     ("monitor.inject.step=0", "monitor.inject.step=0 must be >= 1"),
     ("model.residual.streams=0", "model.residual.streams=0 must be >= 1"),
-    ("model.residual.sinkhorn_iters=0", "model.residual.sinkhorn_iters=0 must be >= 1"),
     ("engine.zero_stage=5", "engine.zero_stage=5 must be >= 0 and <= 3"),
     ("model.bslo.momentum=1", "model.bslo.momentum=1.0 must be >= 0 and < 1"),
     # --- cross-field rules
     ("model.n_heads=3", "model.d_model=256 is not divisible by model.n_heads=3"),
     ("model.attention=gqa", "model.attention=gqa needs model.n_kv_heads"),
-    ("model=moe model.moe.top_k=10", "model.moe.top_k=10 is more than model.moe.n_routed=8"),
-    ("model=moe model.moe.n_groups=3", "model.moe.n_groups=3 must divide model.moe.n_routed=8"),
-    ("model.residual.streams=4", "model.residual.streams=4 needs model.residual.kind=hc or mhc"),
+    ("model=moe model.ffn.top_k=10", "model.ffn.top_k=10 is more than model.ffn.n_routed=8"),
+    ("model=moe model.ffn.router.n_groups=3", "model.ffn.router.n_groups=3 must divide model.ffn.n_routed=8"),
+    ("model.residual.streams=4", "model.residual.streams=4 needs a multi-stream residual (model/residual=hc or mhc)"),
+    ("model=moe model.ffn.first_dense=9", "model.ffn.first_dense=9 is more than model.n_layers=4"),
+    ("model=mhc model.residual.sinkhorn_iters=0", "model.residual.sinkhorn_iters=0 must be >= 1"),
     ("engine.offload_param=cpu", "engine.offload_param needs engine.zero_stage=3"),
     ("engine.offload_optimizer=cpu", "engine.offload_optimizer needs engine.zero_stage >= 1"),
-    ("model=moe engine.expert_parallel=3", "model.moe.n_routed=8 is not divisible by engine.expert_parallel=3"),
+    ("model=moe engine.expert_parallel=3", "model.ffn.n_routed=8 is not divisible by engine.expert_parallel=3"),
+    ("engine.expert_parallel=2", "engine.expert_parallel=2 needs MoE layers (model/ffn=moe)"),
     ("trainer.stop_at=1000", "trainer.stop_at=1000 must lie in 1..trainer.max_steps=200"),
     ("trainer.skip_batches=[[5,2]]", "trainer.skip_batches entry [5, 2] must be [start, end)"),
     ("optim.grad_clip=0 optim.grad_clip_warmup_steps=5", "optim.grad_clip_warmup_steps needs optim.grad_clip > 0"),
@@ -147,14 +149,20 @@ def _walk(cls, prefix=""):
 
 
 def test_every_number_in_the_schema_declares_its_range():
-    """The class of error is gone, not just the examples: no int/float field without a range."""
-    missing = [key for key, tp, f in _walk(Config) if _numeric(tp) and "range" not in f.metadata]
+    """The class of error is gone, not just the examples: no int/float field without a range, in the schema and
+    in every registered component's config (residual streams, feed-forwards, routers)."""
+    from stabletrain.models import FEED_FORWARDS, RESIDUAL_STREAMS, ROUTERS
+
+    classes = [Config] + [e.config for reg in (RESIDUAL_STREAMS, FEED_FORWARDS, ROUTERS) for e in reg]
+    missing = [f"{cls.__name__}.{key}" for cls in classes for key, tp, f in _walk(cls)
+               if _numeric(tp) and "range" not in f.metadata]
     assert missing == [], missing
 
 
 # --- data-level input: files the pipeline reads (one line naming the file, no traceback from a library)
 def _data_error(tmp_path: Path, *overrides: str) -> str:
-    from stabletrain.data.setup import build_data, compose_data
+    from stabletrain.data.setup import build_data
+    from tests.helpers import compose_data
 
     try:
         build_data(compose_data([*overrides, f"data.tokenizer.path={tmp_path / 'tok' / 'sp.model'}",

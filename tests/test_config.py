@@ -2,19 +2,15 @@ import re
 import subprocess
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from stabletrain.config import Config, ConfigError, register, to_object, validate
+from stabletrain.config import ConfigError, register, validate
 from stabletrain.engine.deepspeed_engine import deepspeed_config, lr_multiplier
-from tests.helpers import PYTHON, REPO, env
+from tests.helpers import composed, PYTHON, REPO, env
 
 register()
 
 
-def composed(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return to_object(compose("config", overrides=list(overrides)))
 
 
 def test_default_composes_and_validates():
@@ -53,10 +49,7 @@ def test_fp32_zero0_clips_in_the_trainer_not_in_deepspeed():
     ("model.attention=gqa", "model.n_kv_heads"),
     ("engine.offload_param=cpu", "engine.offload_param needs engine.zero_stage=3"),
     ("trainer.stop_at=1000", "trainer.stop_at=1000"),
-    ("engine.expert_parallel=2", "engine.expert_parallel=2 needs MoE layers (model.ffn=moe)"),
-    ("model=moe engine.expert_parallel=3", "model.moe.n_routed=8 is not divisible by engine.expert_parallel=3"),
     ("model=moe engine=zero2 engine.expert_parallel=2", "engine.expert_parallel=2 runs with engine=zero0 and precision=fp32"),
-    ("model.residual.kernel=fused", "model.residual.kernel=fused exists for model.residual.kind=mhc only"),
     ("data.train_files=[/nonexistent/x.jsonl]", "file not found: /nonexistent/x.jsonl"),
 ])
 def test_validation_errors_name_the_key(override, message):
@@ -108,8 +101,8 @@ def test_plan_shards_routed_experts_over_the_expert_parallel_group():
     one = plan(composed("model=moe", "trainer.plan_world_size=4"))
     four = plan(composed("model=moe", "trainer.plan_world_size=4", "engine.expert_parallel=4"))
     cfg = composed("model=moe").model
-    routed_layers = cfg.n_layers - cfg.moe.first_dense
-    routed = routed_layers * cfg.moe.n_routed * 3 * cfg.d_model * cfg.moe.expert_hidden
+    routed_layers = cfg.n_layers - cfg.ffn.first_dense
+    routed = routed_layers * cfg.ffn.n_routed * 3 * cfg.d_model * cfg.ffn.expert_hidden
     held_bytes = (one["total_params"] - routed * 3 / 4) * 4
     assert four["memory_gib"]["weights"] * 1024**3 == pytest.approx(held_bytes)
     assert one["memory_gib"]["weights"] * 1024**3 == pytest.approx(one["total_params"] * 4)

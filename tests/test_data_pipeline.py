@@ -16,11 +16,11 @@ from stabletrain import StableTrainError
 from stabletrain.config import ConfigError, DataConfig
 from stabletrain.data.dataset import RankLoader, document_ids
 from stabletrain.data.prepare import KILL_AFTER_ENV, prepare
-from stabletrain.data.setup import build_data, compose_data, ensure_tokenizer
+from stabletrain.data.setup import build_data, ensure_tokenizer
 from stabletrain.data.shards import PreparedDir, pick_dtype
 from stabletrain.data.sources import open_source
 from stabletrain.data.tokenizer import HFTokenizer, load_tokenizer
-from tests.helpers import PYTHON, REPO, env, read_jsonl, train, train_rows
+from tests.helpers import PYTHON, REPO, compose_data, env, read_jsonl, train, train_rows
 
 TRAIN = REPO / "data/shakespeare/train.jsonl"
 SEQ = 64
@@ -194,7 +194,7 @@ def test_pretokenized_and_on_the_fly_give_identical_batches(prepared):
 def test_interrupted_prepare_resumes_to_identical_shards(prepared, tmp_path):
     """SIGKILL the whole prepare (main and workers) after 2 shards; the rerun skips them and ends identical."""
     out = tmp_path / "out"
-    cmd = [PYTHON, "-m", "stabletrain.data.prepare", "data.prepare.shard_docs=4", "data.prepare.workers=2", f"out={out}"]
+    cmd = [PYTHON, "-m", "stabletrain.cli.prepare", "data.prepare.shard_docs=4", "data.prepare.workers=2", f"out={out}"]
     killed = subprocess.run(cmd, cwd=REPO, env={**env(), KILL_AFTER_ENV: "2"}, capture_output=True, text=True,
                             timeout=180, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL

@@ -5,31 +5,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from stabletrain.analysis.spike_rules import fired_steps, score, synthetic_trace
-from stabletrain.config import Config, ModelConfig, MoEConfig, ResidualConfig, register, to_object
+from stabletrain.config import ModelConfig
 from stabletrain.models import Transformer
-from stabletrain.models.moe import Router
+from stabletrain.models.moe import AuxFreeRouter
 from stabletrain.monitoring.gains import GainMonitor
-from tests.helpers import REPO
-
-register()
+from tests.helpers import composed, moe_config, residual_config
 
 
-def composed(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return to_object(compose("config", overrides=list(overrides)))
 
 
 @pytest.mark.parametrize("kind", ["hc", "mhc"])
 def test_hc_and_mhc_default_to_the_papers_four_streams(kind):
-    cfg = composed(f"model.residual.kind={kind}").model  # on the baseline preset, which sets no stream count
+    cfg = composed(f"model/residual={kind}").model  # on the baseline preset, which sets no stream count
     cfg.vocab_size = 64
     model = Transformer(cfg)
-    assert cfg.residual.n == 4 and model.stream.streams == 4
-    assert composed(f"model.residual.kind={kind}", "model.residual.streams=2").model.residual.n == 2
-    assert composed().model.residual.n == 1
+    assert cfg.residual.streams == 4 and model.stream.streams == 4
+    assert composed(f"model/residual={kind}", "model.residual.streams=2").model.residual.streams == 2
+    assert composed().model.residual.streams == 1
 
 
 def test_all_gains_of_a_step_come_from_its_first_micro_batch():
@@ -37,7 +31,7 @@ def test_all_gains_of_a_step_come_from_its_first_micro_batch():
     per-block gains, not overwritten by the last one."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
-                                    residual=ResidualConfig(kind="hc", streams=4, gate_init=1.0)))
+                                    residual=residual_config("hc", streams=4, gate_init=1.0)))
     with torch.no_grad():  # dynamic coefficients that differ between inputs
         for c in model.connections():
             c.W.normal_(std=1.0)
@@ -65,7 +59,7 @@ def test_all_gains_of_a_step_come_from_its_first_micro_batch():
 def test_sequence_balance_loss_counts_the_unbiased_top_k():
     """DeepSeek-V3: f_i counts expert i in the top-k of the raw affinities; the balancing bias only selects."""
     torch.manual_seed(0)
-    router = Router(16, MoEConfig(n_routed=4, top_k=1, router="aux_free", seq_aux_coef=1.0)).train()
+    router = AuxFreeRouter(16, moe_config(n_routed=4, top_k=1, seq_aux_coef=1.0)).train()
     router.bias[3] = 10.0  # the bias alone sends every token to expert 3
     x = torch.randn(2, 5, 16)
     idx, _ = router(x)
@@ -77,8 +71,8 @@ def test_sequence_balance_loss_counts_the_unbiased_top_k():
     f = chosen.sum(-2) * 4 / (1 * 5)
     p = (scores / scores.sum(-1, keepdim=True)).mean(-2)
     assert router.aux_loss.item() == pytest.approx((f * p).sum(-1).mean().item(), rel=1e-6)
-    biased = Router(16, MoEConfig(n_routed=4, top_k=1, router="aux_free", seq_aux_coef=1.0,
-                                  seq_aux_indicator="biased")).train()
+    biased = AuxFreeRouter(16, moe_config(n_routed=4, top_k=1, seq_aux_coef=1.0,
+                                          seq_aux_indicator="biased")).train()
     biased.load_state_dict(router.state_dict())
     biased(x)
     assert biased.aux_loss.item() != pytest.approx(router.aux_loss.item())
@@ -88,9 +82,10 @@ def test_sequence_balance_loss_counts_the_unbiased_top_k():
 @pytest.mark.parametrize("variant", ["baseline", "hc", "mhc"])
 def test_mhc_paper_presets_take_deepseek_v3_values_where_the_paper_is_silent(size, variant):
     m = composed(f"model={variant}_{size}").model
-    e = m.moe
-    assert (e.seq_aux_coef, e.route_scale, e.n_groups, e.topk_groups, e.first_dense) == (1e-4, 2.5, 8, 4, 3)
-    assert (e.bias_update_rate, e.top_k, e.n_shared, e.seq_aux_indicator) == (1e-3, 6, 2, "unbiased")
+    e, r = m.ffn, m.ffn.router
+    assert (r.kind, r.seq_aux_coef, r.route_scale, r.n_groups, r.topk_groups, e.first_dense) == (
+        "aux_free", 1e-4, 2.5, 8, 4, 3)
+    assert (r.bias_update_rate, e.top_k, e.n_shared, r.seq_aux_indicator) == (1e-3, 6, 2, "unbiased")
     assert m.init_std == 0.006 and m.vocab_size == 129280
 
 

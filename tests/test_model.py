@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from stabletrain.config import ModelConfig
+from stabletrain.config import FFNConfig, ModelConfig
 from stabletrain.models import Transformer, flops_per_token, param_count
 from stabletrain.models.layers import RMSNorm, apply_rope, rope_tables
 
@@ -14,7 +14,7 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-CONFIGS = [tiny(), tiny(attention="gqa", n_kv_heads=2), tiny(tie_embeddings=True), tiny(ffn_hidden=48, n_layers=3),
+CONFIGS = [tiny(), tiny(attention="gqa", n_kv_heads=2), tiny(tie_embeddings=True), tiny(ffn=FFNConfig(hidden=48), n_layers=3),
            tiny(attention="gqa", n_kv_heads=1, d_model=64, n_heads=8), tiny(qk_norm=True)]
 
 

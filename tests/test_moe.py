@@ -7,21 +7,24 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stabletrain.config import ModelConfig, MoEConfig
+from stabletrain.config import ModelConfig
 from stabletrain.models import Transformer, param_count
-from stabletrain.models.moe import MoE, Router
-from stabletrain.training.callbacks import global_loads, maxvio, update_router_biases
+from stabletrain.models import ROUTERS
+from stabletrain.models.moe import MoE, Router, maxvio
+from stabletrain.training.callbacks import global_loads, update_router_biases
+from tests.helpers import moe_config
 
 C = 16
 
 
-def router(**kw) -> Router:
+def router(router: str = "aux_free", **kw) -> Router:
     torch.manual_seed(0)
-    return Router(C, MoEConfig(**{"n_routed": 8, "top_k": 2, **kw}))
+    cfg = moe_config(router, **{"n_routed": 8, "top_k": 2, **kw})
+    return ROUTERS[router].obj(C, cfg)
 
 
 def test_bias_gets_no_gradient_and_is_checkpointed():
-    moe = MoE(C, MoEConfig(n_routed=8, top_k=2, expert_hidden=8))
+    moe = MoE(C, moe_config(n_routed=8, top_k=2, expert_hidden=8))
     moe(torch.randn(2, 5, C)).sum().backward()
     assert not moe.router.bias.requires_grad and moe.router.bias.grad is None
     assert "router.bias" in moe.state_dict() and "router.load" not in moe.state_dict()
@@ -29,7 +32,7 @@ def test_bias_gets_no_gradient_and_is_checkpointed():
 
 
 def test_output_independent_of_bias_when_selection_is_fixed():
-    moe = MoE(C, MoEConfig(n_routed=8, top_k=2, expert_hidden=8, route_scale=2.5)).eval()
+    moe = MoE(C, moe_config(n_routed=8, top_k=2, expert_hidden=8, route_scale=2.5)).eval()
     x = torch.randn(2, 7, C)
     base_idx, _ = moe.router(x)
     out = moe(x)
@@ -57,9 +60,10 @@ def test_overloaded_expert_bias_drops_by_exactly_u_and_u_zero_changes_nothing():
     frozen = router(bias_update_rate=0.0)
     update_router_biases([frozen], load)
     assert torch.equal(frozen.bias, torch.zeros(8))
-    other = router(router="softmax_aux")
+    other = router(router="softmax_aux")  # no balancing state: the update changes nothing
+    before = {k: v.clone() for k, v in other.state_dict().items()}
     update_router_biases([other], load)
-    assert torch.equal(other.bias, torch.zeros(8))
+    assert "bias" not in before and all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
 
 
 def _two_rank_update(rank: int, init_file: str, results: str) -> None:
@@ -136,8 +140,8 @@ def test_group_limited_routing_uses_at_most_topk_groups():
 
 
 def test_moe_param_counts_total_and_active():
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, ffn="moe",
-                      moe=MoEConfig(n_routed=6, n_shared=2, top_k=2, expert_hidden=16, first_dense=1))
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, 
+                      ffn=moe_config(n_routed=6, n_shared=2, top_k=2, expert_hidden=16, first_dense=1))
     model = Transformer(cfg)
     assert param_count(cfg) == sum(p.numel() for p in model.parameters())
     per_expert = 3 * 32 * 16
@@ -147,8 +151,8 @@ def test_moe_param_counts_total_and_active():
 
 def test_loads_are_counted_and_the_moe_trains():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn="moe",
-                      moe=MoEConfig(n_routed=4, top_k=2, expert_hidden=16, first_dense=0, router="aux_free"))
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, 
+                      ffn=moe_config(n_routed=4, top_k=2, expert_hidden=16, first_dense=0))
     model = Transformer(cfg)
     idx = torch.randint(0, 50, (4, 12))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -166,9 +170,9 @@ def test_loads_are_counted_and_the_moe_trains():
 def test_mla_moe_model_counts_and_is_causal():
     from stabletrain.config import MLAConfig
 
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, attention="mla", ffn="moe",
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, attention="mla",
                       mla=MLAConfig(q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6),
-                      moe=MoEConfig(n_routed=4, top_k=2, expert_hidden=16, first_dense=1))
+                      ffn=moe_config(n_routed=4, top_k=2, expert_hidden=16, first_dense=1))
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     assert param_count(cfg) == sum(p.numel() for p in model.parameters())

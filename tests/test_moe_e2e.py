@@ -9,13 +9,13 @@ from tests.helpers import PYTHON, REPO, env, train, train_rows, val_rows
 
 pytestmark = pytest.mark.slow
 
-MOE = ["model=moe", "model.moe.expert_hidden=32", "model.moe.n_routed=8", "model.moe.top_k=2"]
+MOE = ["model=moe", "model.ffn.expert_hidden=32", "model.ffn.n_routed=8", "model.ffn.top_k=2"]
 
 
 @pytest.mark.parametrize("router", ["none", "softmax_aux", "aux_free", "bslo"])
 def test_each_router_trains_single_process(tmp_path, router):
     run = tmp_path / router
-    train(run, *MOE, f"model.moe.router={router}", "trainer.max_steps=30", "trainer.eval_interval=15", "logging=none")
+    train(run, *MOE, f"model/ffn/router={router}", "trainer.max_steps=30", "trainer.eval_interval=15", "logging=none")
     vals = val_rows(run)
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.5
     assert all("moe/maxvio_global" in v for v in vals)
@@ -26,7 +26,7 @@ def test_each_router_trains_single_process(tmp_path, router):
 @pytest.mark.parametrize("router", ["none", "softmax_aux", "aux_free", "bslo"])
 def test_router_trains_on_two_ranks(tmp_path, router):
     run = tmp_path / router
-    train(run, *MOE, f"model.moe.router={router}", "engine=zero2", "trainer.micro_batch_size=4",
+    train(run, *MOE, f"model/ffn/router={router}", "engine=zero2", "trainer.micro_batch_size=4",
           "trainer.max_steps=12", "trainer.eval_interval=6", "logging=none", nproc=2)
     vals = val_rows(run)
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.2
@@ -35,10 +35,9 @@ def test_router_trains_on_two_ranks(tmp_path, router):
 
 
 def test_aux_free_balances_better_than_no_balancing(tmp_path):
-    common = (*MOE, "trainer.max_steps=80", "trainer.eval_interval=80", "logging=none",
-              "model.moe.bias_update_rate=1e-2", "optim.lr=3e-3")
-    train(tmp_path / "none", *common, "model.moe.router=none")
-    train(tmp_path / "aux_free", *common, "model.moe.router=aux_free")
+    common = (*MOE, "trainer.max_steps=80", "trainer.eval_interval=80", "logging=none", "optim.lr=3e-3")
+    train(tmp_path / "none", *common, "model/ffn/router=none")
+    train(tmp_path / "aux_free", *common, "model/ffn/router=aux_free", "model.ffn.router.bias_update_rate=1e-2")
 
     def late_maxvio(run):
         rows = train_rows(run)[-20:]
@@ -60,7 +59,7 @@ def test_aux_free_bias_is_checkpointed_and_resumes(tmp_path):
 @pytest.mark.parametrize("nproc, micro", [(2, 4), (4, 2)])
 def test_expert_parallel_reproduces_the_single_process_run(tmp_path, nproc, micro):
     """Experts sharded over 2 ranks with all-to-all dispatch (on 4 ranks: 2 EP groups, expert-DP pairs)."""
-    common = (*MOE, "model.moe.router=aux_free", "trainer.max_steps=6", "trainer.eval_interval=3", "logging=none")
+    common = (*MOE, "model/ffn/router=aux_free", "trainer.max_steps=6", "trainer.eval_interval=3", "logging=none")
     train(tmp_path / "single", *common)
     ep = (*common, "engine.expert_parallel=2", f"trainer.micro_batch_size={micro}", "trainer.ckpt_interval=3")
     train(tmp_path / "ep", *ep, nproc=nproc)

@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
-from stabletrain.config import BSLOConfig, ModelConfig, NormConfig, ResidualConfig
+from stabletrain.config import BSLOConfig, ModelConfig, NormConfig
 from stabletrain.models import Transformer, param_count
 from stabletrain.models.residual.base import PropagationScalar
 from stabletrain.models.residual.manifold import ManifoldConnection
 from stabletrain.monitoring.gains import GainProbe, amax_gains
+from tests.helpers import residual_config
 
 V = 101
 
@@ -17,7 +18,7 @@ def cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=V, d_model=32, n_layers=3, n_heads=4, norm_eps=1e-12)
     residual = kw.pop("residual", {})
     base.update(kw)
-    return ModelConfig(residual=ResidualConfig(**residual), **base)
+    return ModelConfig(residual=residual_config(**residual), **base)
 
 
 def pair(variant: ModelConfig, seed: int = 0) -> tuple[Transformer, Transformer]:
@@ -96,7 +97,7 @@ def test_hc_composite_gain_is_exactly_one_at_init():
 
 def mhc_conn(n=4, C=16, **kw) -> ManifoldConnection:
     torch.manual_seed(0)
-    return ManifoldConnection(C, n, sublayer_index=1, cfg=ResidualConfig(kind="mhc", streams=n, **kw),
+    return ManifoldConnection(C, n, sublayer_index=1, cfg=residual_config(kind="mhc", streams=n, **kw),
                               depth_scale=None, signal=None)
 
 

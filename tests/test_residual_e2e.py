@@ -10,7 +10,7 @@ VARIANTS = {
     "mhc": ["model=mhc"],
     "lns": ["model=lns"],
     "bslo": ["model.signal_scaling=bslo", "model.bslo.warmup_steps=5"],
-    "mhc_head_lns": ["model=mhc", "model.residual.collapse=head", "model.norm.depth_scaling=lns"],
+    "mhc_head_lns": ["model=mhc", "model.residual.collapse=head", "model/norm=lns"],
 }
 
 

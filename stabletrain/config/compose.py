@@ -7,7 +7,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from stabletrain import REPO_ROOT
-from stabletrain.config.schema import Config
+from stabletrain.config.schema import Config, DepthScaling, NormConfig
 
 
 def _repo_path(rel: str) -> str:
@@ -15,10 +15,15 @@ def _repo_path(rel: str) -> str:
 
 
 def register() -> None:
-    """Register the schema and the `${repo:...}` resolver (absolute paths inside the repository)."""
+    """Register the schema, the options of model/norm and the `${repo:...}` resolver (absolute paths inside the
+    repository). The other component groups (model/residual, model/ffn, ...) are filled by the components'
+    registries when their packages are imported (stabletrain.models)."""
     if not OmegaConf.has_resolver("repo"):
         OmegaConf.register_new_resolver("repo", _repo_path)
-    ConfigStore.instance().store(name="schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for scaling in DepthScaling:
+        store.store(group="model/norm", name=scaling.value, node=NormConfig(depth_scaling=scaling))
 
 
 def to_object(cfg: DictConfig) -> Config:

@@ -12,32 +12,6 @@ from typing import Any, Dict, List, Optional
 from stabletrain.config.fields import Choice, ConfigError, at_least, between, finite, positive
 
 
-class ResidualKind(Choice):
-    standard = "standard"
-    hc = "hc"
-    mhc = "mhc"
-
-
-class MHCInit(Choice):
-    hc = "hc"  # b_res = tau*I, soft one-hot b_pre
-    megatron = "megatron"  # all biases 0
-
-
-class PhiInit(Choice):
-    normal = "normal"
-    xavier = "xavier"
-
-
-class Collapse(Choice):
-    sum = "sum"
-    head = "head"
-
-
-class Kernel(Choice):
-    eager = "eager"
-    fused = "fused"
-
-
 class DepthScaling(Choice):
     none = "none"
     lns = "lns"
@@ -52,23 +26,6 @@ class Attention(Choice):
     mha = "mha"
     gqa = "gqa"
     mla = "mla"
-
-
-class FFN(Choice):
-    dense = "dense"
-    moe = "moe"
-
-
-class Router(Choice):
-    none = "none"
-    softmax_aux = "softmax_aux"
-    aux_free = "aux_free"
-    bslo = "bslo"
-
-
-class SeqAuxIndicator(Choice):
-    unbiased = "unbiased"  # DeepSeek-V3's definition: the top-k of the raw affinities
-    biased = "biased"  # the selection actually made (affinities + balancing bias)
 
 
 class ResidualInit(Choice):
@@ -158,30 +115,18 @@ class DetectorStyle(Choice):
 
 @dataclass
 class ResidualConfig:
-    """The residual-stream policy (docs/methods.md): standard, Hyper-Connections (hc) or manifold-constrained (mhc)."""
+    """What every residual stream has; a stream's own options come with its registered config, a subclass of this
+    one (stabletrain/models/residual/, selected with model/residual=<name>). This class is the standard residual."""
 
-    kind: ResidualKind = ResidualKind.standard
-    streams: Optional[int] = at_least(1, None)  # expansion rate n; null: 1 for standard, the papers' 4 for hc/mhc
-    dynamic: bool = True  # hc: input-dependent coefficients on top of the static ones
-    tanh: bool = True  # hc: tanh on the dynamic coefficients
-    gate_init: float = at_least(0, 0.01)  # hc: s_alpha = s_beta init; mhc: alpha_pre/post/res init
+    kind: str = "standard"  # the registered name: set by model/residual=<name>, not by hand
+    streams: int = at_least(1, 1)  # expansion rate n (1 for the standard residual)
     out_init_mult: float = positive(1.0)  # multiplies the init std of attention/MLP output projections
-    sinkhorn_iters: int = at_least(1, 20)  # mhc
-    init: MHCInit = MHCInit.hc  # mhc bias init
-    phi_init: PhiInit = PhiInit.normal  # mhc: normal (std phi_std) | xavier
-    phi_std: float = at_least(0, 0.02)
-    res_logit: float = finite(4.0)  # mhc init=hc: tau on the diagonal of b_res
-    pre_logit: float = finite(4.0)  # mhc init=hc: +/- this on b_pre (soft one-hot on stream k mod n)
-    norm_eps: float = positive(1e-20)  # mhc: eps of the RMS over the flattened n*C vector (paper: 1e-20)
-    collapse: Collapse = Collapse.sum  # mhc output collapse: sum | head (learned pre-only head)
-    kernel: Kernel = Kernel.eager  # mhc: eager (PyTorch reference) | fused (torch.compile'd read/write)
 
-    @property
-    def n(self) -> int:
-        """The stream count: `streams`, or the kind's default (HC and mHC papers: n = 4)."""
-        if self.streams is not None:
-            return self.streams
-        return 1 if self.kind == ResidualKind.standard else 4
+    def check(self, model: "ModelConfig") -> None:
+        """Cross-field rules of this stream (ConfigError naming the key); subclasses extend."""
+        if self.kind == "standard" and self.streams != 1:
+            raise ConfigError(f"model.residual.streams={self.streams} needs a multi-stream residual "
+                              "(model/residual=hc or mhc)")
 
 
 @dataclass
@@ -212,29 +157,30 @@ class MLAConfig:
 
 
 @dataclass
-class MoEConfig:
-    """Fine-grained routed experts plus shared experts (DeepSeekMoE)."""
+class FFNConfig:
+    """The feed-forward of every block: a dense SwiGLU MLP. Mixture-of-experts (model/ffn=moe) extends this
+    config; its leading dense blocks use these fields."""
 
-    n_routed: int = at_least(1, 8)
-    n_shared: int = at_least(0, 1)
-    top_k: int = at_least(1, 2)
-    expert_hidden: int = at_least(1, 128)  # SwiGLU width of one routed (and one shared) expert
-    first_dense: int = at_least(0, 1)  # the first k blocks keep a dense MLP
-    router: Router = Router.aux_free
-    aux_loss_coef: float = at_least(0, 0.01)  # softmax_aux: Switch/GShard load-balancing loss
-    bias_update_rate: float = at_least(0, 1e-3)  # aux_free: u in b_i += u * sign(mean load - load_i)
-    seq_aux_coef: float = at_least(0, 0.0)  # aux_free: complementary sequence-wise balance loss (DeepSeek-V3: 1e-4)
-    seq_aux_indicator: SeqAuxIndicator = SeqAuxIndicator.unbiased  # which top-k the sequence-wise loss counts
-    route_scale: float = positive(1.0)  # aux_free: gates multiplied after normalisation (DeepSeek-V3: 2.5)
-    n_groups: int = at_least(1, 1)  # aux_free: group-limited routing over n_groups expert groups
-    topk_groups: int = at_least(1, 1)  # ... of which each token may use this many
-    z_loss_coef: float = at_least(0, 0.0)  # router z-loss, any router
-    capacity_factor: float = positive(1.25)  # bslo: C = capacity_factor * tokens * top_k / n_routed
-    temperature: float = positive(1.0)  # bslo: softmax temperature tau
+    kind: str = "dense"  # the registered name: set by model/ffn=<name>
+    hidden: Optional[int] = at_least(1, None)  # SwiGLU width; None: 8/3·d_model rounded up to multiple_of
+    multiple_of: int = at_least(1, 64)
+
+    def dense_width(self, d_model: int) -> int:
+        if self.hidden:
+            return self.hidden
+        m = self.multiple_of
+        return ((8 * d_model // 3 + m - 1) // m) * m
+
+    def check(self, model: "ModelConfig") -> None:
+        """Cross-field rules of this feed-forward (ConfigError naming the key); subclasses extend."""
 
 
 @dataclass
 class ModelConfig:
+    """A model preset (model=<name>: the sizes) composes the concerns below, each its own config group:
+    model/residual (the residual stream), model/norm (depth scaling of the pre-norms), model/ffn (dense or
+    mixture-of-experts, with model/ffn/router)."""
+
     name: str = "baseline"
     vocab_size: Optional[int] = at_least(2, None)  # None: taken from the tokenizer
     d_model: int = at_least(1, 256)
@@ -245,10 +191,6 @@ class ModelConfig:
     qk_norm: bool = False  # stabiliser: RMSNorm on each head's q and k before RoPE (mha/gqa)
     logit_z_loss: float = at_least(0, 0.0)  # stabiliser: + coef * mean(logsumexp(logits)^2) in fp32 (PaLM 1e-4)
     mla: MLAConfig = field(default_factory=MLAConfig)
-    ffn: FFN = FFN.dense
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    ffn_hidden: Optional[int] = at_least(1, None)  # None: 8/3·d_model rounded up to ffn_multiple_of
-    ffn_multiple_of: int = at_least(1, 64)
     rope_theta: float = positive(10000.0)
     norm_eps: float = positive(1e-6)
     tie_embeddings: bool = False
@@ -256,9 +198,10 @@ class ModelConfig:
     # scaled: output projections use init_std/sqrt(2·n_layers); plain: init_std everywhere;
     # null: plain with LayerNorm Scaling (its paper found scaled init worse with it), scaled otherwise
     residual_init: Optional[ResidualInit] = None
-    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    residual: Any = field(default_factory=ResidualConfig)
     norm: NormConfig = field(default_factory=NormConfig)
-    signal_scaling: SignalScaling = SignalScaling.none
+    ffn: Any = field(default_factory=FFNConfig)
+    signal_scaling: SignalScaling = SignalScaling.none  # bslo: the experimental propagation scalar
     bslo: BSLOConfig = field(default_factory=BSLOConfig)
 
     @property
@@ -267,10 +210,8 @@ class ModelConfig:
 
     @property
     def ffn_dim(self) -> int:
-        if self.ffn_hidden:
-            return self.ffn_hidden
-        m = self.ffn_multiple_of
-        return ((8 * self.d_model // 3 + m - 1) // m) * m
+        """Width of the dense MLP blocks."""
+        return self.ffn.dense_width(self.d_model)
 
     @property
     def out_proj_init(self) -> ResidualInit:
@@ -313,7 +254,7 @@ class SourceConfig:
 
 @dataclass
 class PrepareConfig:
-    """`python -m stabletrain.data.prepare`: pre-tokenization into memory-mapped shards."""
+    """`python -m stabletrain.cli.prepare`: pre-tokenization into memory-mapped shards."""
 
     workers: int = at_least(1, 2)  # worker processes
     shard_docs: int = at_least(1, 4096)  # documents per output shard (the unit of resume)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import glob
 import re
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import torch
+from hydra.core.config_store import ConfigStore
 
 from stabletrain.config.fields import ConfigError, check_ranges
-from stabletrain.config.schema import Config, DataConfig
+from stabletrain.config.schema import Config, DataConfig, FFNConfig, ResidualConfig
 
 CHECKPOINT_TAG = re.compile(r"^step_(\d+)$")
 
@@ -25,14 +27,33 @@ def validate(cfg: Config) -> list[str]:
     validate_data(cfg.data)
     if cfg.data.doc_mask and cfg.model.attention == "mla":
         raise ConfigError("data.doc_mask=true is not supported with model.attention=mla (use mha or gqa)")
-    if cfg.model.signal_scaling == "bslo" or (cfg.model.ffn == "moe" and cfg.model.moe.router == "bslo"):
+    if cfg.model.signal_scaling == "bslo" or getattr(getattr(cfg.model.ffn, "router", None), "kind", "") == "bslo":
         warnings.append("BSLO is experimental: our reading of one news article, not a published method "
                         "(docs/methods.md)")
     return warnings
 
 
+def _component(node, key: str, base: type) -> None:
+    """A component group's node must be one of the registered options (model/residual=<name>), not a string, and
+    its `kind` names that option (setting `kind` by hand does not swap the component)."""
+    group = key.replace(".", "/")
+    if not isinstance(node, base):
+        options = ", ".join(sorted(o.removesuffix(".yaml") for o in ConfigStore.instance().list(group)))
+        raise ConfigError(f"{key}={node!r}: choose it with {group}=<name> (one of: {options})")
+    selected = next(f.default for f in fields(type(node)) if f.name == "kind")
+    if node.kind != selected:
+        raise ConfigError(f"{key}.kind={node.kind} does not swap the component ({selected} is selected): "
+                          f"use {group}={node.kind}")
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if f.name != "kind" and hasattr(value, "kind") and is_dataclass(value):
+            _component(value, f"{key}.{f.name}", type(value).__mro__[-2])
+
+
 def _model(cfg: Config) -> None:
     m = cfg.model
+    _component(m.residual, "model.residual", ResidualConfig)
+    _component(m.ffn, "model.ffn", FFNConfig)
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if m.attention != "mla" and (m.d_model // m.n_heads) % 2:
@@ -41,28 +62,12 @@ def _model(cfg: Config) -> None:
         raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be even for rotary embeddings")
     if m.attention == "gqa" and (m.n_kv_heads is None or m.n_heads % m.n_kv_heads):
         raise ConfigError(f"model.attention=gqa needs model.n_kv_heads dividing model.n_heads={m.n_heads}, got {m.n_kv_heads}")
-    r = m.residual
-    if r.kind == "standard" and r.n != 1:
-        raise ConfigError(f"model.residual.streams={r.streams} needs model.residual.kind=hc or mhc")
-    if r.kernel == "fused" and r.kind != "mhc":
-        raise ConfigError(f"model.residual.kernel=fused exists for model.residual.kind=mhc only (got {r.kind})")
     if m.qk_norm and m.attention == "mla":
         raise ConfigError("model.qk_norm applies to model.attention=mha|gqa (MLA normalises its latents already)")
     if m.bslo.clamp_min > m.bslo.clamp_max:
         raise ConfigError(f"model.bslo.clamp_min={m.bslo.clamp_min} is above model.bslo.clamp_max={m.bslo.clamp_max}")
-    if m.ffn == "moe":
-        e = m.moe
-        if e.top_k > e.n_routed:
-            raise ConfigError(f"model.moe.top_k={e.top_k} is more than model.moe.n_routed={e.n_routed} experts")
-        if e.n_routed % e.n_groups:
-            raise ConfigError(f"model.moe.n_groups={e.n_groups} must divide model.moe.n_routed={e.n_routed}")
-        if e.topk_groups > e.n_groups:
-            raise ConfigError(f"model.moe.topk_groups={e.topk_groups} is more than model.moe.n_groups={e.n_groups}")
-        if e.n_groups > 1 and e.topk_groups * (e.n_routed // e.n_groups) < e.top_k:
-            raise ConfigError(f"model.moe.topk_groups={e.topk_groups} groups of {e.n_routed // e.n_groups} experts "
-                              f"cannot hold model.moe.top_k={e.top_k}")
-        if e.first_dense > m.n_layers:
-            raise ConfigError(f"model.moe.first_dense={e.first_dense} is more than model.n_layers={m.n_layers}")
+    m.residual.check(m)
+    m.ffn.check(m)
 
 
 def _engine(cfg: Config) -> None:
@@ -73,10 +78,10 @@ def _engine(cfg: Config) -> None:
         raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
     ep = e.expert_parallel
     if ep > 1:
-        if cfg.model.ffn != "moe":
-            raise ConfigError(f"engine.expert_parallel={ep} needs MoE layers (model.ffn=moe)")
-        if cfg.model.moe.n_routed % ep:
-            raise ConfigError(f"model.moe.n_routed={cfg.model.moe.n_routed} is not divisible by "
+        if cfg.model.ffn.kind != "moe":
+            raise ConfigError(f"engine.expert_parallel={ep} needs MoE layers (model/ffn=moe)")
+        if cfg.model.ffn.n_routed % ep:
+            raise ConfigError(f"model.ffn.n_routed={cfg.model.ffn.n_routed} is not divisible by "
                               f"engine.expert_parallel={ep}")
         if e.zero_stage != 0 or cfg.precision.dtype != "fp32":
             # ZeRO-1/2 and DeepSpeed's bf16 optimizer reduce gradients inside DeepSpeed, which would average
@@ -129,10 +134,10 @@ def validate_data(d: DataConfig) -> None:
     check_ranges(d, "data")
     if d.format == "pretokenized":
         if not d.path:
-            raise ConfigError("data.format=pretokenized needs data.path=<directory written by python -m stabletrain.data.prepare>")
+            raise ConfigError("data.format=pretokenized needs data.path=<directory written by python -m stabletrain.cli.prepare>")
         if not (Path(d.path) / "manifest.json").is_file():
             raise ConfigError(f"data.path={d.path} holds no manifest.json (write it with: python -m "
-                              f"stabletrain.data.prepare data={d.name} out={d.path})")
+                              f"stabletrain.cli.prepare data={d.name} out={d.path})")
     if d.tokenizer.path and not Path(d.tokenizer.path).exists():
         parent = Path(d.tokenizer.path).parent
         while not parent.exists():

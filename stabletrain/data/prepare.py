@@ -1,7 +1,7 @@
 """Pre-tokenize a source (or a mixture's sources) into memory-mapped shards that `data.format=pretokenized` reads.
 
-    python -m stabletrain.data.prepare data=c4 out=/scratch/c4-sp32k data.prepare.workers=32
-    python -m stabletrain.data.prepare data=local data.path='corpus/*.jsonl' out=prepared/corpus
+    python -m stabletrain.cli.prepare data=c4 out=/scratch/c4-sp32k data.prepare.workers=32
+    python -m stabletrain.cli.prepare data=local data.path='corpus/*.jsonl' out=prepared/corpus
 
 Work is split by input shard (a file of the source, as `datasets`' split_dataset_by_node assigns them) and, when
 there are fewer files than workers, by blocks of data.prepare.shard_docs documents within a file. Output shard
@@ -208,32 +208,3 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, workers: int | None = None,
              "skipped_shards": sum(r["skipped_shards"] for r in results),
              "per_worker_tokens_per_s": [w["tokens"] / w["wall_s"] for w in per_worker.values() if w["wall_s"]]}
     return {"manifest": manifest, "stats": stats}
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
-    overrides = [a for a in argv if not a.startswith("out=")]
-    if len(outs) != 1 or any(a in ("-h", "--help") for a in argv):
-        sys.exit(__doc__.split("\n\n")[1] if not outs else "stabletrain: error: give exactly one out=<dir>")
-    try:
-        from stabletrain.data.setup import compose_data
-
-        cfg = compose_data(overrides)
-        result = prepare(cfg, outs[0])
-    except StableTrainError as e:
-        print(f"stabletrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(f"stabletrain: interrupted; rerun the same command to resume {outs[0]}")
-    s, m = result["stats"], result["manifest"]
-    for name, source in m["sources"].items():
-        for split, info in source["splits"].items():
-            print(f"{name}/{split}: {info['docs']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} "
-                  f"shard(s)" + (f", {info['invalid_utf8_docs']} with invalid UTF-8 replaced" if info["invalid_utf8_docs"] else ""))
-    print(f"tokenized {s['tokens']:,} tokens in {s['wall_s']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s, "
-          f"{s['workers']} worker(s); {s['skipped_shards']} finished shard(s) skipped) -> {outs[0]} ({m['dtype']})")
-
-
-if __name__ == "__main__":
-    main()

@@ -21,22 +21,6 @@ from stabletrain.data.sources import open_source
 from stabletrain.data.tokenizer import load_tokenizer, train_tokenizer
 
 
-def compose_data(overrides: list[str]) -> DataConfig:
-    """The `data` node of the project's config tree composed with command-line overrides (for the data CLIs)."""
-    from hydra import compose, initialize_config_dir
-
-    from stabletrain.config import ConfigError, check_overrides, register, to_object, validate_data
-
-    register()
-    error = check_overrides(overrides, REPO_ROOT / "conf")
-    if error:
-        raise ConfigError(error)
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        data = to_object(compose("config", overrides=overrides)).data
-    validate_data(data)
-    return data
-
-
 def tokenizer_path(cfg: DataConfig) -> Path:
     """data.tokenizer.path, or (None) a model cached per source and tokenizer settings under data/<name>/tokenizer/."""
     if cfg.tokenizer.path:
@@ -49,7 +33,7 @@ def tokenizer_path(cfg: DataConfig) -> Path:
 
 def ensure_tokenizer(cfg: DataConfig, is_main: bool = True):
     """Load the tokenizer; train a sentencepiece model on a sample of the training source(s) first if missing."""
-    from stabletrain.engine.distributed import barrier
+    from stabletrain.distributed import barrier
 
     path = tokenizer_path(cfg)
     if is_main and not path.exists():
@@ -89,7 +73,7 @@ class TrainData:
 
 def _token_streams(cfg: DataConfig, is_main: bool):
     """(tokenizer, {source: (train tokens, val tokens)}) for either format."""
-    from stabletrain.engine.distributed import barrier
+    from stabletrain.distributed import barrier
 
     sources = cfg.source_configs()
     if cfg.format == "pretokenized":

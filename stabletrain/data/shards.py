@@ -1,4 +1,4 @@
-"""The pre-tokenized format that `python -m stabletrain.data.prepare` writes and `data.format=pretokenized` reads.
+"""The pre-tokenized format that `python -m stabletrain.cli.prepare` writes and `data.format=pretokenized` reads.
 
     DIR/manifest.json                       written last: source(s), tokenizer hash and ids, dtype, counts, checksums
     DIR/tokenizer/                          a copy of the tokenizer (sentencepiece .model + .json, or HF files)
@@ -89,7 +89,7 @@ class PreparedDir:
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
             raise StableTrainError(f"{self.path} holds no manifest.json: not a finished `python -m "
-                                   "stabletrain.data.prepare` output (an interrupted one resumes when rerun)")
+                                   "stabletrain.cli.prepare` output (an interrupted one resumes when rerun)")
         try:
             self.manifest = json.loads(manifest.read_text())
         except json.JSONDecodeError as e:

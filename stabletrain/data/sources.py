@@ -59,7 +59,7 @@ def _hub_error(desc: str, e: Exception) -> StableTrainError:
         return StableTrainError(
             f"cannot stream {desc}: the Hugging Face hub is unreachable from here or offline mode is on "
             f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) ({type(e).__name__}: {first}); run `python -m "
-            "stabletrain.data.prepare` where the hub is reachable and train with data.format=pretokenized data.path=DIR")
+            "stabletrain.cli.prepare` where the hub is reachable and train with data.format=pretokenized data.path=DIR")
     return StableTrainError(f"cannot load {desc}: {type(e).__name__}: {first}")
 
 

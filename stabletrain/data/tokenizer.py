@@ -1,13 +1,9 @@
 """Tokenizers: sentencepiece models (trained here on any source, or an existing .model) and Hugging Face
-`tokenizers` directories. Training writes `<name>.json` next to the model: vocab size, BOS/EOS ids, sha256, source.
-
-    python -m stabletrain.data.tokenizer --input data/shakespeare/train.jsonl \
-        --out data/shakespeare/tokenizer/sp4096.model --vocab-size 4096
-    python -m stabletrain.data.tokenizer data=c4 data.tokenizer.train_docs=100000   # samples the stream
+`tokenizers` directories. Training writes `<name>.json` next to the model: vocab size, BOS/EOS ids, sha256, source. The command line is
+stabletrain.cli.tokenizer.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -166,37 +162,3 @@ def train_tokenizer(files: Iterable[str] | None, out: str | os.PathLike, vocab_s
             "sha256": tok.sha256, "sources": files or source, "train_docs": counted["docs"]}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a sentencepiece tokenizer on files, or on a sample of any "
-                                                 "configured source (Hydra overrides such as data=c4).")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=local data.path='corpus/*.jsonl'")
-    parser.add_argument("--input", nargs="+", help="jsonl, parquet or text files (instead of a configured source)")
-    parser.add_argument("--out", help="path of the .model file to write (default: data.tokenizer.path)")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    parser.add_argument("--text-field", default="text")
-    args = parser.parse_args(argv)
-    try:
-        if args.input:
-            if not args.out:
-                parser.error("--input needs --out")
-            path = train_tokenizer(args.input, args.out, args.vocab_size, args.model_type, args.text_field)
-        else:
-            from stabletrain.data.setup import compose_data, ensure_tokenizer
-
-            cfg = compose_data(args.overrides)
-            if args.out:
-                cfg.tokenizer.path = args.out
-            if cfg.tokenizer.path and Path(cfg.tokenizer.path).exists():
-                raise StableTrainError(f"{cfg.tokenizer.path} exists; remove it or pass --out to train a new one")
-            path = ensure_tokenizer(cfg).path
-    except StableTrainError as e:
-        raise SystemExit(f"stabletrain: error: {e}")
-    tok = load_tokenizer(path)
-    print(f"wrote {path} (vocab {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id})")
-
-
-if __name__ == "__main__":
-    main()

@@ -91,7 +91,7 @@ class ExpertParallel:
                 continue
             n_routed = len(moe.experts)
             if n_routed % ep:
-                raise StableTrainError(f"model.moe.n_routed={n_routed} is not divisible by engine.expert_parallel={ep}")
+                raise StableTrainError(f"model.ffn.n_routed={n_routed} is not divisible by engine.expert_parallel={ep}")
             per_rank = n_routed // ep
             # All ranks built the full model from one seed, so the kept experts equal the unsharded model's.
             moe.experts = nn.ModuleList(list(moe.experts)[self.ep_rank * per_rank:(self.ep_rank + 1) * per_rank])
@@ -99,7 +99,7 @@ class ExpertParallel:
             for pname, p in moe.experts.named_parameters():
                 self.expert_params[f"{name}.experts.{pname}"] = p
         if not self.expert_params:
-            raise StableTrainError(f"engine.expert_parallel={ep} needs a model with MoE layers (model.ffn=moe)")
+            raise StableTrainError(f"engine.expert_parallel={ep} needs a model with MoE layers (model/ffn=moe)")
         # DeepSpeed broadcasts every parameter from rank 0 when it builds the engine, experts included.
         self._initial = {n: p.detach().clone() for n, p in self.expert_params.items()}
         expert_ids = {id(p) for p in self.expert_params.values()}

@@ -1,7 +1,8 @@
 """The decoder stack: embedding -> blocks -> final norm -> head.
 
 A plain single-device module: engines, precision and parallelism are applied from outside. The blocks sit in
-one ModuleList so that a pipeline split can partition the model by layer.
+one ModuleList so that a pipeline split can partition the model by layer. Parameter and FLOP counts come from
+the model itself, built on the meta device (no memory), so every variant is counted without a formula.
 """
 from __future__ import annotations
 
@@ -12,13 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from stabletrain.config import ModelConfig
-from stabletrain.models.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
+from stabletrain.models.feedforward import build_ffn
+from stabletrain.models.layers import CausalSelfAttention, RMSNorm, rope_tables
+from stabletrain.models.mla import MultiHeadLatentAttention
 from stabletrain.models.moe import MoE
-from stabletrain.models.residual import Connection, PropagationScalar, ResidualStream, build_stream
-
-
-def is_moe_layer(cfg: ModelConfig, layer_index: int) -> bool:
-    return cfg.ffn == "moe" and layer_index >= cfg.moe.first_dense
+from stabletrain.models.residual import Connection, PropagationScalar, Sublayer, build_stream
 
 
 def rope_dim(cfg: ModelConfig) -> int:
@@ -27,10 +26,10 @@ def rope_dim(cfg: ModelConfig) -> int:
 
 
 class Block(nn.Module):
-    """Pre-norm block of two sublayers, each wrapped by a residual connection of the model's stream policy.
-    With the standard residual: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm block of two sublayers (attention, feed-forward), each with a connection of the model's residual
+    stream, which runs the block as a whole. With the standard residual: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int, stream: ResidualStream):
+    def __init__(self, cfg: ModelConfig, layer_index: int, stream):
         super().__init__()
         # LayerNorm Scaling: block l (1-indexed) scales both pre-norm outputs by 1/sqrt(l).
         depth_scale = 1.0 / math.sqrt(layer_index + 1) if cfg.norm.depth_scaling == "lns" else None
@@ -40,24 +39,20 @@ class Block(nn.Module):
 
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.attention == "mla":
-            from stabletrain.models.mla import MultiHeadLatentAttention
-
             self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps)
         else:
             self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.qk_norm, cfg.norm_eps)
         self.attn_res = stream.connection(2 * layer_index, depth_scale, signal())
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if is_moe_layer(cfg, layer_index):
-            self.mlp = MoE(cfg.d_model, cfg.moe)
-        else:
-            self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        self.mlp = build_ffn(cfg.d_model, cfg.ffn, layer_index)
         self.mlp_res = stream.connection(2 * layer_index + 1, depth_scale, signal())
+        self.run_block = stream.block  # a bound method, not a submodule: the stream stays registered once
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = () if attn_mask is None else (attn_mask,)  # MLA takes none: validate() rejects doc_mask with it
-        x = self.attn_res(x, self.attn_norm, lambda h: self.attn(h, cos, sin, *mask))
-        return self.mlp_res(x, self.mlp_norm, self.mlp)
+        return self.run_block(x, [Sublayer(self.attn_res, self.attn_norm, lambda h: self.attn(h, cos, sin, *mask)),
+                                  Sublayer(self.mlp_res, self.mlp_norm, self.mlp)])
 
 
 class Transformer(nn.Module):
@@ -118,58 +113,39 @@ class Transformer(nn.Module):
         """The MoE routers, in depth order (empty for dense models)."""
         return [b.mlp.router for b in self.blocks if isinstance(b.mlp, MoE)]
 
-
     def connections(self) -> list[Connection]:
         """The 2L residual connections in order (attention, MLP of block 0, then block 1, ...)."""
         return [c for b in self.blocks for c in (b.attn_res, b.mlp_res)]
 
 
-def residual_param_count(cfg: ModelConfig) -> int:
-    """Parameters the residual-stream policy adds (methods.md §1 and §2 formulas)."""
-    r, d, n, L = cfg.residual, cfg.d_model, cfg.residual.n, cfg.n_layers
-    if r.kind == "hc":
-        per = n * (n + 2) + (d * (n + 2) + 2 + d if r.dynamic else 0)  # static; dynamic W's, s_alpha, s_beta, norm
-        return 2 * L * per
-    if r.kind == "mhc":
-        head = n * d * n + n + 1 if r.collapse == "head" else 0
-        return 2 * L * ((n * n + 2 * n) * (n * d + 1) + 3) + head
-    return 0
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """The model on the meta device: its structure and parameter shapes, no memory."""
+    with torch.device("meta"):
+        return Transformer(cfg)
 
 
-def _attn_params(cfg: ModelConfig) -> int:
-    d, hd = cfg.d_model, cfg.d_model // cfg.n_heads
-    if cfg.attention == "mla":
-        from stabletrain.models.mla import mla_param_count
-
-        return mla_param_count(d, cfg.n_heads, cfg.mla)
-    return d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2 + (2 * hd if cfg.qk_norm else 0)
-
-
-def _ffn_params(cfg: ModelConfig, layer_index: int, active: bool = False) -> int:
-    """Parameters of one block's feed-forward; active=True counts only what one token uses (top-K experts)."""
-    d, m = cfg.d_model, cfg.moe
-    if not is_moe_layer(cfg, layer_index):
-        return 3 * d * cfg.ffn_dim
-    routed = m.top_k if active else m.n_routed
-    return m.n_routed * d + routed * 3 * d * m.expert_hidden + m.n_shared * 3 * d * m.expert_hidden
+def _inactive_expert_params(model: nn.Module) -> float:
+    """Routed-expert parameters a token does not use ((1 - top_k/n_routed) of each MoE layer's experts)."""
+    return sum((1 - m.active_fraction()) * sum(p.numel() for p in m.experts.parameters())
+               for m in model.modules() if isinstance(m, MoE))
 
 
 def param_count(cfg: ModelConfig, active: bool = False) -> int:
-    """Closed-form parameter count (equals sum(p.numel()) of the built model); active=True: per token (MoE)."""
-    d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
-    blocks = sum(_attn_params(cfg) + _ffn_params(cfg, i, active) + 2 * d for i in range(L))
-    head = 0 if cfg.tie_embeddings else V * d
-    return V * d + blocks + d + head + residual_param_count(cfg)
+    """Parameters of the model the config builds; active=True: those one token uses (top-K of the experts)."""
+    model = meta_model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    return round(total - _inactive_expert_params(model)) if active else total
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B convention:
-    6 · (matmul parameters, head included, embedding lookup excluded) + 12 · L · n_heads · head_dim · seq_len.
-    Residual-stream coefficients (HC/mHC) count as matmul parameters; their elementwise mixing is not counted."""
-    d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
-    qk_dim = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else d // cfg.n_heads
-    norms = 2 * d * L + d + (L * (cfg.mla.kv_lora_rank + (cfg.mla.q_lora_rank or 0)) if cfg.attention == "mla" else 0)
-    matmul = param_count(cfg, active=True) - V * d - norms  # the embedding lookup is not a matmul
-    if cfg.tie_embeddings:
-        matmul += V * d  # ... but a tied head still is one
-    return 6.0 * matmul + 12.0 * L * cfg.n_heads * qk_dim * seq_len
+    6 · (active matmul parameters) + 12 · L · n_heads · qk_head_dim · seq_len, where the matmul parameters are
+    every parameter with two or more dimensions except the embedding table (a lookup), the output head counted
+    even when it is tied to the embedding. Residual-stream coefficient matrices (HC/mHC) count; their
+    element-wise mixing does not."""
+    model = meta_model(cfg)
+    matmul = sum(p.numel() for name, p in model.named_parameters(remove_duplicate=False)
+                 if p.ndim >= 2 and not name.startswith("embed."))
+    matmul -= _inactive_expert_params(model)
+    qk_dim = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.d_model // cfg.n_heads
+    return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.n_heads * qk_dim * seq_len

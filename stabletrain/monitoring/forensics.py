@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from stabletrain import StableTrainError
 from stabletrain.models import build_model
+from stabletrain.models.moe import maxvio
 from stabletrain.monitoring.plots import finite, log_scale_if_positive
 from stabletrain.training import checkpoint
-from stabletrain.training.callbacks import maxvio
 
 
 def investigate(trainer, verdict, batch_index: int, batches: list[torch.Tensor]) -> dict | None:

@@ -44,7 +44,7 @@ def wandb_mode(requested: str) -> str:
 def default_tags(cfg: Config) -> list[str]:
     """What a dashboard filters on: model variant and size, residual stream, FFN, engine, precision."""
     m = cfg.model
-    return [f"model={m.name}", f"residual={m.residual.kind}", f"ffn={m.ffn}", f"layers={m.n_layers}",
+    return [f"model={m.name}", f"residual={m.residual.kind}", f"ffn={m.ffn.kind}", f"layers={m.n_layers}",
             f"d_model={m.d_model}", f"engine={cfg.engine.name}", f"precision={cfg.precision.dtype}"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from stabletrain.models.moe import maxvio
 from stabletrain.models.residual import PropagationScalar
 from stabletrain.training.trainer import Callback
 
@@ -26,12 +27,6 @@ class SignalScalarSync(Callback):
         metrics["bslo/alpha_min"], metrics["bslo/alpha_max"] = alphas.min().item(), alphas.max().item()
 
 
-def maxvio(load: torch.Tensor) -> float:
-    """(max_i load_i - mean load) / mean load: 0 when perfectly balanced."""
-    mean = load.float().mean()
-    return ((load.float().max() - mean) / mean.clamp(min=1e-12)).item()
-
-
 def global_loads(trainer) -> torch.Tensor:
     """[n_moe_layers, n_routed] tokens routed per expert since the last reset, summed over all ranks."""
     loads = torch.stack([r.load for r in trainer.model.routers()])
@@ -41,11 +36,10 @@ def global_loads(trainer) -> torch.Tensor:
 
 
 def update_router_biases(routers, loads: torch.Tensor) -> None:
-    """aux-free balancing: b_i += u * sign(mean load - load_i). `loads` are global, so every rank agrees."""
+    """Each router's balancing update (aux-free: b_i += u * sign(mean load - load_i)). `loads` are global, so
+    every rank makes the same update."""
     for router, load in zip(routers, loads):
-        u = router.cfg.bias_update_rate
-        if router.cfg.router == "aux_free" and u:
-            router.bias += u * torch.sign(load.mean() - load)
+        router.after_step(load)
 
 
 class MoEBalance(Callback):
@@ -59,7 +53,7 @@ class MoEBalance(Callback):
             update_router_biases(routers, loads)
         per_layer = [maxvio(load) for load in loads]
         metrics["moe/maxvio_batch"] = sum(per_layer) / len(per_layer)
-        first = trainer.cfg.model.moe.first_dense
+        first = trainer.cfg.model.ffn.first_dense
         for i, (v, load) in enumerate(zip(per_layer, loads)):
             metrics[f"moe/maxvio_batch/{first + i}"] = v
             metrics[f"moe/load/{first + i}"] = load.long().tolist()

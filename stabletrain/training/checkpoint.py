@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from stabletrain.engine import distributed as dist_utils
+from stabletrain import distributed as dist_utils
 from stabletrain.engine import safe_load
 
 MANIFEST = "COMPLETE.json"

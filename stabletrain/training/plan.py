@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import os
 
-import torch
 
 from stabletrain.config import Config
-from stabletrain.models import build_model, flops_per_token, param_count
+from stabletrain.models import flops_per_token, meta_model, param_count
 from stabletrain.models.moe import MoE
-from stabletrain.models.transformer import is_moe_layer
 
 GiB = 1024**3
 
@@ -29,8 +27,7 @@ def plan(cfg: Config) -> dict:
     m, t, e = cfg.model, cfg.trainer, cfg.engine
     if m.vocab_size is None:
         m.vocab_size = cfg.data.tokenizer.vocab_size
-    with torch.device("meta"):
-        model = build_model(m)
+    model = meta_model(m)
     total = sum(p.numel() for p in model.parameters())
     routed = sum(p.numel() for mod in model.modules() if isinstance(mod, MoE) for p in mod.experts.parameters())
     held = total - routed * (1 - 1 / e.expert_parallel)  # expert parallelism: each rank holds 1/ep of the experts
@@ -45,15 +42,15 @@ def plan(cfg: Config) -> dict:
     T, d, B = cfg.data.seq_len, m.d_model, t.micro_batch_size
     act_scale = 1 if bf16 else 2
     per_block = []
-    for i in range(m.n_layers):
+    for block in model.blocks:
         ffn_ratio = 1.0
-        if is_moe_layer(m, i):
-            ffn_ratio = (m.moe.top_k + m.moe.n_shared) * m.moe.expert_hidden / m.ffn_dim
+        if isinstance(block.mlp, MoE):
+            ffn_ratio = (m.ffn.top_k + m.ffn.n_shared) * m.ffn.expert_hidden / m.ffn_dim
         # 34·T·d: about 10 T·d for attention and norms, 24 T·d for the dense SwiGLU part (scaled for experts).
-        per_block.append((10 + 24 * ffn_ratio) * T * d * act_scale + 4 * (m.residual.n - 1) * T * d)
+        per_block.append((10 + 24 * ffn_ratio) * T * d * act_scale + 4 * (m.residual.streams - 1) * T * d)
     activations = B * (sum(per_block) + 8 * T * m.vocab_size)
     return {
-        "total_params": total, "active_params": active, "formula_params": param_count(m),
+        "total_params": total, "active_params": active,
         "flops_per_token": flops_per_token(m, T), "world_size": world,
         "memory_gib": {"weights": weights / GiB, "gradients": grads / GiB, "optimizer": optimizer / GiB,
                        "activations": activations / GiB,

@@ -5,7 +5,6 @@ Everything around the loop hangs off Callback hooks so the loop itself stays sho
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import time
@@ -13,14 +12,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from stabletrain import StableTrainError
-from stabletrain.config import Config, to_container, to_object, validate
+from stabletrain.config import Config
 from stabletrain.data.dataset import RankLoader
 from stabletrain.data.setup import build_data
-from stabletrain.engine import distributed as dist_utils
+from stabletrain import distributed as dist_utils
 from stabletrain.engine.deepspeed_engine import build_engine, clip_threshold, clips_in_engine, first_nonfinite
 from stabletrain.engine.expert_parallel import ExpertParallel
 from stabletrain.models import build_model, flops_per_token, param_count
@@ -482,44 +481,6 @@ def default_callbacks(cfg: Config) -> list[Callback]:
     callbacks: list[Callback] = [GainMonitor(cfg.monitor.gain_interval)]
     if cfg.model.signal_scaling == "bslo":
         callbacks.append(SignalScalarSync())
-    if cfg.model.ffn == "moe":
+    if cfg.model.ffn.kind == "moe":
         callbacks.append(MoEBalance())
     return callbacks
-
-
-def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Train from a composed config; user errors become one line on stderr and exit status 2."""
-    trainer = None
-    try:
-        typed = to_object(cfg)
-        for warning in validate(typed):
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(f"stabletrain: warning: {warning}", file=sys.stderr)
-        if typed.trainer.plan:
-            from stabletrain.training.plan import print_plan
-
-            print_plan(typed)
-            return float("nan")
-        resolved = to_container(cfg)
-        if typed.logging.group is None:  # a sweep's runs form one W&B group, named after the sweep directory
-            from hydra.core.hydra_config import HydraConfig
-
-            if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
-                typed.logging.group = Path(HydraConfig.get().sweep.dir).name
-        trainer = Trainer(typed, run_dir, resolved)
-        try:
-            val_loss = trainer.fit()
-        finally:
-            trainer.close()
-        if trainer.stop_signal:  # 128 + signal number (130 SIGINT, 143 SIGTERM): schedulers requeue on it
-            sys.exit(128 + trainer.stop_signal)
-        if trainer.is_main:
-            print(f"final val_loss {val_loss:.4f}; run directory: {run_dir}")
-        return val_loss
-    except StableTrainError as e:
-        print(f"stabletrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        at = f" at step {trainer.step}" if trainer is not None else " before training started"
-        print(f"stabletrain: aborted by Ctrl-C{at}; nothing was saved after the last checkpoint", file=sys.stderr)
-        sys.exit(130)

@@ -1,21 +1,28 @@
-"""The residual-stream interface and the standard residual.
+"""The residual-stream interface, its registry, and the standard residual.
 
     stream.expand(h[B,T,C]) -> x                 once, after the embedding
-    connection(x, norm, fn) -> x'                 once per sublayer (attention, MLP)
-    stream.collapse(x) -> h[B,T,C]                once, before the final norm
+    stream.block(x, sublayers) -> x'             once per block: for each sublayer, read from the stream, apply
+                                                 the block's pre-norm, the optional depth scale (LayerNorm
+                                                 Scaling), the sublayer and the optional propagation scalar
+                                                 (BSLO), and write back
+    stream.collapse(x) -> h[B,T,C]               once, before the final norm
 
-A connection reads the sublayer input from the stream, applies the block's pre-norm, the optional depth scale
-(LayerNorm Scaling) and the sublayer, the optional propagation scalar (BSLO), and writes the result back. The
-standard residual is the trivial case: read x, write x + y.
+Each sublayer has its own Connection (its parameters: mixing coefficients). The stream sees a whole block at once
+so that a fused implementation can merge the write after one sublayer with the read before the next (one pass
+over the widened stream instead of two); the per-sublayer `Connection.forward` is the reference it must equal.
+A variant is one module: a ResidualStream subclass registered with its config dataclass, plus a preset YAML.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from stabletrain.config import BSLOConfig
+from stabletrain.config import BSLOConfig, ResidualConfig
+from stabletrain.registry import Registry
+
+RESIDUAL_STREAMS = Registry("residual stream", group="model/residual")
 
 
 class PropagationScalar(nn.Module):
@@ -58,7 +65,7 @@ class Connection(nn.Module):
         super().__init__()
         self.depth_scale = depth_scale
         self.signal = signal
-        self.record = False  # diagnostics: keep the last mixing matrix (see last_mix)
+        self.record = False  # diagnostics: keep the mixing matrix of the step's first forward (see last_mix)
         self.last_mix: torch.Tensor | None = None
 
     def read(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
@@ -67,21 +74,33 @@ class Connection(nn.Module):
     def write(self, x: torch.Tensor, y: torch.Tensor, ctx: object) -> torch.Tensor:
         return x + y
 
-    def forward(self, x: torch.Tensor, norm: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        h, ctx = self.read(x)
+    def sublayer(self, h: torch.Tensor, norm: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """What runs between read and write: pre-norm, depth scale, the sublayer, the propagation scalar."""
         z = norm(h)
         if self.depth_scale is not None:
             z = z * self.depth_scale
         y = fn(z)
-        if self.signal is not None:
-            y = self.signal(h, y)
-        return self.write(x, y, ctx)
+        return self.signal(h, y) if self.signal is not None else y
+
+    def forward(self, x: torch.Tensor, norm: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        h, ctx = self.read(x)
+        return self.write(x, self.sublayer(h, norm, fn), ctx)
 
 
+class Sublayer(NamedTuple):
+    connection: Connection
+    norm: nn.Module
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+@RESIDUAL_STREAMS.register("standard", config=ResidualConfig)
 class ResidualStream(nn.Module):
-    """Standard residual: one stream, expand and collapse are identities."""
+    """Standard residual: one stream, expand and collapse are identities, x + F(norm(x)) per sublayer."""
 
     streams = 1
+
+    def __init__(self, d_model: int = 0, cfg: ResidualConfig | None = None, norm_eps: float = 1e-6):
+        super().__init__()
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         return h
@@ -92,7 +111,18 @@ class ResidualStream(nn.Module):
     def connection(self, sublayer_index: int, depth_scale: float | None, signal: PropagationScalar | None) -> Connection:
         return Connection(depth_scale, signal)
 
+    def block(self, x: torch.Tensor, sublayers: list[Sublayer]) -> torch.Tensor:
+        """One block: every sublayer through its connection, in order (fused streams override this)."""
+        for s in sublayers:
+            x = s.connection(x, s.norm, s.fn)
+        return x
+
     @staticmethod
     def token_norms(x: torch.Tensor) -> torch.Tensor:
         """Per-token L2 norm of the whole stream state ([B,T,C] or [B,T,n,C]) -> [B,T]."""
         return x.float().flatten(2).norm(dim=-1)
+
+
+def build_stream(cfg) -> ResidualStream:
+    """The stream registered under model.residual.kind."""
+    return RESIDUAL_STREAMS[cfg.residual.kind].obj(cfg.d_model, cfg.residual, cfg.norm_eps)

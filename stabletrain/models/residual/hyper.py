@@ -6,12 +6,26 @@ A_m = e_{k mod n}, A_r = I) makes the network equal to pre-norm at step 0.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from stabletrain.config import ResidualConfig
+from stabletrain.config.fields import at_least
 from stabletrain.models.layers import RMSNorm
-from stabletrain.models.residual.base import Connection, PropagationScalar, ResidualStream
+from stabletrain.models.residual.base import RESIDUAL_STREAMS, Connection, PropagationScalar, ResidualStream
+
+
+@dataclass
+class HCConfig(ResidualConfig):
+    """Hyper-Connections (model/residual=hc)."""
+
+    kind: str = "hc"
+    streams: int = at_least(1, 4)  # expansion rate n (the paper's 4)
+    dynamic: bool = True  # input-dependent coefficients on top of the static ones
+    tanh: bool = True  # tanh on the dynamic coefficients
+    gate_init: float = at_least(0, 0.01)  # s_alpha = s_beta at init
 
 
 def _static(t: torch.Tensor) -> nn.Parameter:
@@ -21,7 +35,7 @@ def _static(t: torch.Tensor) -> nn.Parameter:
 
 
 class HyperConnection(Connection):
-    def __init__(self, d_model: int, n: int, sublayer_index: int, cfg: ResidualConfig, norm_eps: float,
+    def __init__(self, d_model: int, n: int, sublayer_index: int, cfg: HCConfig, norm_eps: float,
                  depth_scale: float | None, signal: PropagationScalar | None):
         super().__init__(depth_scale, signal)
         self.n, self.dynamic, self.use_tanh = n, cfg.dynamic, cfg.tanh
@@ -64,13 +78,14 @@ class HyperConnection(Connection):
         return mixed + B.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
 
 
+@RESIDUAL_STREAMS.register("hc", config=HCConfig)
 class HyperStream(ResidualStream):
     """Expand by repeating the embedding n times; collapse by summing the streams (the paper's choice)."""
 
-    def __init__(self, d_model: int, cfg: ResidualConfig, norm_eps: float):
+    def __init__(self, d_model: int, cfg: HCConfig, norm_eps: float):
         super().__init__()
         self.d_model, self.cfg, self.norm_eps = d_model, cfg, norm_eps
-        self.streams = cfg.n
+        self.streams = cfg.streams
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         return h.unsqueeze(-2).expand(*h.shape[:-1], self.streams, h.shape[-1]).contiguous()

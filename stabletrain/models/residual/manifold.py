@@ -10,16 +10,57 @@ With identical streams and rows summing to 1, H_res keeps the streams identical:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from stabletrain.config import ResidualConfig
-from stabletrain.models.residual.base import Connection, PropagationScalar, ResidualStream
+from stabletrain.config.fields import Choice, at_least, finite, positive
+from stabletrain.models.residual.base import RESIDUAL_STREAMS, Connection, PropagationScalar, ResidualStream
 from stabletrain.models.residual.sinkhorn import sinkhorn, sinkhorn_reference
 
 
-def _init_phi(phi: torch.Tensor, cfg: ResidualConfig) -> None:
+class MHCInit(Choice):
+    hc = "hc"  # b_res = tau*I, soft one-hot b_pre (HC-faithful)
+    megatron = "megatron"  # all biases 0
+
+
+class PhiInit(Choice):
+    normal = "normal"
+    xavier = "xavier"
+
+
+class Collapse(Choice):
+    sum = "sum"
+    head = "head"  # learned pre-only head
+
+
+class Kernel(Choice):
+    eager = "eager"  # the PyTorch reference
+    fused = "fused"  # torch.compile'd stream passes (C++ on CPU, Triton on GPU)
+
+
+@dataclass
+class MHCConfig(ResidualConfig):
+    """Manifold-constrained Hyper-Connections (model/residual=mhc); the paper's Table 5 where it has a value."""
+
+    kind: str = "mhc"
+    streams: int = at_least(1, 4)  # expansion rate n
+    gate_init: float = at_least(0, 0.01)  # alpha_pre/post/res at init
+    sinkhorn_iters: int = at_least(1, 20)
+    init: MHCInit = MHCInit.hc  # bias init (the paper gives only alpha)
+    phi_init: PhiInit = PhiInit.normal  # normal (std phi_std) | xavier
+    phi_std: float = at_least(0, 0.02)
+    res_logit: float = finite(4.0)  # init=hc: tau on the diagonal of b_res
+    pre_logit: float = finite(4.0)  # init=hc: +/- this on b_pre (soft one-hot on stream k mod n)
+    norm_eps: float = positive(1e-20)  # eps of the RMS over the flattened n*C vector (paper: 1e-20)
+    collapse: Collapse = Collapse.sum
+    kernel: Kernel = Kernel.eager
+
+
+
+def _init_phi(phi: torch.Tensor, cfg: MHCConfig) -> None:
     if cfg.phi_init == "xavier":
         nn.init.xavier_uniform_(phi)
     else:
@@ -65,7 +106,7 @@ def _compiled(fn):
 
 
 class ManifoldConnection(Connection):
-    def __init__(self, d_model: int, n: int, sublayer_index: int, cfg: ResidualConfig,
+    def __init__(self, d_model: int, n: int, sublayer_index: int, cfg: MHCConfig,
                  depth_scale: float | None, signal: PropagationScalar | None):
         super().__init__(depth_scale, signal)
         self.n, self.iters, self.eps = n, cfg.sinkhorn_iters, cfg.norm_eps
@@ -108,14 +149,15 @@ class ManifoldConnection(Connection):
         return mixed + post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
 
 
+@RESIDUAL_STREAMS.register("mhc", config=MHCConfig)
 class ManifoldStream(ResidualStream):
     """Expand by repeating; collapse by summing, or by a learned pre-only head sigma(alpha (x phi)/rms + b) + eps."""
 
-    def __init__(self, d_model: int, cfg: ResidualConfig):
+    def __init__(self, d_model: int, cfg: MHCConfig, norm_eps: float = 1e-6):
         super().__init__()
-        self.d_model, self.cfg, self.streams = d_model, cfg, cfg.n
+        self.d_model, self.cfg, self.streams = d_model, cfg, cfg.streams
         if cfg.collapse == "head":
-            n = cfg.n
+            n = cfg.streams
             self.head_phi = nn.Parameter(torch.empty(n * d_model, n))
             _init_phi(self.head_phi.data, cfg)
             self.head_bias = nn.Parameter(torch.zeros(n))

@@ -1,0 +1,80 @@
+"""Compose the Hydra config and train: `python train.py ...` (the repository's entry) or
+`python -m stabletrain.cli.train ...`.
+
+    python train.py model=mhc trainer.max_steps=500
+    torchrun --nproc_per_node 2 train.py engine=zero2
+    python train.py -m optim.lr=3e-4,1e-3          # a sweep, one job after another
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from stabletrain import StableTrainError
+from stabletrain.cli import CONFIG_DIR, setup
+from stabletrain.config import check_overrides, to_container, to_object, validate
+from stabletrain.distributed import agree_on_run_stamp, is_launched
+from stabletrain.training.plan import print_plan
+from stabletrain.training.trainer import Trainer
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """Train from a composed config. Exit statuses: 2 for a user error (one line on stderr), 128 + the signal's
+    number after a signal-stopped run (130 SIGINT, 143 SIGTERM: schedulers requeue on it)."""
+    trainer = None
+    try:
+        typed = to_object(cfg)
+        for warning in validate(typed):
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"stabletrain: warning: {warning}", file=sys.stderr)
+        if typed.trainer.plan:
+            print_plan(typed)
+            return float("nan")
+        if typed.logging.group is None and HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+            typed.logging.group = Path(HydraConfig.get().sweep.dir).name  # a sweep's runs form one W&B group
+        trainer = Trainer(typed, run_dir, to_container(cfg))
+        try:
+            val_loss = trainer.fit()
+        finally:
+            trainer.close()
+        if trainer.stop_signal:
+            sys.exit(128 + trainer.stop_signal)
+        if trainer.is_main:
+            print(f"final val_loss {val_loss:.4f}; run directory: {run_dir}")
+        return val_loss
+    except StableTrainError as e:
+        print(f"stabletrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        at = f" at step {trainer.step}" if trainer is not None else " before training started"
+        print(f"stabletrain: aborted by Ctrl-C{at}; nothing was saved after the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> float:
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    setup()
+    if is_launched() and any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        sys.exit("stabletrain: error: do not combine -m with torchrun (every rank would launch the sweep); "
+                 "run the sweep with plain python and launch torchrun per job")
+    error = check_overrides(sys.argv[1:], CONFIG_DIR)
+    if error:
+        sys.exit(f"stabletrain: config error: {error}")
+    try:
+        agree_on_run_stamp()
+        _hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C while the config composes or the process group forms
+        sys.exit("stabletrain: aborted by Ctrl-C before training started")
+
+
+if __name__ == "__main__":
+    main()
