@@ -21,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import compose_config, timed  # noqa: E402
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from stabletrain.config import to_object, validate  # noqa: E402
+from stabletrain.config import to_container, to_object, validate  # noqa: E402
 from stabletrain.models import param_count  # noqa: E402
 from stabletrain.training.trainer import Trainer  # noqa: E402
 
@@ -56,12 +55,12 @@ def main() -> None:
             dcfg = compose_config(VARIANTS[name] + SIZE + args.overrides)
             cfg = to_object(dcfg)
             validate(cfg)
-            trainers[name] = Trainer(cfg, Path(tmp.name) / name, OmegaConf.to_container(dcfg, resolve=True))
-            timed(lambda t=trainers[name]: t.train_step()["loss"], args.warmup)
+            trainers[name] = Trainer(cfg, Path(tmp.name) / name, to_container(dcfg))
+            timed(lambda t=trainers[name]: t.train_step()[0]["loss"], args.warmup)
         times = {name: [] for name in trainers}
         for _ in range(args.repeats):
             for name, trainer in trainers.items():
-                times[name].append(timed(lambda t=trainer: t.train_step()["loss"], args.steps)[0] / args.steps)
+                times[name].append(timed(lambda t=trainer: t.train_step()[0]["loss"], args.steps)[0] / args.steps)
     finally:
         for t in trainers.values():
             t.close()

@@ -29,12 +29,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from stabletrain.cli import setup  # noqa: E402
-from stabletrain.config import to_object, validate  # noqa: E402
+from stabletrain.config import to_container, to_object, validate  # noqa: E402
 from stabletrain.data.dataset import GlobalOrder, RankLoader  # noqa: E402
-from stabletrain.engine.deepspeed_engine import lr_multiplier, param_groups  # noqa: E402
+from stabletrain.engine.optim import lr_multiplier, param_groups  # noqa: E402
 from stabletrain.models import build_model, param_count  # noqa: E402
 from stabletrain.training.trainer import Trainer  # noqa: E402
 
@@ -61,7 +60,7 @@ class BareLoop:
                                      eps=o.eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(lr_multiplier, cfg=cfg))
         # Same sample order over the same packed corpus: batch k here is batch k of the trainer.
-        self.loader = RankLoader(trainer.train_data, GlobalOrder(len(trainer.train_data), t.seed),
+        self.loader = RankLoader(trainer.data.train, GlobalOrder(len(trainer.data.train), t.seed),
                                  t.micro_batch_size, t.grad_accum_steps, 0, 1)
         self.accum, self.clip, self.device = t.grad_accum_steps, o.grad_clip or math.inf, trainer.device
 
@@ -107,16 +106,16 @@ def main() -> None:
     wall0 = time.perf_counter()
     torch.set_flush_denormal(True)
 
-    # Framework side, built exactly as stabletrain.training.trainer.run does (minus fit()).
+    # Framework side, built exactly as stabletrain.cli.train.run does (minus fit()).
     dcfg = compose_config(args.overrides)
     cfg = to_object(dcfg)
     validate(cfg)
-    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved = to_container(dcfg)
     with tempfile.TemporaryDirectory(prefix="stabletrain-bench-") as run_dir:
         trainer = Trainer(cfg, Path(run_dir), resolved)  # sets cfg.model.vocab_size from the tokenizer
         try:
             bare = BareLoop(cfg, trainer)
-            fw_step = lambda: trainer.train_step()["loss"]  # noqa: E731
+            fw_step = lambda: trainer.train_step()[0]["loss"]  # noqa: E731
             timed(fw_step, args.warmup)
             timed(bare.step, args.warmup)
             fw_s, bare_s, busy = [], [], []

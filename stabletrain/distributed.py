@@ -4,12 +4,14 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import signal
 import socket
 
 import torch
 import torch.distributed as dist
 
 RUN_STAMP_ENV = "STABLETRAIN_RUN_STAMP"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # in the order of precedence when ranks disagree
 
 
 def _free_port() -> int:
@@ -82,3 +84,35 @@ def agree_on_run_stamp() -> str:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def setup_device(requested: str = "auto", backend: str = "auto") -> torch.device:
+    """This rank's device, ready to train on, and the process group (created once per process)."""
+    device = default_device(requested)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals slow CPU steps up to 8x
+    else:
+        torch.cuda.set_device(device)
+    init_process_group(backend_for(device, backend))
+    return device
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any rank (collective)."""
+    t = torch.tensor(float(flag), device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return bool(t.item())
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's equally shaped rows, concatenated in rank order (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts)
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

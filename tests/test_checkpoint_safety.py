@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stabletrain.engine import safe_load
-from stabletrain.training import checkpoint
+from stabletrain.engine import checkpoint
 from tests.helpers import PYTHON, REPO, TINY, env, read_jsonl, train, train_rows
 
 COMMON = ("trainer.ckpt_interval=2", "logging=none", "trainer.eval_interval=0", "trainer.keep_checkpoints=3")
@@ -171,7 +171,7 @@ def test_nonfinite_state_is_never_checkpointed(zero1_run, tmp_path):
 
 
 def test_first_nonfinite_names_the_tensor():
-    from stabletrain.engine.deepspeed_engine import first_nonfinite
+    from stabletrain.engine.optim import first_nonfinite
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
@@ -186,16 +186,13 @@ def test_first_nonfinite_names_the_tensor():
 
 
 def test_forensics_plot_tolerates_nonfinite_history(tmp_path):
-    from types import SimpleNamespace
-
     from stabletrain.monitoring.forensics import _plot
     from stabletrain.training.spikes import Verdict
 
     history = [(s, float("nan"), float("inf"), True) for s in range(1, 6)]
-    trainer = SimpleNamespace(spikes=SimpleNamespace(history=history))
     verdict = Verdict(5, float("nan"), float("inf"), firings=[{"kind": "nonfinite", "metric": "loss"}])
     now = {"per_seq_loss": [float("nan")] * 2, "grad_norm_by_block": {"blocks.0": float("inf")}}
-    _plot(trainer, verdict, now, None, tmp_path / "spike.png")
+    _plot(history, verdict, now, None, tmp_path / "spike.png")
     assert (tmp_path / "spike.png").stat().st_size > 0
 
 

@@ -5,7 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from stabletrain.config import ConfigError, register, validate
-from stabletrain.engine.deepspeed_engine import deepspeed_config, lr_multiplier
+from stabletrain.engine.deepspeed_engine import deepspeed_config
+from stabletrain.engine.optim import lr_multiplier
 from tests.helpers import composed, PYTHON, REPO, env
 
 register()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from stabletrain.config import DetectorConfig, MonitorConfig
-from stabletrain.engine.deepspeed_engine import GatedAdamW
-from stabletrain.training.spikes import RollingDetector, SkipList, SpikeMonitor, rewind_scheduler
+from stabletrain.engine.optim import GatedAdamW, rewind_scheduler
+from stabletrain.training.spikes import RollingDetector, SkipList, SpikeMonitor
 
 
 def noisy(n, mean=3.0, sd=0.05, seed=0):

@@ -364,6 +364,9 @@ class TrainerConfig:
     compile: bool = False  # torch.compile each transformer block (torchtitan-style); the first steps pay the compile
     plan: bool = False  # print parameters, FLOPs and per-GPU memory for the configured run, then exit
     plan_world_size: Optional[int] = at_least(1, None)  # plan for this many GPUs (None: WORLD_SIZE or 1)
+    # Registered callbacks, in order; each applies only where it makes sense (moe_balance: MoE layers, ...).
+    callbacks: List[str] = field(default_factory=lambda: ["console", "metrics", "wandb", "gains", "moe_balance",
+                                                          "signal_sync", "forensics"])
 
 
 @dataclass

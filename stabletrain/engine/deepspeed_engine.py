@@ -1,86 +1,25 @@
-"""The composed config -> a DeepSpeed config dict -> an initialised engine.
+"""The data-parallel engine: DeepSpeed ZeRO 0-3 in fp32 or bf16, with expert parallelism applied from outside.
 
-The trainer talks only to the engine this returns (forward, backward, step, save/load checkpoint).
+All contact with DeepSpeed's engine and its internals lives here: the generated DeepSpeed config, initialisation,
+the gradient-reduction switch, clipping (ours for fp32 ZeRO-0, DeepSpeed's otherwise), the update veto inside
+the optimizer, the LR-schedule rewind after a veto, checkpoints and reading weights for forensics.
 """
 from __future__ import annotations
 
 import functools
-import math
+from pathlib import Path
 from typing import Any, Callable
 
+import deepspeed
 import torch
 from omegaconf import OmegaConf
 
 from stabletrain.config import Config
-from stabletrain.engine import safe_load
-
-
-class GatedAdamW(torch.optim.AdamW):
-    """torch AdamW whose step() asks `gate` (once per engine step) whether to apply the update at all.
-
-    DeepSpeed's ZeRO optimizers call step() once per parameter group; the first answer holds for the rest.
-    """
-
-    gate: Callable[[], bool] | None = None
-    _answer: bool | None = None
-
-    def step(self, closure=None):
-        if self.gate is not None:
-            if self._answer is None:
-                self._answer = bool(self.gate())
-            if not self._answer:
-                return None
-        return super().step(closure)
-
-    def reset_gate(self) -> bool | None:
-        """Clear the gate; the answer it gave this step (None when step() was never reached)."""
-        answer, self._answer, self.gate = self._answer, None, None
-        return answer
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on vectors (norm gains, biases) or on parameters flagged `no_weight_decay`."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or getattr(p, "no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_multiplier(step: int, cfg: Config) -> float:
-    """Schedule as a factor of optim.lr: linear warm-up, then cosine / WSD (to min_lr_ratio), constant, or step."""
-    o = cfg.optim
-    total = o.total_steps or cfg.trainer.max_steps
-    if o.warmup_steps and step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return 1.0
-    if o.schedule == "step":  # constant, then drops to step_factors[i] at each milestone fraction of training
-        factor = 1.0
-        for milestone, f in zip(o.step_milestones, o.step_factors):
-            if step >= milestone * total:
-                factor = f
-        return factor
-    if o.schedule == "cosine":
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_start = total - int(o.decay_fraction * total)  # wsd: warm-up, stable, then linear decay
-    if step < decay_start:
-        return 1.0
-    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
-    return 1.0 - (1.0 - o.min_lr_ratio) * progress
-
-
-def clip_threshold(cfg: Config, step: int) -> float:
-    """The gradient-norm clip for (1-based) `step`: optim.grad_clip, ramped up linearly from
-    grad_clip_warmup_start x grad_clip over the first grad_clip_warmup_steps steps when that is set."""
-    o = cfg.optim
-    if not o.grad_clip:
-        return math.inf
-    if step > o.grad_clip_warmup_steps:
-        return o.grad_clip
-    return o.grad_clip * (o.grad_clip_warmup_start + (1 - o.grad_clip_warmup_start) * (step - 1) / o.grad_clip_warmup_steps)
+from stabletrain.engine import checkpoint, safe_load
+from stabletrain.engine.base import Engine, StepOutcome
+from stabletrain.engine.expert_parallel import ExpertParallel
+from stabletrain.engine.optim import (GatedAdamW, clip_threshold, first_nonfinite, lr_multiplier, param_groups,
+                                      rewind_scheduler)
 
 
 def clips_in_engine(cfg: Config) -> bool:
@@ -111,43 +50,117 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.merge(ds, overrides))
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
-    import deepspeed
+class DeepSpeedEngine(Engine):
+    def __init__(self, cfg: Config, model: torch.nn.Module, world: int, rank: int):
+        self.cfg, self.model, self.world = cfg, model, world
+        ep = cfg.engine.expert_parallel
+        self.expert_parallel = ExpertParallel(model, ep, world, rank) if ep > 1 else None
+        o = cfg.optim
+        # AdamW with a veto on the update (the spike responses): DeepSpeed wraps it as its client optimizer.
+        self.optimizer = GatedAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_multiplier, cfg=cfg))
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, lr_scheduler=scheduler,
+                                                config=deepspeed_config(cfg, world))
+        if cfg.engine.zero_stage == 0 and (world == 1 or self.expert_parallel is not None):
+            # One rank has nothing to reduce, but ZeRO-0 would still flatten, "all-reduce" and copy back every
+            # gradient. With expert parallelism the reduction is ours (ExpertParallel.reduce_gradients).
+            self.ds.enable_backward_allreduce = False
+        if self.expert_parallel is not None:
+            self.expert_parallel.restore_experts()
+        safe_load.install(self.ds)  # checkpoints are loaded with weights_only=True
+        self.device = self.ds.device
 
-    o = cfg.optim
-    # AdamW with a veto on the update (loss-spike responses, stabletrain.training.spikes); engine.client_optimizer
-    optimizer = GatedAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, cfg=cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world_size))
-    if cfg.engine.zero_stage == 0 and (world_size == 1 or cfg.engine.expert_parallel > 1):
-        # One rank has nothing to reduce, but ZeRO-0 would still flatten, "all-reduce" and copy back every grad.
-        # With expert parallelism the trainer reduces instead (ExpertParallel.reduce_gradients).
-        engine.enable_backward_allreduce = False
-    safe_load.install(engine)  # checkpoints are loaded with weights_only=True
-    return engine
+    # ---------------------------------------------------------------- the step
+    def forward(self, inputs, targets, **model_kwargs) -> torch.Tensor:
+        return self.ds(inputs, targets, **model_kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def micro_step(self) -> None:
+        self.ds.step()  # not an accumulation boundary: DeepSpeed only counts it
+
+    def step(self, step: int, judge: Callable[[float | None], bool]) -> StepOutcome:
+        """Clip, then let `judge(grad_norm)` veto the update from inside the optimizer, where DeepSpeed has the
+        global gradient norm (ZeRO-1/2/3, bf16) and nothing has changed yet."""
+        clip = clip_threshold(self.cfg, step)
+        grad_norm = None
+        if clips_in_engine(self.cfg):
+            if self.cfg.optim.grad_clip_warmup_steps:
+                self.ds.optimizer.clip_grad = clip  # DeepSpeed's ZeRO/bf16 optimizers read it every step
+        elif self.expert_parallel is not None:
+            self.expert_parallel.reduce_gradients()
+            grad_norm = float(self.expert_parallel.clip_grad_norm_(clip))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        epoch_before = self.ds.lr_scheduler.last_epoch
+        seen: list[float | None] = []
+
+        def gate() -> bool:
+            gn = grad_norm if grad_norm is not None else getattr(self.ds.optimizer, "_global_grad_norm", None)
+            seen.append(None if gn is None else float(gn))
+            return judge(seen[0])
+
+        self.optimizer.gate = gate
+        self.ds.step()
+        answer = self.optimizer.reset_gate()
+        if answer is None:  # the optimizer never ran: DeepSpeed skipped the step itself (non-finite gradients)
+            return StepOutcome(self._global_grad_norm(), None)
+        if not answer:  # vetoed: DeepSpeed still stepped the LR schedule, which must not advance
+            rewind_scheduler(self.ds.lr_scheduler, epoch_before)
+        return StepOutcome(seen[0], answer)
+
+    def _global_grad_norm(self) -> float | None:
+        gn = self.ds.get_global_grad_norm()
+        return None if gn is None else float(gn)
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    # ---------------------------------------------------------------- state
+    def save(self, root: Path, step: int, client_state: dict, keep: int) -> Path:
+        rank_state = ({"local_experts": self.expert_parallel.local_state(self.optimizer)}
+                      if self.expert_parallel is not None else None)
+        return checkpoint.save(self.ds, root, step, client_state, keep, rank_state)
+
+    def load(self, tag_dir: Path) -> dict:
+        state = checkpoint.load(self.ds, tag_dir)
+        if self.expert_parallel is not None:
+            self.expert_parallel.load_local_state(checkpoint.load_rank_state(tag_dir)["local_experts"], self.optimizer)
+        return state
+
+    def first_nonfinite(self) -> str | None:
+        return first_nonfinite(self.model, self.optimizer)
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """fp32 copies of all weights, or None where ranks hold shards (ZeRO-3, expert parallelism)."""
+        if self.cfg.engine.zero_stage == 3 or self.expert_parallel is not None:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def adam_state(self) -> dict[str, dict] | None:
+        """name -> Adam moments and hyper-parameters, where they are per parameter (ZeRO-0; ZeRO-1/2 keep flat
+        partitions)."""
+        if self.cfg.engine.zero_stage != 0:
+            return None
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        out = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                if "exp_avg" in state and id(p) in name_of:
+                    out[name_of[id(p)]] = {"exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"],
+                                           "step": int(state["step"]), "lr": group["lr"], "betas": group["betas"],
+                                           "eps": group["eps"]}
+        return out
 
 
-def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
-    """The first weight, buffer, optimizer master weight or optimizer moment holding NaN/Inf on this rank, by
-    name, or None. Under ZeRO the optimizer's parameters are this rank's fp32 master partitions."""
-    names = {id(p): n for n, p in model.named_parameters()}
-
-    def bad(t: torch.Tensor) -> bool:
-        return t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t.detach()).all())
-
-    for name, p in model.named_parameters():
-        if bad(p):
-            return f"weight {name}"
-    for name, b in model.named_buffers():
-        if bad(b):
-            return f"buffer {name}"
-    for gi, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
-            where = names.get(id(p), f"param group {gi} (ZeRO partition)")
-            if bad(p):
-                return f"optimizer master weight {where}"
-            for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and bad(value):
-                    return f"optimizer state {key} of {where}"
-    return None
+def build_engine(cfg: Config, model: torch.nn.Module, world: int, rank: int) -> Engine:
+    return DeepSpeedEngine(cfg, model, world, rank)

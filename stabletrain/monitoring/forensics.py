@@ -20,41 +20,37 @@ import json
 import math
 from pathlib import Path
 
+from typing import Callable
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from stabletrain import StableTrainError
 from stabletrain.models import build_model
 from stabletrain.models.moe import maxvio
 from stabletrain.monitoring.plots import finite, log_scale_if_positive
-from stabletrain.training import checkpoint
+from stabletrain.engine import checkpoint
+from stabletrain.training.callbacks import CALLBACKS, Callback, SpikeContext
 
 
-def investigate(trainer, verdict, batch_index: int, batches: list[torch.Tensor]) -> dict | None:
-    """Collective (every rank calls it); returns {path, cause} on rank 0, None elsewhere."""
-    local = torch.cat(batches).to(trainer.device)
-    gathered = [torch.empty_like(local) for _ in range(trainer.world)]
-    if trainer.world > 1:
-        dist.all_gather(gathered, local)
-    else:
-        gathered = [local]
-    shards_only = trainer.cfg.engine.zero_stage == 3 or trainer.expert_parallel is not None
-    result = None
-    if trainer.is_main:
-        now = None if shards_only else {k: v.detach().float().cpu().clone() for k, v in trainer.model.state_dict().items()}
-        result = _analyse(trainer, verdict, batch_index, torch.cat([g.cpu() for g in gathered]), now, shards_only)
-    if trainer.world > 1:
-        dist.barrier()
-    return result
+@CALLBACKS.register("forensics")
+class Forensics(Callback):
+    """On every spike (monitor.forensics), rank 0 writes <run_dir>/spikes/<step>/ from a SpikeContext."""
 
+    main_rank_only = True
 
-def _positions(trainer, batch_index: int) -> list[int]:
-    """Global stream positions of the gathered rows, in gather order (rank, micro-step, row)."""
-    L = trainer.loader
-    base = batch_index * L.global_batch_size
-    return [base + m * L.micro * trainer.world + r * L.micro + j
-            for r in range(trainer.world) for m in range(L.accum) for j in range(L.micro)]
+    @classmethod
+    def build(cls, trainer) -> "Forensics | None":
+        return cls(trainer.cfg.model, trainer.data.model_kwargs) if trainer.cfg.monitor.forensics else None
+
+    def __init__(self, model_cfg, model_kwargs: Callable[[torch.Tensor], dict]):
+        self.model_cfg = copy.deepcopy(model_cfg)
+        if hasattr(self.model_cfg.residual, "kernel"):
+            self.model_cfg.residual.kernel = "eager"  # no compile for a one-off pass
+        self.model_kwargs = model_kwargs
+
+    def on_spike(self, trainer, ctx: SpikeContext) -> dict:
+        return _analyse(self, ctx)
 
 
 def _block_of(name: str) -> str:
@@ -62,15 +58,13 @@ def _block_of(name: str) -> str:
     return ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
 
 
-def _plain_model(trainer, state: dict):
-    cfg = copy.deepcopy(trainer.cfg.model)
-    cfg.residual.kernel = "eager"  # no compile for a one-off pass
-    model = build_model(cfg)
+def _plain_model(f: Forensics, state: dict):
+    model = build_model(f.model_cfg)
     model.load_state_dict(state)
     return model.eval()
 
 
-def _examine(trainer, model, tokens: torch.Tensor) -> dict:
+def _examine(f: Forensics, model, tokens: torch.Tensor) -> dict:
     """Loss per sequence, gradient norm and per-block gradient norms, gains and routing for one batch."""
     for r in model.routers():
         r.load.zero_()
@@ -79,7 +73,7 @@ def _examine(trainer, model, tokens: torch.Tensor) -> dict:
         i, (out.detach().float().norm(dim=-1).mean() / inp[0].detach().float().norm(dim=-1).mean().clamp(min=1e-30)).item()))
         for i, b in enumerate(model.blocks)]
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs, **trainer.data.model_kwargs(tokens))
+    logits = model(inputs, **f.model_kwargs(tokens))
     for h in hooks:
         h.remove()
     per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), reduction="none")
@@ -100,35 +94,28 @@ def _examine(trainer, model, tokens: torch.Tensor) -> dict:
             "gain_by_block": [block_io[i] for i in sorted(block_io)], "routing": routing}
 
 
-def _adam_update_norms(trainer, model) -> dict[str, float] | None:
-    """Per-block norm of the update AdamW would take with this batch's gradient (moments from the live optimizer;
-    with ZeRO-0 only: ZeRO-1/2 keep them in flat partitions)."""
-    if trainer.cfg.engine.zero_stage != 0:
+def _adam_update_norms(adam_state: dict[str, dict] | None, model) -> dict[str, float] | None:
+    """Per-block norm of the update AdamW would take with this batch's gradient (the live optimizer's moments;
+    None where they are partitioned, ZeRO-1/2)."""
+    if adam_state is None:
         return None
-    opt = trainer.engine.client_optimizer
-    name_of = {id(p): n for n, p in trainer.model.named_parameters()}
-    grads = {n: p.grad for n, p in model.named_parameters()}  # the forensic copy's, same names
     out: dict[str, float] = {}
-    for group in opt.param_groups:
-        b1, b2 = group["betas"]
-        for p in group["params"]:
-            name = name_of.get(id(p))
-            state = opt.state.get(p, {})
-            g = grads.get(name)
-            if g is None or "exp_avg" not in state:
-                continue
-            t = int(state["step"]) + 1
-            m = b1 * state["exp_avg"] + (1 - b1) * g
-            v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
-            upd = group["lr"] * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
-            key = _block_of(name)
-            out[key] = math.sqrt(out.get(key, 0.0) ** 2 + upd.pow(2).sum().item())
+    for name, p in model.named_parameters():  # the forensic copy's gradients, the live moments
+        st = adam_state.get(name)
+        if p.grad is None or st is None:
+            continue
+        (b1, b2), t, g = st["betas"], st["step"] + 1, p.grad
+        m = b1 * st["exp_avg"] + (1 - b1) * g
+        v = b2 * st["exp_avg_sq"] + (1 - b2) * g * g
+        upd = st["lr"] * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + st["eps"])
+        key = _block_of(name)
+        out[key] = math.sqrt(out.get(key, 0.0) ** 2 + upd.pow(2).sum().item())
     return out
 
 
-def _previous_weights(trainer, step: int) -> tuple[Path, dict] | None:
+def _previous_weights(checkpoints: Path, step: int) -> tuple[Path, dict] | None:
     """The newest complete checkpoint before `step` and its fp32 weights (read with weights-only loading)."""
-    for tag_dir, rejection in checkpoint.candidates(trainer.run_dir / "checkpoints"):
+    for tag_dir, rejection in checkpoint.candidates(checkpoints):
         if rejection is None and checkpoint.step_of(tag_dir) < step:
             try:
                 return tag_dir, checkpoint.model_weights(tag_dir)
@@ -148,34 +135,32 @@ def _classify(verdict, metric: str, now_value: float, old_value: float | None, m
                    f"checkpoint, window mean {mu:.4g}: the old state {'spikes too' if cause == 'data' else 'does not spike'}")
 
 
-def _analyse(trainer, verdict, batch_index: int, tokens: torch.Tensor, now_state: dict | None, shards_only: bool) -> dict:
-    out = trainer.run_dir / "spikes" / str(verdict.step)
+def _analyse(f: Forensics, ctx: SpikeContext) -> dict:
+    verdict, tokens = ctx.verdict, ctx.tokens.cpu()
+    out = ctx.checkpoints.parent / "spikes" / str(verdict.step)
     out.mkdir(parents=True, exist_ok=True)
-    positions = _positions(trainer, batch_index)
-    order = getattr(trainer.loader, "order", None)
-    sample_ids = [int(i) for i in order(positions)] if callable(order) else None
-    firing = verdict.firings[0]
-    metric = firing["metric"]
-    now = old = adam = None
-    if not shards_only:
-        model_now = _plain_model(trainer, now_state)
-        now = _examine(trainer, model_now, tokens)
-        adam = _adam_update_norms(trainer, model_now)
-    previous = None if shards_only else _previous_weights(trainer, verdict.step)
+    metric = verdict.firings[0]["metric"]
+    now = old = adam = previous = None
+    if ctx.weights is not None:  # ranks holding shards (ZeRO-3, expert parallelism) get the batch record only
+        model_now = _plain_model(f, ctx.weights)
+        now = _examine(f, model_now, tokens)
+        adam = _adam_update_norms(ctx.adam_state, model_now)
+        previous = _previous_weights(ctx.checkpoints, verdict.step)
     if previous is not None:
-        old = _examine(trainer, _plain_model(trainer, previous[1]), tokens)
-    mu = trainer.spikes.detectors[metric].mean()
+        old = _examine(f, _plain_model(f, previous[1]), tokens)
+    mu = ctx.window_mean(metric)
     observed = verdict.loss if metric == "loss" else verdict.grad_norm
     cause, why = _classify(verdict, metric, observed, None if old is None else old[metric], mu)
-    batch = {"step": verdict.step, "batch_index": batch_index, "positions": positions, "sample_ids": sample_ids,
-             "per_seq_loss_now": now and now["per_seq_loss"], "per_seq_loss_previous_checkpoint": old and old["per_seq_loss"]}
+    batch = {"step": verdict.step, "batch_index": ctx.batch_index, "positions": ctx.positions,
+             "sample_ids": ctx.sample_ids, "per_seq_loss_now": now and now["per_seq_loss"],
+             "per_seq_loss_previous_checkpoint": old and old["per_seq_loss"]}
     (out / "batch.json").write_text(json.dumps(batch) + "\n")
     facts = {"step": verdict.step, "firings": verdict.firings, "response": verdict.response, "cause": cause,
              "why": why, "window_mean": mu, "previous_checkpoint": str(previous[0]) if previous else None,
              "weights": "before the update" if not verdict.applied else "after the update (response log)",
              "now": now, "previous": old, "adam_update_norm_by_block": adam}
     (out / "forensics.json").write_text(json.dumps(facts, indent=1, default=str) + "\n")
-    _plot(trainer, verdict, now, old, out / "spike.png")
+    _plot(ctx.history, verdict, now, old, out / "spike.png")
     (out / "report.md").write_text(_report(verdict, facts, batch))
     return {"path": out, "cause": cause}
 
@@ -213,13 +198,13 @@ def _report(verdict, f: dict, batch: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(trainer, verdict, now: dict | None, old: dict | None, path: Path) -> None:
-    import matplotlib
+def _plot(history: list[tuple], verdict, now: dict | None, old: dict | None, path: Path) -> None:
+    import matplotlib  # an optional heavy import: only a spike pays it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hist = list(trainer.spikes.history)
+    hist = list(history)
     fig, axes = plt.subplots(1, 3 if now else 1, figsize=(15 if now else 6, 3.6), squeeze=False)
     ax = axes[0][0]
     steps = [h[0] for h in hist]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from stabletrain.models.residual import ResidualStream
-from stabletrain.training.trainer import Callback
+from stabletrain.training.callbacks import CALLBACKS, Callback
 
 
 def amax_gains(mats: list[torch.Tensor]) -> tuple[list[float], list[float]]:
@@ -67,8 +67,14 @@ class GainProbe:
         return out
 
 
+@CALLBACKS.register("gains")
 class GainMonitor(Callback):
     """Every `interval` steps (and at step 1), measure gains during the real training step: no extra compute."""
+
+    @classmethod
+    def build(cls, trainer) -> "GainMonitor | None":
+        interval = trainer.cfg.monitor.gain_interval
+        return cls(interval) if interval else None
 
     def __init__(self, interval: int):
         self.interval = interval

@@ -1,21 +1,82 @@
-"""Trainer callbacks that belong to training itself (monitoring callbacks live in stabletrain.monitoring)."""
+"""Trainer callbacks: the hooks, their registry, and the callbacks that belong to training itself.
+
+The loop stays short; everything around it hangs off these hooks. `trainer.callbacks` (a config list of
+registered names) chooses them; each registered factory builds its callback for a trainer, or returns None when
+it does not apply (no MoE layers, logging off, ...). Monitoring callbacks (metric sinks, gains, forensics)
+register themselves in stabletrain.monitoring.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from stabletrain.models.moe import maxvio
 from stabletrain.models.residual import PropagationScalar
-from stabletrain.training.trainer import Callback
+from stabletrain.registry import Registry
+
+CALLBACKS = Registry("callback")
 
 
+@dataclass
+class SpikeContext:
+    """What spike forensics may look at: the step's verdict and data, the weights, and where checkpoints are."""
+
+    verdict: Any  # stabletrain.training.spikes.Verdict
+    batch_index: int
+    positions: list[int]  # global stream positions of `tokens`' rows
+    sample_ids: list[int] | None
+    tokens: torch.Tensor  # [rows, seq_len + 1], every rank's rows (gathered)
+    weights: dict[str, torch.Tensor] | None  # fp32 weights now (None: ranks hold shards)
+    adam_state: dict[str, dict] | None  # per-parameter Adam moments (None where they are partitioned)
+    checkpoints: Path
+    window_mean: Callable[[str], float]  # the detector window's mean for a metric
+    history: list[tuple]  # (step, loss, grad_norm, fired) of recent steps
+
+
+class Callback:
+    """Hooks the trainer calls; subclasses override what they need. metrics dicts may be extended in place."""
+
+    def on_step_begin(self, trainer, step: int) -> None: ...
+
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None: ...
+
+    def on_eval_begin(self, trainer, step: int) -> None: ...
+
+    def on_eval_end(self, trainer, step: int, metrics: dict) -> None: ...
+
+    def on_log(self, trainer, row: dict) -> None:
+        """A metrics row to record (metrics.jsonl, W&B, the console)."""
+
+    def on_event(self, trainer, kind: str, step: int, fields: dict) -> None:
+        """An event (spike, skip_step, rollback, resume, ...) to record."""
+
+    def on_alert(self, trainer, title: str, text: str, wait_s: float) -> None: ...
+
+    def on_spike(self, trainer, ctx: SpikeContext) -> dict | None:
+        """A detector fired; may return {path, cause} of a forensics report."""
+
+    def on_rewind(self, trainer, step: int) -> None:
+        """A rollback restored `step`: what was logged after it belongs to an abandoned timeline."""
+
+    def on_checkpoint(self, trainer, step: int, tag_dir: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@CALLBACKS.register("signal_sync")
 class SignalScalarSync(Callback):
     """Average the BSLO norm EMAs over data-parallel ranks after each step, so every rank applies the same alpha."""
 
+    @classmethod
+    def build(cls, trainer) -> "SignalScalarSync | None":
+        return cls() if trainer.cfg.model.signal_scaling == "bslo" else None
+
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
         scalars = [m for m in trainer.model.modules() if isinstance(m, PropagationScalar)]
-        if not scalars:
-            return
         if trainer.world > 1:
             flat = torch.stack([t for m in scalars for t in (m.ema_in, m.ema_out)])
             dist.all_reduce(flat)
@@ -42,9 +103,14 @@ def update_router_biases(routers, loads: torch.Tensor) -> None:
         router.after_step(load)
 
 
+@CALLBACKS.register("moe_balance")
 class MoEBalance(Callback):
-    """After every step: global expert loads -> MaxVio metrics and the aux-free bias update; after evaluation:
-    MaxVio over the whole validation pass (moe/maxvio_global)."""
+    """After every step: global expert loads -> MaxVio metrics and the routers' balancing update; after
+    evaluation: MaxVio over the whole validation pass (moe/maxvio_global)."""
+
+    @classmethod
+    def build(cls, trainer) -> "MoEBalance | None":
+        return cls() if trainer.model.routers() else None
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
         routers = trainer.model.routers()
@@ -70,7 +136,24 @@ class MoEBalance(Callback):
         metrics["moe/maxvio_global"] = sum(maxvio(load) for load in loads) / len(loads)
         self._reset(trainer.model.routers())
 
+    def on_rewind(self, trainer, step: int) -> None:
+        self._reset(trainer.model.routers())  # the abandoned step's expert loads
+
     @staticmethod
     def _reset(routers) -> None:
         for r in routers:
             r.load.zero_()
+
+
+def build_callbacks(names: list[str], trainer, main_rank: bool) -> list[Callback]:
+    """The configured callbacks that apply to this run, in order (registered with `main_rank_only = True`:
+    rank 0 only)."""
+    out = []
+    for name in names:
+        cls = CALLBACKS[name].obj
+        if getattr(cls, "main_rank_only", False) and not main_rank:
+            continue
+        cb = cls.build(trainer)
+        if cb is not None:
+            out.append(cb)
+    return out

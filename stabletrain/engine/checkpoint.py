@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import xxhash
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from stabletrain import distributed as dist_utils
 from stabletrain.engine import safe_load
@@ -49,6 +50,7 @@ class Rejection:
     file: str | None
     reason: str
     interrupted: bool = False  # a save that never finished (no manifest): not a damaged checkpoint
+    partial: bool = False  # loading failed midway: the engine may hold half-restored state
 
     def __str__(self) -> str:
         return self.reason if self.file is None or self.reason.startswith(self.file) else f"{self.file}: {self.reason}"
@@ -226,7 +228,5 @@ def model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     if states and states[0].name.startswith("mp_rank_"):
         module = safe_load.load(states[0], map_location="cpu")["module"]
         return {k: v.float() for k, v in module.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # ZeRO-3 only
-
     with safe_load.weights_only_loading():
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

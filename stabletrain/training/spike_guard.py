@@ -1,0 +1,110 @@
+"""The spike component: detection, what to do about a firing, skip lists, the rollbacks' bookkeeping and fault
+injection, behind a narrow interface to the loop. It decides; the loop acts (veto, save, restore, stop).
+
+    guard.next_batch(index) -> index         the first global batch at or after `index` that no range skips
+    guard.injection(step, batch) -> kind     monitor.inject (a testing aid); perturb_batches / perturb_loss apply it
+    guard.judge(step, loss, grad_norm)       the detectors' Verdict (applied or vetoed)
+    guard.decide(verdict, batch) -> Decision continue | skip | rollback (with the batches to skip) | stop
+    guard.record_rollback(step, skip)        after the loop restored a checkpoint
+    guard.state_dict() / load_state_dict()   detector windows, skip ranges, rollbacks: saved in checkpoints
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stabletrain.config import MonitorConfig
+from stabletrain.training.spikes import SkipList, SpikeMonitor, Verdict
+
+
+@dataclass
+class Decision:
+    action: str  # continue | skip | rollback | stop
+    reason: str = ""
+    skip: list[int] | None = None  # rollback: [start, end) of the global batches to skip
+
+
+class SpikeGuard:
+    def __init__(self, cfg: MonitorConfig, skip_batches, vocab_size: int):
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.monitor = SpikeMonitor(cfg)
+        self.skips = SkipList(skip_batches)
+        self.rollbacks: list[int] = []  # steps at which a rollback happened (capped by monitor.max_rollbacks)
+        self._injected = False
+
+    def next_batch(self, batch_index: int) -> int:
+        return self.skips.next_allowed(batch_index)
+
+    # ---------------------------------------------------------------- fault injection (a testing aid)
+    def injection(self, step: int, batch_index: int) -> str | None:
+        """`poison` is tied to the data (the batch of an uninterrupted run's step, so a rollback that skips it
+        clears it); `loss`/`nan_loss` perturb the state once per process."""
+        inj = self.cfg.inject
+        if inj.step is None:
+            return None
+        if inj.kind == "poison":
+            return "poison" if batch_index == inj.step - 1 else None
+        if step == inj.step and not self._injected:
+            self._injected = True
+            return inj.kind
+        return None
+
+    def perturb_batches(self, kind: str | None, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        if kind == "poison":  # one rare token repeated: a batch that spikes from any state
+            return [torch.full_like(b, self.vocab_size - 1) for b in batches]
+        return batches
+
+    def perturb_loss(self, kind: str | None, loss: torch.Tensor) -> torch.Tensor:
+        if kind == "loss":
+            return loss * self.cfg.inject.scale
+        if kind == "nan_loss":
+            return loss * float("nan")
+        return loss
+
+    # ---------------------------------------------------------------- detection and response
+    def judge(self, step: int, loss: float, grad_norm: float | None) -> Verdict:
+        return self.monitor.judge(step, loss, grad_norm)
+
+    def engine_skipped(self, step: int, loss: float, grad_norm: float | None) -> Verdict:
+        """The engine dropped the update itself (its overflow check): judged, and never applied."""
+        verdict = self.monitor.judge(step, loss, grad_norm)
+        verdict.applied = False
+        return verdict
+
+    def decide(self, verdict: Verdict, batch_index: int) -> Decision:
+        if not verdict.fired:
+            if verdict.applied:
+                return Decision("continue")
+            return Decision("skip", "DeepSpeed skipped the update (non-finite gradients)")
+        cause = verdict.firings[0]["kind"]
+        if verdict.response == "log":
+            return Decision("continue")
+        if verdict.response == "skip_step":
+            return Decision("skip", cause)
+        if verdict.response == "stop":
+            return Decision("stop", "monitor response 'stop'")
+        m = self.cfg
+        recent = [s for s in self.rollbacks if s > verdict.step - m.rollback_window]
+        if len(recent) >= m.max_rollbacks:
+            return Decision("stop", f"{len(recent)} rollbacks within {m.rollback_window} steps (monitor.max_rollbacks)")
+        n = m.rollback_skip_batches
+        return Decision("rollback", cause, [max(0, batch_index - n + 1), batch_index + 1] if n else None)
+
+    def record_rollback(self, step: int, skip: list[int] | None) -> None:
+        if skip:
+            self.skips.add(*skip)
+        self.rollbacks.append(step)
+
+    # ---------------------------------------------------------------- checkpointed state
+    def state_dict(self) -> dict:
+        return {"spike_monitor": self.monitor.state_dict(), "skip_batches": self.skips.ranges,
+                "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Detector windows from the checkpoint; skip ranges and rollbacks merged with those already known (a
+        rollback restores an older checkpoint but keeps the ranges it added)."""
+        if "spike_monitor" in state:
+            self.monitor.load_state_dict(state["spike_monitor"])
+            self.skips.merge(state["skip_batches"])
+            self.rollbacks = sorted(set(self.rollbacks) | set(state["rollbacks"]))
