@@ -14,4 +14,4 @@ $py bench/throughput.py --steps 10 --repeats 3 "${common[@]}" model.d_model=2048
   --out "$out/throughput_1b.json" 2>&1 | tee "$out/throughput_1b.log"
 # Residual overhead at the LayerNorm-Scaling paper's 1B shape (24 layers, d=2048), n = 4 streams.
 $py bench/residual_overhead.py --steps 5 --repeats 3 "${common[@]}" model.d_model=2048 model.n_heads=32 \
-  model.n_layers=24 model.ffn_hidden=5461 --out "$out/residual_overhead_1b.json" 2>&1 | tee "$out/residual_overhead_1b.log"
+  model.n_layers=24 model.ffn.hidden=5461 --out "$out/residual_overhead_1b.json" 2>&1 | tee "$out/residual_overhead_1b.log"

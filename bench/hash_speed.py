@@ -1,7 +1,8 @@
 """Checkpoint digests: seconds per GB of sha256, blake2b and xxh3-128 against a plain read, on one file.
 
-    python bench/hash_speed.py --size-gb 1            # writes a temporary file of random bytes first
+python bench/hash_speed.py --size-gb 1            # writes a temporary file of random bytes first
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,15 @@ def main() -> None:
     try:
         seconds(path, None)  # page cache warm: every row then measures hashing, not the disk
         gb = os.path.getsize(path) / 1e9
-        rows = {name: min(seconds(path, make) for _ in range(args.repeats)) / gb
-                for name, make in (("read only", None), ("sha256", hashlib.sha256), ("blake2b", hashlib.blake2b),
-                                   ("xxh3_128", xxhash.xxh3_128))}
+        rows = {
+            name: min(seconds(path, make) for _ in range(args.repeats)) / gb
+            for name, make in (
+                ("read only", None),
+                ("sha256", hashlib.sha256),
+                ("blake2b", hashlib.blake2b),
+                ("xxh3_128", xxhash.xxh3_128),
+            )
+        }
     finally:
         os.unlink(path)
     for name, s in rows.items():

@@ -12,6 +12,7 @@
    compared with what training consumes per second (docs/BENCHMARKS.md: 3,995 tokens/s for the default tiny model,
    778 tokens/s at d=512, same batch shape).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+from stabletrain.cli import compose_config  # noqa: E402
 from stabletrain.data.dataset import RankLoader  # noqa: E402
 from stabletrain.data.prepare import prepare  # noqa: E402
-from stabletrain.cli import compose_config  # noqa: E402
 from stabletrain.data.setup import build_data, ensure_tokenizer  # noqa: E402
 from stabletrain.data.sources import iter_texts  # noqa: E402
-
 
 
 def compose_data(overrides: list[str]):
@@ -61,9 +61,16 @@ def sentencepiece_loop(texts: list[str], model: str, repeats: int) -> dict:
 
 
 def prepare_runs(workers: int, repeats: int, shard_docs: int, corpus: Path, tokenizer: Path) -> dict:
-    cfg = compose_data(["data=local", f"data.path={corpus}/*.jsonl", f"data.tokenizer.path={tokenizer}",
-                        f"data.val_files=[{REPO / 'data/shakespeare/val.jsonl'}]", "data.val_docs=0",
-                        f"data.prepare.shard_docs={shard_docs}"])
+    cfg = compose_data(
+        [
+            "data=local",
+            f"data.path={corpus}/*.jsonl",
+            f"data.tokenizer.path={tokenizer}",
+            f"data.val_files=[{REPO / 'data/shakespeare/val.jsonl'}]",
+            "data.val_docs=0",
+            f"data.prepare.shard_docs={shard_docs}",
+        ]
+    )
     totals, per_worker, manifests = [], [], []
     for _ in range(repeats):
         out = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
@@ -74,9 +81,14 @@ def prepare_runs(workers: int, repeats: int, shard_docs: int, corpus: Path, toke
             manifests.append(result["manifest"]["sources"]["local"]["splits"]["train"]["tokens"])
         finally:
             shutil.rmtree(out)
-    return {"workers": workers, "tokens_per_s_total": statistics.median(totals), "all_total": totals,
-            "tokens_per_s_per_worker": statistics.median(per_worker), "all_per_worker": per_worker,
-            "train_tokens": manifests[0]}
+    return {
+        "workers": workers,
+        "tokens_per_s_total": statistics.median(totals),
+        "all_total": totals,
+        "tokens_per_s_per_worker": statistics.median(per_worker),
+        "all_per_worker": per_worker,
+        "train_tokens": manifests[0],
+    }
 
 
 def loader_rate(data, steps: int, doc_ids: bool = False) -> float:
@@ -107,18 +119,24 @@ def main() -> None:
     for i in range(args.copies):
         shutil.copy(TRAIN, corpus / f"part{i:02d}.jsonl")
     texts = list(iter_texts(sorted(str(p) for p in corpus.glob("*.jsonl"))))
-    results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-               "python": platform.python_version(), "corpus_bytes": sum(len(t.encode()) for t in texts),
-               "copies": args.copies}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
+        "corpus_bytes": sum(len(t.encode()) for t in texts),
+        "copies": args.copies,
+    }
     results["sentencepiece_loop"] = sp = sentencepiece_loop(texts, str(tok.path), args.repeats)
     print(f"sentencepiece loop (1 thread): {sp['tokens_per_s']:,.0f} tokens/s ({sp['tokens']:,} tokens)")
     results["prepare"] = []
     for workers in (1, 2):
         r = prepare_runs(workers, args.repeats, args.shard_docs, corpus, tok.path)
         results["prepare"].append(r)
-        print(f"prepare, {workers} worker(s): {r['tokens_per_s_total']:,.0f} tokens/s total, "
-              f"{r['tokens_per_s_per_worker']:,.0f} tokens/s per worker "
-              f"({r['tokens_per_s_per_worker'] / sp['tokens_per_s']:.2f} of the bare loop)")
+        print(
+            f"prepare, {workers} worker(s): {r['tokens_per_s_total']:,.0f} tokens/s total, "
+            f"{r['tokens_per_s_per_worker']:,.0f} tokens/s per worker "
+            f"({r['tokens_per_s_per_worker'] / sp['tokens_per_s']:.2f} of the bare loop)"
+        )
 
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         prepare(compose_data([f"data.prepare.shard_docs={args.shard_docs}"]), tmp, workers=1, progress=False)
@@ -129,14 +147,24 @@ def main() -> None:
             (mixture_dir / f"part{i}.jsonl").write_text("".join(lines[i::3]))
         mixture = ["data=local", "data.name=mix", "data.seq_len=256", f"data.tokenizer.path={tok.path}"] + [
             f"+data.sources.part{i}={{train_files: ['{mixture_dir}/part{i}.jsonl'], val_docs: 1, weight: {w}}}"
-            for i, w in enumerate((0.5, 0.3, 0.2))]
+            for i, w in enumerate((0.5, 0.3, 0.2))
+        ]
         variants = {
             "on-the-fly array": (build_data(compose_data(["data.seq_len=256"]), 0, True), False),
-            "pretokenized shards (memmap)": (build_data(compose_data(
-                ["data.seq_len=256", "data.format=pretokenized", f"data.path={tmp}"]), 0, True), False),
-            "pretokenized + doc ids": (build_data(compose_data(
-                ["data.seq_len=256", "data.format=pretokenized", f"data.path={tmp}", "data.doc_mask=true"]), 0, True),
-                True),
+            "pretokenized shards (memmap)": (
+                build_data(compose_data(["data.seq_len=256", "data.format=pretokenized", f"data.path={tmp}"]), 0, True),
+                False,
+            ),
+            "pretokenized + doc ids": (
+                build_data(
+                    compose_data(
+                        ["data.seq_len=256", "data.format=pretokenized", f"data.path={tmp}", "data.doc_mask=true"]
+                    ),
+                    0,
+                    True,
+                ),
+                True,
+            ),
             "3-source mixture": (build_data(compose_data(mixture), 0, True), False),
         }
         results["loader"] = {}

@@ -6,6 +6,7 @@
 Each variant is a full stabletrain Trainer (DeepSpeed engine, real data); timed blocks rotate through the
 variants `--repeats` times and the median step time per variant is reported with its ratio to the baseline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import compose_config, timed  # noqa: E402
-
 import torch  # noqa: E402
+from throughput import compose_config, timed  # noqa: E402
 
 from stabletrain.config import to_container, to_object, validate  # noqa: E402
 from stabletrain.models import param_count  # noqa: E402
@@ -68,16 +68,28 @@ def main() -> None:
 
     base = statistics.median(times[args.variants[0]])
     any_cfg = next(iter(trainers.values())).cfg
-    print(f"\n{datetime.datetime.now().isoformat(timespec='seconds')}  device {next(iter(trainers.values())).device}"
-          f"  torch {torch.__version__}  threads {torch.get_num_threads()}  precision {any_cfg.precision.dtype}")
-    print(f"  d_model {any_cfg.model.d_model}, {any_cfg.model.n_layers} layers, seq {any_cfg.data.seq_len}, "
-          f"micro batch {any_cfg.trainer.micro_batch_size}; {args.repeats} x {args.steps} timed steps per variant")
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "overrides": args.overrides, "variants": {}}
+    print(
+        f"\n{datetime.datetime.now().isoformat(timespec='seconds')}  device {next(iter(trainers.values())).device}"
+        f"  torch {torch.__version__}  threads {torch.get_num_threads()}  precision {any_cfg.precision.dtype}"
+    )
+    print(
+        f"  d_model {any_cfg.model.d_model}, {any_cfg.model.n_layers} layers, seq {any_cfg.data.seq_len}, "
+        f"micro batch {any_cfg.trainer.micro_batch_size}; {args.repeats} x {args.steps} timed steps per variant"
+    )
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "overrides": args.overrides,
+        "variants": {},
+    }
     print(f"  {'variant':<10} {'params':>12} {'step s':>9} {'vs ' + args.variants[0]:>12}")
     for name, trainer in trainers.items():
         med = statistics.median(times[name])
-        result["variants"][name] = {"params": param_count(trainer.cfg.model), "step_s": med, "ratio": med / base,
-                                    "all_step_s": times[name]}
+        result["variants"][name] = {
+            "params": param_count(trainer.cfg.model),
+            "step_s": med,
+            "ratio": med / base,
+            "all_step_s": times[name],
+        }
         print(f"  {name:<10} {param_count(trainer.cfg.model):>12,} {med:>9.3f} {med / base:>11.3f}x")
     print(f"  wall time {time.perf_counter() - wall0:.0f} s")
     if args.out:

@@ -8,6 +8,7 @@ clipping and batches. Timed blocks alternate (framework, bare, framework, ...) t
 the reported tokens/s is the median over repeats. The bare loop mirrors fp32 ZeRO-0 (plain torch AdamW), so
 the ratio is like-for-like only for precision=fp32 engine=zero0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,17 @@ class BareLoop:
         t, o = cfg.trainer, cfg.optim
         torch.manual_seed(t.seed)  # same initial weights as the trainer's model
         self.model = build_model(cfg.model).to(trainer.device).train()
-        self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                     eps=o.eps)
+        self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(lr_multiplier, cfg=cfg))
         # Same sample order over the same packed corpus: batch k here is batch k of the trainer.
-        self.loader = RankLoader(trainer.data.train, GlobalOrder(len(trainer.data.train), t.seed),
-                                 t.micro_batch_size, t.grad_accum_steps, 0, 1)
+        self.loader = RankLoader(
+            trainer.data.train,
+            GlobalOrder(len(trainer.data.train), t.seed),
+            t.micro_batch_size,
+            t.grad_accum_steps,
+            0,
+            1,
+        )
         self.accum, self.clip, self.device = t.grad_accum_steps, o.grad_clip or math.inf, trainer.device
 
     def step(self) -> float:
@@ -137,33 +143,53 @@ def main() -> None:
     paired = statistics.median(f / b for f, b in zip(fw_tps, bare_tps))
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(trainer.device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(trainer.device),
         "overrides": args.overrides,
-        "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "params": param_count(cfg.model),
-        "seq_len": cfg.data.seq_len, "micro_batch": t.micro_batch_size, "grad_accum": t.grad_accum_steps,
-        "precision": cfg.precision.dtype, "zero_stage": cfg.engine.zero_stage,
-        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "tokens_per_step": tokens_per_step,
-        "framework_tokens_per_s": fw_tps, "bare_tokens_per_s": bare_tps,
-        "framework_tokens_per_s_median": fw_med, "bare_tokens_per_s_median": bare_med,
-        "ratio": fw_med / bare_med, "paired_ratio_median": paired,
+        "d_model": cfg.model.d_model,
+        "n_layers": cfg.model.n_layers,
+        "params": param_count(cfg.model),
+        "seq_len": cfg.data.seq_len,
+        "micro_batch": t.micro_batch_size,
+        "grad_accum": t.grad_accum_steps,
+        "precision": cfg.precision.dtype,
+        "zero_stage": cfg.engine.zero_stage,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "tokens_per_step": tokens_per_step,
+        "framework_tokens_per_s": fw_tps,
+        "bare_tokens_per_s": bare_tps,
+        "framework_tokens_per_s_median": fw_med,
+        "bare_tokens_per_s_median": bare_med,
+        "ratio": fw_med / bare_med,
+        "paired_ratio_median": paired,
         "final_loss": {"framework": fw_loss, "bare": bare_loss},  # same data, same steps: should agree
         "min_cpu_busy": min(busy),
         "wall_s": time.perf_counter() - wall0,
     }
 
     print(f"\n{result['date']}  cpu: {result['cpu']} ({result['cpu_count']} cores)  torch {result['torch']}")
-    rows = [("d_model", cfg.model.d_model), ("n_layers", cfg.model.n_layers), ("params", f"{result['params']:,}"),
-            ("seq_len", cfg.data.seq_len), ("micro batch", f"{t.micro_batch_size} x accum {t.grad_accum_steps}"),
-            ("precision", cfg.precision.dtype), ("zero stage", cfg.engine.zero_stage),
-            ("torch threads", result["torch_threads"]),
-            ("steps", f"{args.warmup} warmup + {args.repeats} x {args.steps} timed per side"),
-            ("tokens/s framework", f"{fw_med:,.0f}  (" + ", ".join(f"{x:,.0f}" for x in fw_tps) + ")"),
-            ("tokens/s bare", f"{bare_med:,.0f}  (" + ", ".join(f"{x:,.0f}" for x in bare_tps) + ")"),
-            ("ratio framework/bare", f"{result['ratio']:.3f}  (median of per-repeat ratios: {paired:.3f})"),
-            ("final loss fw / bare", f"{fw_loss:.6f} / {bare_loss:.6f}"),
-            ("min CPU busy", f"{min(busy):.0%} of {torch.get_num_threads()} threads (per timed block)"),
-            ("wall time", f"{result['wall_s']:.1f} s")]
+    rows = [
+        ("d_model", cfg.model.d_model),
+        ("n_layers", cfg.model.n_layers),
+        ("params", f"{result['params']:,}"),
+        ("seq_len", cfg.data.seq_len),
+        ("micro batch", f"{t.micro_batch_size} x accum {t.grad_accum_steps}"),
+        ("precision", cfg.precision.dtype),
+        ("zero stage", cfg.engine.zero_stage),
+        ("torch threads", result["torch_threads"]),
+        ("steps", f"{args.warmup} warmup + {args.repeats} x {args.steps} timed per side"),
+        ("tokens/s framework", f"{fw_med:,.0f}  (" + ", ".join(f"{x:,.0f}" for x in fw_tps) + ")"),
+        ("tokens/s bare", f"{bare_med:,.0f}  (" + ", ".join(f"{x:,.0f}" for x in bare_tps) + ")"),
+        ("ratio framework/bare", f"{result['ratio']:.3f}  (median of per-repeat ratios: {paired:.3f})"),
+        ("final loss fw / bare", f"{fw_loss:.6f} / {bare_loss:.6f}"),
+        ("min CPU busy", f"{min(busy):.0%} of {torch.get_num_threads()} threads (per timed block)"),
+        ("wall time", f"{result['wall_s']:.1f} s"),
+    ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")

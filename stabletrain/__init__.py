@@ -1,4 +1,5 @@
 """stabletrain: pre-training of large language models that stay stable at scale."""
+
 from pathlib import Path
 
 __version__ = "0.1.0"

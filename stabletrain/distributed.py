@@ -1,4 +1,5 @@
 """Process-group setup that works alike under `python train.py` (one process, no launcher) and torchrun."""
+
 from __future__ import annotations
 
 import datetime
@@ -9,6 +10,10 @@ import socket
 
 import torch
 import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it before DeepSpeed imports, instead of it guessing aloud
+import deepspeed  # noqa: E402
 
 RUN_STAMP_ENV = "STABLETRAIN_RUN_STAMP"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # in the order of precedence when ranks disagree
@@ -51,13 +56,9 @@ def init_process_group(backend: str) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, instead of DeepSpeed warning that it guessed
     if backend == "gloo":
         # DeepSpeed JIT-compiles a shared-memory op (35-50 s) used only by inference all-reduce; skip it on CPU.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    import deepspeed
-
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     deepspeed.init_distributed(dist_backend=backend)

@@ -9,6 +9,7 @@ A registry tied to a Hydra config group also stores each entry's config dataclas
 (`model/residual=mhc` selects it at compose time, and a misspelt field of it fails there, naming the key). The
 dataclass is where that component's defaults live.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

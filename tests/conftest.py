@@ -6,7 +6,11 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.pop("WANDB_API_KEY", None)
 torch.set_flush_denormal(True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share the cores: one thread each, as the subprocess runs get (OMP_NUM_THREADS=1).
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

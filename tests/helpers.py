@@ -1,19 +1,41 @@
-"""Shared helpers: run train.py as a user would, read run-directory files."""
+"""Shared helpers: train as a user would (in this process, or through train.py / torchrun where the process is what
+is tested), compose configs, read run-directory files."""
+
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+
+from stabletrain.cli import compose_config as compose_typed
+from stabletrain.cli import setup
+from stabletrain.cli.train import run
+from stabletrain.config import check_overrides, to_object, validate_data
+from stabletrain.models import RESIDUAL_STREAMS, ROUTERS
+from stabletrain.models.moe import MoEConfig
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 # A model small enough for 2 CPU cores; the bundled corpus and tokenizer.
-TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "data.seq_len=64",
-        "trainer.micro_batch_size=8", "trainer.eval_batches=2", "optim.warmup_steps=2", "optim.lr=3e-3",
-        "logging.progress=false"]
+TINY = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "data.seq_len=64",
+    "trainer.micro_batch_size=8",
+    "trainer.eval_batches=2",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "logging.progress=false",
+]
 
 
 def env() -> dict:
@@ -24,20 +46,47 @@ def env() -> dict:
     return e
 
 
-def train(run_dir: Path | None, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 300,
-          cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run train.py (under torchrun when nproc > 1) with the TINY model and the given overrides.
-    run_dir=None leaves the run directory to the default (outputs/<timestamp> under cwd)."""
-    args = [*TINY, *overrides] + ([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])
-    script = str(REPO / "train.py")
-    if nproc > 1:
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+def train(
+    run_dir: Path | None,
+    *overrides: str,
+    nproc: int = 1,
+    check: bool = True,
+    timeout: int = 300,
+    cwd: Path = REPO,
+    subprocess_: bool = False,
+) -> subprocess.CompletedProcess:
+    """Train the TINY model with the given overrides, as train.py would: in this process by default (what a run
+    does is the same; the interpreter start-up and the DeepSpeed import are not paid again), through train.py
+    when `subprocess_` or `run_dir` is None, under torchrun when nproc > 1. Returns the exit status and output."""
+    args = [*TINY, *overrides]
+    if nproc == 1 and not subprocess_ and run_dir is not None and cwd == REPO:
+        proc = _train_here(Path(run_dir), args)
     else:
-        cmd = [PYTHON, script, *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+        args += [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
+        script = str(REPO / "train.py")
+        launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = [*(launcher if nproc > 1 else [PYTHON]), script, *args]
+        proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def _train_here(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """What `python train.py <args> hydra.run.dir=<run_dir>` does, in this process."""
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    setup()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        error = check_overrides(args, REPO / "conf")
+        if error:
+            print(f"stabletrain: config error: {error}", file=sys.stderr)
+            status = 1
+        else:
+            try:
+                run(compose_config(*args), run_dir)
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["train.py", *args], status, out.getvalue(), err.getvalue())
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -55,10 +104,6 @@ def val_rows(run_dir: Path) -> list[dict]:
 
 def compose_config(*overrides: str):
     """The composed (DictConfig) config tree with the given overrides, as train.py composes it."""
-    from hydra import compose, initialize_config_dir
-
-    from stabletrain.cli import setup
-
     setup()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
@@ -66,46 +111,33 @@ def compose_config(*overrides: str):
 
 def composed(*overrides: str):
     """The typed Config for these overrides."""
-    from stabletrain.config import to_object
-
     return to_object(compose_config(*overrides))
 
 
 def train_inprocess(run_dir: Path, *overrides: str) -> list[dict]:
-    """Train in this process (no interpreter start-up, no DeepSpeed import per run); returns the training rows.
-    For end-to-end tests where a separate process is not what is tested."""
-    from stabletrain.cli.train import run
-
-    run(compose_config(*TINY, "logging=none", *overrides), Path(run_dir))
+    """Train in this process with logging off; returns the training rows."""
+    train(run_dir, "logging=none", *overrides)
     return train_rows(Path(run_dir))
 
 
 def residual_config(kind: str = "standard", **fields):
     """The registered config of residual stream `kind` (what model/residual=<kind> selects)."""
-    from stabletrain.models import RESIDUAL_STREAMS
-
     return RESIDUAL_STREAMS[kind].config(**fields)
 
 
-def moe_config(router: str = "aux_free", **fields):
+def moe_config(router: str = "aux_free", **fields) -> MoEConfig:
     """An MoEConfig with router `router` (what model/ffn=moe model/ffn/router=<router> selects); each keyword goes
     to whichever of the two configs has that field."""
-    import dataclasses
-
-    from stabletrain.models import ROUTERS
-    from stabletrain.models.moe import MoEConfig
-
     router_cls = ROUTERS[router].config
     own = {f.name for f in dataclasses.fields(router_cls)}
-    return MoEConfig(router=router_cls(**{k: v for k, v in fields.items() if k in own}),
-                     **{k: v for k, v in fields.items() if k not in own})
+    return MoEConfig(
+        router=router_cls(**{k: v for k, v in fields.items() if k in own}),
+        **{k: v for k, v in fields.items() if k not in own},
+    )
 
 
 def compose_data(overrides: list[str]):
     """The validated `data` node for these overrides (what the data CLIs compose)."""
-    from stabletrain.cli import compose_config as compose_typed
-    from stabletrain.config import validate_data
-
     data = compose_typed(list(overrides)).data
     validate_data(data)
     return data

@@ -4,6 +4,7 @@
 configs: unknown keys, wrong types, values outside a closed vocabulary) or validate()'s (ranges, cross-field
 rules, paths, the machine). A few cases also run through train.py itself to check the exit status and stderr.
 """
+
 import json
 import math
 import subprocess
@@ -16,11 +17,9 @@ import torch
 
 from stabletrain import StableTrainError
 from stabletrain.config import Config, ConfigError, check_overrides, register, validate
-from tests.helpers import composed, PYTHON, REPO, env
+from tests.helpers import PYTHON, REPO, composed, env
 
 register()
-
-
 
 
 def cli_error(*overrides: str) -> str | None:
@@ -41,7 +40,10 @@ CASES = [
     ("model=no_such_preset", "no_such_preset"),
     ("model/residual=mch", "Could not find 'model/residual/mch'"),
     ("model.residual=mhc", "model.residual='mhc': choose it with model/residual=<name> (one of: hc, mhc, standard)"),
-    ("model.residual.kind=mhc", "model.residual.kind=mhc does not swap the component (standard is selected): use model/residual=mhc"),
+    (
+        "model.residual.kind=mhc",
+        "model.residual.kind=mhc does not swap the component (standard is selected): use model/residual=mhc",
+    ),
     ("model.residual.kernel=fused", "Could not override 'model.residual.kernel'"),
     ("precision.dtype=fp16", "Invalid value 'fp16'"),
     ("optim.schedule=linear", "Invalid value 'linear'"),
@@ -97,7 +99,10 @@ CASES = [
     ("data.train_files=[/nonexistent/corpus.jsonl]", "data.train_files: file not found: /nonexistent/corpus.jsonl"),
     ("trainer.resume=/nonexistent/run/checkpoints", "trainer.resume=/nonexistent/run/checkpoints: no such directory"),
     ("data.format=pretokenized", "data.format=pretokenized needs data.path="),
-    ("data.format=pretokenized data.path=/nonexistent/prepared", "data.path=/nonexistent/prepared holds no manifest.json"),
+    (
+        "data.format=pretokenized data.path=/nonexistent/prepared",
+        "data.path=/nonexistent/prepared holds no manifest.json",
+    ),
     ("data=local", "data.train_files is empty (data=local needs data.path="),
 ]
 if not torch.cuda.is_available():
@@ -154,8 +159,12 @@ def test_every_number_in_the_schema_declares_its_range():
     from stabletrain.models import FEED_FORWARDS, RESIDUAL_STREAMS, ROUTERS
 
     classes = [Config] + [e.config for reg in (RESIDUAL_STREAMS, FEED_FORWARDS, ROUTERS) for e in reg]
-    missing = [f"{cls.__name__}.{key}" for cls in classes for key, tp, f in _walk(cls)
-               if _numeric(tp) and "range" not in f.metadata]
+    missing = [
+        f"{cls.__name__}.{key}"
+        for cls in classes
+        for key, tp, f in _walk(cls)
+        if _numeric(tp) and "range" not in f.metadata
+    ]
     assert missing == [], missing
 
 
@@ -165,8 +174,13 @@ def _data_error(tmp_path: Path, *overrides: str) -> str:
     from tests.helpers import compose_data
 
     try:
-        build_data(compose_data([*overrides, f"data.tokenizer.path={tmp_path / 'tok' / 'sp.model'}",
-                                 "data.tokenizer.vocab_size=300"]), seed=0, is_main=True)
+        build_data(
+            compose_data(
+                [*overrides, f"data.tokenizer.path={tmp_path / 'tok' / 'sp.model'}", "data.tokenizer.vocab_size=300"]
+            ),
+            seed=0,
+            is_main=True,
+        )
     except StableTrainError as e:
         return str(e)
     raise AssertionError(f"{overrides} was accepted")
@@ -178,9 +192,14 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 DATA_CASES = [
-    ("not_json", b"this is not json\n{\"text\": \"x\"}\n", "bad.jsonl", [], "cannot be read as json"),
-    ("strict_utf8_text", b"hello \xff\xfe world\n", "bad.txt", ["data.utf8_errors=strict", "data.val_docs=1"],
-     "not valid UTF-8"),
+    ("not_json", b'this is not json\n{"text": "x"}\n', "bad.jsonl", [], "cannot be read as json"),
+    (
+        "strict_utf8_text",
+        b"hello \xff\xfe world\n",
+        "bad.txt",
+        ["data.utf8_errors=strict", "data.val_docs=1"],
+        "not valid UTF-8",
+    ),
     ("strict_utf8_jsonl", b'{"text": "ok"}\n', "bad.jsonl", ["data.utf8_errors=strict"], None),
     ("missing_field", b'{"body": "text"}\n' * 20, "bad.jsonl", ["data.text_field=text"], "has no field 'text'"),
     ("empty_file", b"", "empty.jsonl", [], "empty"),
@@ -188,8 +207,9 @@ DATA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, content, filename, extra, needle", [c for c in DATA_CASES if c[4]],
-                         ids=[c[0] for c in DATA_CASES if c[4]])
+@pytest.mark.parametrize(
+    "name, content, filename, extra, needle", [c for c in DATA_CASES if c[4]], ids=[c[0] for c in DATA_CASES if c[4]]
+)
 def test_bad_data_file_is_one_line_naming_the_file(tmp_path, name, content, filename, extra, needle):
     bad = _write(tmp_path / filename, content)
     val = _write(tmp_path / "val.jsonl", b'{"text": "held out text"}\n' * 5)
@@ -203,21 +223,34 @@ def test_bad_data_file_is_one_line_naming_the_file(tmp_path, name, content, file
 def test_tokenizer_path_under_a_file_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     assert "is a file, so no tokenizer can be written below it" in cli_error(
-        f"data.tokenizer.path={tmp_path / 'afile' / 'sp.model'}")
+        f"data.tokenizer.path={tmp_path / 'afile' / 'sp.model'}"
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, needle", [
-    (["optim.lr=nan"], "optim.lr=nan must be > 0"),
-    (["optim.betas=[0.9]"], "optim.betas=[0.9] must have 2 entries"),
-    (["trainer.resume=/nonexistent/ckpts"], "trainer.resume=/nonexistent/ckpts: no such directory"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["optim.lr=nan"], "optim.lr=nan must be > 0"),
+        (["optim.betas=[0.9]"], "optim.betas=[0.9] must have 2 entries"),
+        (["trainer.resume=/nonexistent/ckpts"], "trainer.resume=/nonexistent/ckpts: no such directory"),
+    ],
+)
 def test_train_py_prints_one_line_and_exits_2(tmp_path, overrides, needle):
-    proc = subprocess.run([PYTHON, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}", "logging=none"],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PYTHON, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}", "logging=none"],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"stabletrain: error: {needle}" or needle in proc.stderr.strip().splitlines()[-1]
+    assert (
+        proc.stderr.strip().splitlines()[-1] == f"stabletrain: error: {needle}"
+        or needle in proc.stderr.strip().splitlines()[-1]
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -1,5 +1,6 @@
 """Checkpoints that execute no code and prove their integrity; a resume that refuses what it cannot use;
 non-finite state never stored; torn logs mended; clean signals (issue 11)."""
+
 import json
 import signal
 import subprocess
@@ -10,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stabletrain.engine import safe_load
-from stabletrain.engine import checkpoint
+from stabletrain.engine import checkpoint, safe_load
 from tests.helpers import PYTHON, REPO, TINY, env, read_jsonl, train, train_rows
 
 COMMON = ("trainer.ckpt_interval=2", "logging=none", "trainer.eval_interval=0", "trainer.keep_checkpoints=3")
@@ -100,11 +100,19 @@ def test_gadget_in_the_newest_checkpoint_falls_back_and_an_explicit_path_fails(z
     explicit = tmp_path / "explicit"
     shutil.copytree(zero1_run, explicit)
     plant(explicit / "checkpoints/step_00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
-    proc = train(tmp_path / "other", "engine=zero1", "trainer.max_steps=5", *COMMON, check=False,
-                 *[f"trainer.resume={explicit / 'checkpoints/step_00000004'}"])
+    proc = train(
+        tmp_path / "other",
+        "engine=zero1",
+        "trainer.max_steps=5",
+        *COMMON,
+        f"trainer.resume={explicit / 'checkpoints/step_00000004'}",
+        check=False,
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert last.startswith("stabletrain: error: trainer.resume=") and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in last
+    assert (
+        last.startswith("stabletrain: error: trainer.resume=") and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in last
+    )
     assert not marker.exists()
 
 
@@ -198,10 +206,23 @@ def test_forensics_plot_tolerates_nonfinite_history(tmp_path):
 
 # ------------------------------------------------------------------ signals
 def _start(run: Path, *overrides: str) -> subprocess.Popen:
-    args = [*TINY, "trainer.max_steps=10000", "trainer.ckpt_interval=0", "trainer.eval_interval=0", "logging=none",
-            f"hydra.run.dir={run}", *overrides]
-    return subprocess.Popen([PYTHON, str(REPO / "train.py"), *args], cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        *TINY,
+        "trainer.max_steps=10000",
+        "trainer.ckpt_interval=0",
+        "trainer.eval_interval=0",
+        "logging=none",
+        f"hydra.run.dir={run}",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        [PYTHON, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_steps(run: Path, proc: subprocess.Popen, n: int, timeout: float = 120) -> None:

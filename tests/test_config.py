@@ -7,11 +7,9 @@ from omegaconf import OmegaConf
 from stabletrain.config import ConfigError, register, validate
 from stabletrain.engine.deepspeed_engine import deepspeed_config
 from stabletrain.engine.optim import lr_multiplier
-from tests.helpers import composed, PYTHON, REPO, env
+from tests.helpers import PYTHON, REPO, composed, env
 
 register()
-
-
 
 
 def test_default_composes_and_validates():
@@ -32,8 +30,12 @@ def test_engine_groups_generate_deepspeed_json(stage):
 
 
 def test_offload_and_escape_hatch():
-    cfg = composed("engine=zero3", "engine.offload_optimizer=cpu", "engine.offload_param=cpu",
-                   "+engine.ds_config.zero_optimization.overlap_comm=true")
+    cfg = composed(
+        "engine=zero3",
+        "engine.offload_optimizer=cpu",
+        "engine.offload_param=cpu",
+        "+engine.ds_config.zero_optimization.overlap_comm=true",
+    )
     ds = deepspeed_config(cfg, 1)
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
@@ -45,14 +47,20 @@ def test_fp32_zero0_clips_in_the_trainer_not_in_deepspeed():
     assert deepspeed_config(composed(), 1)["gradient_clipping"] == 0.0
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.n_heads=3", "not divisible by model.n_heads"),
-    ("model.attention=gqa", "model.n_kv_heads"),
-    ("engine.offload_param=cpu", "engine.offload_param needs engine.zero_stage=3"),
-    ("trainer.stop_at=1000", "trainer.stop_at=1000"),
-    ("model=moe engine=zero2 engine.expert_parallel=2", "engine.expert_parallel=2 runs with engine=zero0 and precision=fp32"),
-    ("data.train_files=[/nonexistent/x.jsonl]", "file not found: /nonexistent/x.jsonl"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_heads=3", "not divisible by model.n_heads"),
+        ("model.attention=gqa", "model.n_kv_heads"),
+        ("engine.offload_param=cpu", "engine.offload_param needs engine.zero_stage=3"),
+        ("trainer.stop_at=1000", "trainer.stop_at=1000"),
+        (
+            "model=moe engine=zero2 engine.expert_parallel=2",
+            "engine.expert_parallel=2 runs with engine=zero0 and precision=fp32",
+        ),
+        ("data.train_files=[/nonexistent/x.jsonl]", "file not found: /nonexistent/x.jsonl"),
+    ],
+)
 def test_validation_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(composed(*override.split()))
@@ -76,11 +84,14 @@ def _train_py(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "train.py", *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("model.not_a_key=1", "model.not_a_key"),
-    ("model.d_model=wide", "model.d_model"),
-    ("trainer.max_step=5", "trainer.max_step"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.not_a_key=1", "model.not_a_key"),
+        ("model.d_model=wide", "model.d_model"),
+        ("trainer.max_step=5", "trainer.max_step"),
+    ],
+)
 def test_bad_override_fails_at_compose_time_naming_the_key(override, needle):
     proc = _train_py(override, "--cfg", "job")
     assert proc.returncode != 0

@@ -1,5 +1,6 @@
 """The cluster-scale data pipeline (issue 5): sources, tokenizers, prepare, pretokenized shards, packing and
 document masks, mixtures, resharded resume, bad input. Everything runs on real files through `datasets`."""
+
 import json
 import shutil
 import signal
@@ -55,8 +56,11 @@ def corpus(tmp_path_factory):
         (root / "jsonl").mkdir(exist_ok=True)
         (root / "jsonl" / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in part))
     (root / "parquet").mkdir()
-    pq.write_table(pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]}),
-                   root / "parquet" / "plays.parquet", row_group_size=8)
+    pq.write_table(
+        pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]}),
+        root / "parquet" / "plays.parquet",
+        row_group_size=8,
+    )
     (root / "zst").mkdir()  # compressed jsonl, as the Pile ships (jsonl.zst) and as C4 ships (json.gz)
     for name, part in (("a", docs[:20]), ("b", docs[20:])):
         payload = "".join(json.dumps(d) + "\n" for d in part).encode()
@@ -69,8 +73,16 @@ def corpus(tmp_path_factory):
 
 def local(path, *overrides, tok=None) -> DataConfig:
     tok_path = tok or TOK
-    return compose_data(["data=local", f"data.path={path}", f"data.tokenizer.path={tok_path}", "data.val_docs=3",
-                         f"data.seq_len={SEQ}", *overrides])
+    return compose_data(
+        [
+            "data=local",
+            f"data.path={path}",
+            f"data.tokenizer.path={tok_path}",
+            "data.val_docs=3",
+            f"data.seq_len={SEQ}",
+            *overrides,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +94,14 @@ def prepared(tmp_path_factory, bundled_tokenizer):
 
 
 # ------------------------------------------------------------------ sources and configs
-@pytest.mark.parametrize("group,hf_id,subset,field", [
-    ("c4", "allenai/c4", "en", "text"),
-    ("pile", "monology/pile-uncopyrighted", None, "text"),
-    ("redpajama", "togethercomputer/RedPajama-Data-1T-Sample", None, "text"),
-])
+@pytest.mark.parametrize(
+    "group,hf_id,subset,field",
+    [
+        ("c4", "allenai/c4", "en", "text"),
+        ("pile", "monology/pile-uncopyrighted", None, "text"),
+        ("redpajama", "togethercomputer/RedPajama-Data-1T-Sample", None, "text"),
+    ],
+)
 def test_hub_configs_compose_and_fail_offline_in_one_line(group, hf_id, subset, field):
     cfg = compose_data([f"data={group}"])
     (src,) = cfg.source_configs().values()
@@ -101,11 +116,13 @@ def test_mixture_config_composes_with_real_sources():
     cfg = compose_data(["data=mixture"])
     sources = cfg.source_configs()
     assert {n: s.hf_id for n, s in sources.items()} == {
-        "c4": "allenai/c4", "pile": "monology/pile-uncopyrighted",
-        "redpajama": "togethercomputer/RedPajama-Data-1T-Sample"}
+        "c4": "allenai/c4",
+        "pile": "monology/pile-uncopyrighted",
+        "redpajama": "togethercomputer/RedPajama-Data-1T-Sample",
+    }
     assert sum(s.weight for s in sources.values()) == pytest.approx(1.0)
     with pytest.raises(StableTrainError, match="allenai/c4.*HF_HUB_OFFLINE"):
-        open_source(sources["c4"], "train").num_shards
+        _ = open_source(sources["c4"], "train").num_shards
 
 
 def test_train_cli_reports_the_hub_error_in_one_line(tmp_path):
@@ -135,8 +152,12 @@ def test_missing_files_and_unset_path_are_config_errors(tmp_path):
 
 # ------------------------------------------------------------------ tokenizers
 def test_tokenizer_trains_on_a_sample_of_any_source_and_records_bos_eos(corpus, tmp_path):
-    cfg = local(corpus / "parquet/*.parquet", "data.tokenizer.vocab_size=512", "data.tokenizer.train_docs=6",
-                tok=tmp_path / "sp512.model")
+    cfg = local(
+        corpus / "parquet/*.parquet",
+        "data.tokenizer.vocab_size=512",
+        "data.tokenizer.train_docs=6",
+        tok=tmp_path / "sp512.model",
+    )
     tok = ensure_tokenizer(cfg)
     meta = json.loads((tmp_path / "sp512.json").read_text())
     assert (meta["bos_id"], meta["eos_id"], meta["vocab_size"]) == (tok.bos_id, tok.eos_id, 512) == (1, 2, 512)
@@ -152,8 +173,9 @@ def make_hf_tokenizer(directory, extra_tokens: int = 0):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator((d["text"] for d in plays()[:5]),
-                            trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"]))
+    tok.train_from_iterator(
+        (d["text"] for d in plays()[:5]), trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"])
+    )
     if extra_tokens:
         tok.add_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
     directory.mkdir(parents=True)
@@ -181,8 +203,9 @@ def test_pretokenized_and_on_the_fly_give_identical_batches(prepared):
     assert manifest["dtype"] == "uint16" and len(train_split["shards"]) == 10 and train_split["docs"] == 39
     assert all(len(s["sha256"]) == 64 for s in train_split["shards"])
     fly = build_data(compose_data([f"data.seq_len={SEQ}"]), seed=5, is_main=True)
-    pre = build_data(compose_data([f"data.seq_len={SEQ}", "data.format=pretokenized", f"data.path={prepared}"]),
-                     seed=5, is_main=True)
+    pre = build_data(
+        compose_data([f"data.seq_len={SEQ}", "data.format=pretokenized", f"data.path={prepared}"]), seed=5, is_main=True
+    )
     assert len(fly.train) == len(pre.train) and len(fly.val) == len(pre.val)
     for step in range(0, 3000, 97):
         ids = np.arange(step * 8, step * 8 + 8)
@@ -195,8 +218,15 @@ def test_interrupted_prepare_resumes_to_identical_shards(prepared, tmp_path):
     """SIGKILL the whole prepare (main and workers) after 2 shards; the rerun skips them and ends identical."""
     out = tmp_path / "out"
     cmd = [PYTHON, "-m", "stabletrain.cli.prepare", "data.prepare.shard_docs=4", "data.prepare.workers=2", f"out={out}"]
-    killed = subprocess.run(cmd, cwd=REPO, env={**env(), KILL_AFTER_ENV: "2"}, capture_output=True, text=True,
-                            timeout=180, start_new_session=True)
+    killed = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**env(), KILL_AFTER_ENV: "2"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        start_new_session=True,
+    )
     assert killed.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "shakespeare/train").glob("*.json")}
@@ -219,8 +249,11 @@ def corrupt_copy(prepared, tmp_path):
 
 
 def load_pretokenized(path, *overrides):
-    return build_data(compose_data([f"data.seq_len={SEQ}", "data.format=pretokenized", f"data.path={path}",
-                                    *overrides]), seed=0, is_main=True)
+    return build_data(
+        compose_data([f"data.seq_len={SEQ}", "data.format=pretokenized", f"data.path={path}", *overrides]),
+        seed=0,
+        is_main=True,
+    )
 
 
 def test_checksum_mismatch_empty_and_missing_shards_are_errors(prepared, tmp_path):
@@ -239,8 +272,14 @@ def test_checksum_mismatch_empty_and_missing_shards_are_errors(prepared, tmp_pat
 
 
 def test_tokenizer_that_does_not_match_the_manifest_is_an_error(prepared, tmp_path, corpus):
-    other = ensure_tokenizer(local(corpus / "jsonl/*.jsonl", "data.tokenizer.vocab_size=512",
-                                   "data.tokenizer.train_docs=3", tok=tmp_path / "other.model"))
+    other = ensure_tokenizer(
+        local(
+            corpus / "jsonl/*.jsonl",
+            "data.tokenizer.vocab_size=512",
+            "data.tokenizer.train_docs=3",
+            tok=tmp_path / "other.model",
+        )
+    )
     with pytest.raises(StableTrainError, match="tokenizer mismatch: .* was prepared with tokenizer sha256"):
         load_pretokenized(prepared, f"data.tokenizer.path={other.path}")
     # Without a configured tokenizer file the directory's own copy is used.
@@ -251,8 +290,12 @@ def test_tokenizer_that_does_not_match_the_manifest_is_an_error(prepared, tmp_pa
 def test_a_prepared_directory_carries_its_tokenizer(tmp_path, corpus, bundled_tokenizer):
     """Prepared with its own tokenizer, the directory trains under the default data group without naming the
     group that produced it; naming a different tokenizer explicitly is still a mismatch."""
-    own = local(corpus / "jsonl/*.jsonl", "data.tokenizer.vocab_size=512", "data.tokenizer.train_docs=3",
-                tok=tmp_path / "own.model")
+    own = local(
+        corpus / "jsonl/*.jsonl",
+        "data.tokenizer.vocab_size=512",
+        "data.tokenizer.train_docs=3",
+        tok=tmp_path / "own.model",
+    )
     prepare(own, tmp_path / "prepared", workers=1, progress=False)
     data = load_pretokenized(tmp_path / "prepared")  # data=shakespeare (the default), no tokenizer named
     assert data.tokenizer.vocab_size == 512 and data.tokenizer.path.parent == tmp_path / "prepared" / "tokenizer"
@@ -263,8 +306,12 @@ def test_a_prepared_directory_carries_its_tokenizer(tmp_path, corpus, bundled_to
 def test_empty_source_and_missing_text_field_are_errors(tmp_path, bundled_tokenizer):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(StableTrainError, match="yielded no documents"):
-        prepare(local(tmp_path / "empty.jsonl", "data.val_docs=0", "data.val_files=[" + str(TRAIN) + "]"),
-                tmp_path / "out", workers=1, progress=False)
+        prepare(
+            local(tmp_path / "empty.jsonl", "data.val_docs=0", "data.val_files=[" + str(TRAIN) + "]"),
+            tmp_path / "out",
+            workers=1,
+            progress=False,
+        )
     (tmp_path / "body.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     with pytest.raises(StableTrainError, match=r"body.jsonl: record 0 has no field 'text' \(fields: body"):
         build_data(local(tmp_path / "body.jsonl"), seed=0, is_main=True)
@@ -274,8 +321,12 @@ def test_non_utf8_bytes_are_replaced_and_counted_or_rejected(tmp_path, bundled_t
     good = plays()[0]["text"]
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "mixed.jsonl").write_bytes(
-        json.dumps({"text": good}).encode() + b"\n" + b'{"text": "caf\xe9 \xff bytes"}\n'
-        + json.dumps({"text": plays()[1]["text"]}).encode() + b"\n")
+        json.dumps({"text": good}).encode()
+        + b"\n"
+        + b'{"text": "caf\xe9 \xff bytes"}\n'
+        + json.dumps({"text": plays()[1]["text"]}).encode()
+        + b"\n"
+    )
     cfg = local(tmp_path / "src" / "*.jsonl", "data.val_docs=0", f"data.val_files=[{TRAIN}]")
     result = prepare(cfg, tmp_path / "out", workers=1, progress=False)
     split = result["manifest"]["sources"]["local"]["splits"]["train"]
@@ -300,14 +351,24 @@ def test_vocabulary_too_large_for_uint16_is_stored_as_uint32(tmp_path):
     assert tok.vocab_size > 65536
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "d.jsonl").write_text(json.dumps({"text": "x <extra_69999> y " * 20}) + "\n")
-    cfg = local(tmp_path / "src" / "d.jsonl", "data.val_docs=0", f"data.val_files=[{tmp_path / 'src' / 'd.jsonl'}]",
-                "data.seq_len=8", tok=hf)
+    cfg = local(
+        tmp_path / "src" / "d.jsonl",
+        "data.val_docs=0",
+        f"data.val_files=[{tmp_path / 'src' / 'd.jsonl'}]",
+        "data.seq_len=8",
+        tok=hf,
+    )
     prepare(cfg, tmp_path / "out", workers=1, progress=False)
     assert PreparedDir(tmp_path / "out").manifest["dtype"] == "uint32"
     tokens = np.asarray(PreparedDir(tmp_path / "out").tokens("local", "train")[np.arange(10)])
     assert tokens.max() == tok.tok.token_to_id("<extra_69999>") > 65535  # not wrapped modulo 2^16
-    forced = local(tmp_path / "src" / "d.jsonl", "data.val_docs=0", "data.prepare.dtype=uint16",
-                   f"data.val_files=[{tmp_path / 'src' / 'd.jsonl'}]", tok=hf)
+    forced = local(
+        tmp_path / "src" / "d.jsonl",
+        "data.val_docs=0",
+        "data.prepare.dtype=uint16",
+        f"data.val_files=[{tmp_path / 'src' / 'd.jsonl'}]",
+        tok=hf,
+    )
     with pytest.raises(StableTrainError, match="data.prepare.dtype=uint16 cannot hold"):
         prepare(forced, tmp_path / "out16", workers=1, progress=False)
 
@@ -323,7 +384,7 @@ def test_documents_longer_than_seq_len_span_consecutive_samples(tmp_path, bundle
     assert np.array_equal(np.asarray(data.train.tokens), stream)  # nothing truncated or dropped
     windows = data.train.get(np.arange(len(data.train)))
     for i, w in enumerate(windows):
-        assert w.tolist() == stream[i * SEQ: i * SEQ + SEQ + 1].tolist()
+        assert w.tolist() == stream[i * SEQ : i * SEQ + SEQ + 1].tolist()
     ids = document_ids(windows[:, :-1], tok.eos_id)
     assert ids[0].max() == 1 and (ids[3] == 0).all()  # window 0 starts in the short doc; window 3 is all long doc
 
@@ -351,11 +412,15 @@ def test_document_mask_keeps_attention_within_documents(bundled_tokenizer):
 # ------------------------------------------------------------------ mixtures
 @pytest.fixture(scope="module")
 def mixture_overrides(corpus):
-    return ["data=local", "data.name=mix", f"data.seq_len={SEQ}",
-            f"data.tokenizer.path={TOK}",
-            f"+data.sources.plays={{train_files: ['{corpus}/jsonl/*.jsonl'], val_docs: 3, weight: 0.7}}",
-            f"+data.sources.parquet={{train_files: ['{corpus}/parquet/*.parquet'], val_docs: 2, weight: 0.2}}",
-            f"+data.sources.text={{train_files: ['{corpus}/txt/00*.txt'], val_docs: 1, weight: 0.1}}"]
+    return [
+        "data=local",
+        "data.name=mix",
+        f"data.seq_len={SEQ}",
+        f"data.tokenizer.path={TOK}",
+        f"+data.sources.plays={{train_files: ['{corpus}/jsonl/*.jsonl'], val_docs: 3, weight: 0.7}}",
+        f"+data.sources.parquet={{train_files: ['{corpus}/parquet/*.parquet'], val_docs: 2, weight: 0.2}}",
+        f"+data.sources.text={{train_files: ['{corpus}/txt/00*.txt'], val_docs: 1, weight: 0.1}}",
+    ]
 
 
 def test_mixture_proportions_and_determinism(mixture_overrides, bundled_tokenizer):
@@ -382,8 +447,11 @@ def test_mixture_pretokenized_matches_on_the_fly(mixture_overrides, tmp_path, bu
     cfg = compose_data(mixture_overrides)
     prepare(cfg, tmp_path / "mix", workers=1, progress=False)
     fly = build_data(cfg, seed=3, is_main=True)
-    pre = build_data(compose_data(mixture_overrides + ["data.format=pretokenized", f"data.path={tmp_path / 'mix'}"]),
-                     seed=3, is_main=True)
+    pre = build_data(
+        compose_data(mixture_overrides + ["data.format=pretokenized", f"data.path={tmp_path / 'mix'}"]),
+        seed=3,
+        is_main=True,
+    )
     ids = np.arange(4000)
     assert torch.equal(fly.train.get(fly.order(ids)), pre.train.get(pre.order(ids)))
     assert torch.equal(fly.val.get(np.arange(50)), pre.val.get(np.arange(50)))
@@ -402,8 +470,11 @@ def run_loader(data, world: int, micro_total: int, steps: int, start: int = 0) -
 
 @pytest.mark.parametrize("kind", ["pretokenized", "mixture"])
 def test_resharded_resume_continues_the_same_stream(kind, prepared, mixture_overrides):
-    overrides = ([f"data.seq_len={SEQ}", "data.format=pretokenized", f"data.path={prepared}"] if kind == "pretokenized"
-                 else mixture_overrides)
+    overrides = (
+        [f"data.seq_len={SEQ}", "data.format=pretokenized", f"data.path={prepared}"]
+        if kind == "pretokenized"
+        else mixture_overrides
+    )
     data = build_data(compose_data(overrides), seed=9, is_main=True)
     whole = run_loader(data, world=1, micro_total=4, steps=6)
     two = run_loader(data, world=2, micro_total=4, steps=6)
@@ -417,8 +488,14 @@ def test_resharded_resume_continues_the_same_stream(kind, prepared, mixture_over
 
 @pytest.mark.slow
 def test_torchrun_resume_from_one_rank_on_two_ranks_matches_uninterrupted(prepared, tmp_path):
-    common = ("trainer.max_steps=4", "trainer.ckpt_interval=2", "trainer.eval_interval=0", "logging=none",
-              "data.format=pretokenized", f"data.path={prepared}")
+    common = (
+        "trainer.max_steps=4",
+        "trainer.ckpt_interval=2",
+        "trainer.eval_interval=0",
+        "logging=none",
+        "data.format=pretokenized",
+        f"data.path={prepared}",
+    )
     whole = tmp_path / "whole"
     train(whole, *common)
     split = tmp_path / "split"
@@ -427,8 +504,11 @@ def test_torchrun_resume_from_one_rank_on_two_ranks_matches_uninterrupted(prepar
     a, b = train_rows(whole), train_rows(split)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
-        assert (x["tokens"], x["samples"], x["data/tokens/shakespeare"]) == (y["tokens"], y["samples"],
-                                                                            y["data/tokens/shakespeare"])
+        assert (x["tokens"], x["samples"], x["data/tokens/shakespeare"]) == (
+            y["tokens"],
+            y["samples"],
+            y["data/tokens/shakespeare"],
+        )
         assert x["loss"] == pytest.approx(y["loss"], rel=2e-4)
     events = read_jsonl(split / "events.jsonl")
     assert [e["checkpoint"].endswith("step_00000002") for e in events if e["kind"] == "resume"] == [True]

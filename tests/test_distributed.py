@@ -1,4 +1,5 @@
 """torchrun with 2 CPU ranks (gloo): ZeRO-2 and ZeRO-3 train and leave the same run directory as one process."""
+
 import pytest
 
 from tests.helpers import train, train_rows, val_rows
@@ -11,7 +12,7 @@ COMMON = ("trainer.max_steps=6", "trainer.eval_interval=3", "trainer.ckpt_interv
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     run = tmp_path_factory.mktemp("single") / "run"
-    train(run, *COMMON, "trainer.micro_batch_size=8")
+    train(run, *COMMON, "trainer.micro_batch_size=8", subprocess_=True)  # the run directory train.py leaves
     return run
 
 

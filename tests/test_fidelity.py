@@ -1,5 +1,6 @@
 """Fidelity to the papers (issue 11 audit): stream counts, where gains are measured, the sequence-wise balance
 loss, the DeepSeek-V3 settings of the mHC presets, init with LayerNorm Scaling, and the spike rules."""
+
 import math
 from types import SimpleNamespace
 
@@ -12,8 +13,6 @@ from stabletrain.models import Transformer
 from stabletrain.models.moe import AuxFreeRouter
 from stabletrain.monitoring.gains import GainMonitor
 from tests.helpers import composed, moe_config, residual_config
-
-
 
 
 @pytest.mark.parametrize("kind", ["hc", "mhc"])
@@ -30,8 +29,11 @@ def test_all_gains_of_a_step_come_from_its_first_micro_batch():
     """With gradient accumulation the composite Amax gain is taken from the same (first) micro-batch as the
     per-block gains, not overwritten by the last one."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
-                                    residual=residual_config("hc", streams=4, gate_init=1.0)))
+    model = Transformer(
+        ModelConfig(
+            vocab_size=64, d_model=32, n_layers=2, n_heads=4, residual=residual_config("hc", streams=4, gate_init=1.0)
+        )
+    )
     with torch.no_grad():  # dynamic coefficients that differ between inputs
         for c in model.connections():
             c.W.normal_(std=1.0)
@@ -71,8 +73,7 @@ def test_sequence_balance_loss_counts_the_unbiased_top_k():
     f = chosen.sum(-2) * 4 / (1 * 5)
     p = (scores / scores.sum(-1, keepdim=True)).mean(-2)
     assert router.aux_loss.item() == pytest.approx((f * p).sum(-1).mean().item(), rel=1e-6)
-    biased = AuxFreeRouter(16, moe_config(n_routed=4, top_k=1, seq_aux_coef=1.0,
-                                          seq_aux_indicator="biased")).train()
+    biased = AuxFreeRouter(16, moe_config(n_routed=4, top_k=1, seq_aux_coef=1.0, seq_aux_indicator="biased")).train()
     biased.load_state_dict(router.state_dict())
     biased(x)
     assert biased.aux_loss.item() != pytest.approx(router.aux_loss.item())
@@ -84,7 +85,13 @@ def test_mhc_paper_presets_take_deepseek_v3_values_where_the_paper_is_silent(siz
     m = composed(f"model={variant}_{size}").model
     e, r = m.ffn, m.ffn.router
     assert (r.kind, r.seq_aux_coef, r.route_scale, r.n_groups, r.topk_groups, e.first_dense) == (
-        "aux_free", 1e-4, 2.5, 8, 4, 3)
+        "aux_free",
+        1e-4,
+        2.5,
+        8,
+        4,
+        3,
+    )
     assert (r.bias_update_rate, e.top_k, e.n_shared, r.seq_aux_indicator) == (1e-3, 6, 2, "unbiased")
     assert m.init_std == 0.006 and m.vocab_size == 129280
 
@@ -101,8 +108,9 @@ def test_layernorm_scaling_gets_the_plain_init_unless_set():
     assert cfg.out_proj_init == "plain" and plain == pytest.approx(0.02, rel=0.05)
     scaled, cfg = out_std(f"model.d_model={d}", "model.n_layers=8")
     assert cfg.out_proj_init == "scaled" and scaled == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
-    forced, cfg = out_std("model.norm.depth_scaling=lns", "model.residual_init=scaled", f"model.d_model={d}",
-                          "model.n_layers=8")
+    forced, cfg = out_std(
+        "model.norm.depth_scaling=lns", "model.residual_init=scaled", f"model.d_model={d}", "model.n_layers=8"
+    )
     assert cfg.out_proj_init == "scaled" and forced == pytest.approx(scaled, rel=0.05)
 
 

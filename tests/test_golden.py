@@ -1,5 +1,6 @@
 """Golden numbers: per-step losses and gradient norms of 20-step fp32 runs must not move unless a change means
 them to (then regenerate with `.venv/bin/python -m tests.golden.regenerate` and say so in the commit)."""
+
 import json
 
 import pytest

@@ -9,8 +9,10 @@ from stabletrain.models.mla import MultiHeadLatentAttention, mla_param_count
 
 D, H, THETA = 32, 4, 10000.0
 # v_head_dim differs from qk_nope + qk_rope on purpose: SDPA must handle a distinct value head dim.
-CFGS = [MLAConfig(q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),
-        MLAConfig(q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)]
+CFGS = [
+    MLAConfig(q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),
+    MLAConfig(q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),
+]
 IDS = ["q_direct", "q_lora"]
 
 
@@ -52,10 +54,12 @@ def test_causality(cfg):
         assert not torch.allclose(out[:, t], base[:, t])
 
 
-@pytest.mark.parametrize("cfg", CFGS + [
-    MLAConfig(q_lora_rank=8, kv_lora_rank=4, qk_nope_head_dim=2, qk_rope_head_dim=6, v_head_dim=10),
-    MLAConfig(),
-], ids=IDS + ["odd_dims", "default"])
+@pytest.mark.parametrize(
+    "cfg",
+    CFGS
+    + [MLAConfig(q_lora_rank=8, kv_lora_rank=4, qk_nope_head_dim=2, qk_rope_head_dim=6, v_head_dim=10), MLAConfig()],
+    ids=IDS + ["odd_dims", "default"],
+)
 def test_param_count_equals_formula(cfg):
     m = MultiHeadLatentAttention(D, H, cfg)
     assert mla_param_count(D, H, cfg) == sum(p.numel() for p in m.parameters())
@@ -91,8 +95,8 @@ def test_position_enters_only_through_rope_dims(cfg):
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     with torch.no_grad():
         q_out = m.q_b_proj if cfg.q_lora_rank > 0 else m.q_proj
-        q_out.weight.view(H, qk, -1)[:, cfg.qk_nope_head_dim:] = 0
-        m.kv_a_proj.weight[cfg.kv_lora_rank:] = 0
+        q_out.weight.view(H, qk, -1)[:, cfg.qk_nope_head_dim :] = 0
+        m.kv_a_proj.weight[cfg.kv_lora_rank :] = 0
     x = torch.randn(2, 9, D)
     cos, sin = tables(cfg, 9)
     a = m(x, cos, sin)
@@ -119,7 +123,7 @@ def reference(m: MultiHeadLatentAttention, cfg: MLAConfig, x, cos, sin):
     mask = torch.full((T, T), float("-inf")).triu(1)
     heads = []
     for h in range(H):
-        qh = q_all[..., h * (dn + dr):(h + 1) * (dn + dr)]
+        qh = q_all[..., h * (dn + dr) : (h + 1) * (dn + dr)]
         q_rope = apply_rope(qh[..., dn:].unsqueeze(1), cos, sin)[:, 0]
         q = torch.cat((qh[..., :dn], q_rope), -1)
         k = torch.cat((c_kv @ w_ukv[h, :dn].T, k_rope), -1)

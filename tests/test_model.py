@@ -14,11 +14,19 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-CONFIGS = [tiny(), tiny(attention="gqa", n_kv_heads=2), tiny(tie_embeddings=True), tiny(ffn=FFNConfig(hidden=48), n_layers=3),
-           tiny(attention="gqa", n_kv_heads=1, d_model=64, n_heads=8), tiny(qk_norm=True)]
+CONFIGS = [
+    tiny(),
+    tiny(attention="gqa", n_kv_heads=2),
+    tiny(tie_embeddings=True),
+    tiny(ffn=FFNConfig(hidden=48), n_layers=3),
+    tiny(attention="gqa", n_kv_heads=1, d_model=64, n_heads=8),
+    tiny(qk_norm=True),
+]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.attention}-kv{c.kv_heads}-tie{c.tie_embeddings}-L{c.n_layers}-qk{c.qk_norm}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c.attention}-kv{c.kv_heads}-tie{c.tie_embeddings}-L{c.n_layers}-qk{c.qk_norm}"
+)
 def test_param_count_equals_formula(cfg):
     model = Transformer(cfg)
     assert param_count(cfg) == sum(p.numel() for p in model.parameters())

@@ -1,4 +1,5 @@
 """methods.md §4 (auxiliary-loss-free balancing) and §6 (BSLO capacity gating) invariants, and MoE counting."""
+
 import tempfile
 from types import SimpleNamespace
 
@@ -8,8 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stabletrain.config import ModelConfig
-from stabletrain.models import Transformer, param_count
-from stabletrain.models import ROUTERS
+from stabletrain.models import ROUTERS, Transformer, param_count
 from stabletrain.models.moe import MoE, Router, maxvio
 from stabletrain.training.callbacks import global_loads, update_router_biases
 from tests.helpers import moe_config
@@ -94,7 +94,7 @@ def test_aux_free_balances_a_skewed_router():
         r.weight[0] += 1.0  # experts 0 and 1 attract most tokens
         r.weight[1] += 0.6
     history = []
-    for step in range(400):  # u = 1e-3 as in the paper; 4096 tokens per batch (noise floor ~0.06)
+    for _ in range(400):  # u = 1e-3 as in the paper; 4096 tokens per batch (noise floor ~0.06)
         r.load.zero_()
         r(torch.randn(64, 64, C))
         loads = r.load.clone().unsqueeze(0)
@@ -140,8 +140,13 @@ def test_group_limited_routing_uses_at_most_topk_groups():
 
 
 def test_moe_param_counts_total_and_active():
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, 
-                      ffn=moe_config(n_routed=6, n_shared=2, top_k=2, expert_hidden=16, first_dense=1))
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        ffn=moe_config(n_routed=6, n_shared=2, top_k=2, expert_hidden=16, first_dense=1),
+    )
     model = Transformer(cfg)
     assert param_count(cfg) == sum(p.numel() for p in model.parameters())
     per_expert = 3 * 32 * 16
@@ -151,8 +156,13 @@ def test_moe_param_counts_total_and_active():
 
 def test_loads_are_counted_and_the_moe_trains():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, 
-                      ffn=moe_config(n_routed=4, top_k=2, expert_hidden=16, first_dense=0))
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        ffn=moe_config(n_routed=4, top_k=2, expert_hidden=16, first_dense=0),
+    )
     model = Transformer(cfg)
     idx = torch.randint(0, 50, (4, 12))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -170,9 +180,15 @@ def test_loads_are_counted_and_the_moe_trains():
 def test_mla_moe_model_counts_and_is_causal():
     from stabletrain.config import MLAConfig
 
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, attention="mla",
-                      mla=MLAConfig(q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6),
-                      ffn=moe_config(n_routed=4, top_k=2, expert_hidden=16, first_dense=1))
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        attention="mla",
+        mla=MLAConfig(q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6),
+        ffn=moe_config(n_routed=4, top_k=2, expert_hidden=16, first_dense=1),
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     assert param_count(cfg) == sum(p.numel() for p in model.parameters())

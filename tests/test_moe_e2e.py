@@ -1,4 +1,5 @@
 """MoE end to end through train.py: every router trains (1 process and 2 ranks); aux-free balances; plans."""
+
 import re
 import subprocess
 
@@ -26,8 +27,17 @@ def test_each_router_trains_single_process(tmp_path, router):
 @pytest.mark.parametrize("router", ["none", "softmax_aux", "aux_free", "bslo"])
 def test_router_trains_on_two_ranks(tmp_path, router):
     run = tmp_path / router
-    train(run, *MOE, f"model/ffn/router={router}", "engine=zero2", "trainer.micro_batch_size=4",
-          "trainer.max_steps=12", "trainer.eval_interval=6", "logging=none", nproc=2)
+    train(
+        run,
+        *MOE,
+        f"model/ffn/router={router}",
+        "engine=zero2",
+        "trainer.micro_batch_size=4",
+        "trainer.max_steps=12",
+        "trainer.eval_interval=6",
+        "logging=none",
+        nproc=2,
+    )
     vals = val_rows(run)
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.2
     # Loads are counted over the global batch (both ranks): 8 sequences x 64 tokens x top-2 per step.
@@ -44,7 +54,9 @@ def test_aux_free_balances_better_than_no_balancing(tmp_path):
         return sum(r["moe/maxvio_batch"] for r in rows) / len(rows)
 
     assert late_maxvio(tmp_path / "aux_free") < 0.6 * late_maxvio(tmp_path / "none")
-    assert val_rows(tmp_path / "aux_free")[-1]["moe/maxvio_global"] < val_rows(tmp_path / "none")[-1]["moe/maxvio_global"]
+    assert (
+        val_rows(tmp_path / "aux_free")[-1]["moe/maxvio_global"] < val_rows(tmp_path / "none")[-1]["moe/maxvio_global"]
+    )
 
 
 def test_aux_free_bias_is_checkpointed_and_resumes(tmp_path):
@@ -65,25 +77,43 @@ def test_expert_parallel_reproduces_the_single_process_run(tmp_path, nproc, micr
     train(tmp_path / "ep", *ep, nproc=nproc)
     single, sharded = train_rows(tmp_path / "single"), train_rows(tmp_path / "ep")
     for a, b in zip(single, sharded, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    assert val_rows(tmp_path / "ep")[-1]["val_loss"] == pytest.approx(val_rows(tmp_path / "single")[-1]["val_loss"], rel=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=1e-4
+        )
+    assert val_rows(tmp_path / "ep")[-1]["val_loss"] == pytest.approx(
+        val_rows(tmp_path / "single")[-1]["val_loss"], rel=1e-5
+    )
     # Each rank saved its own half of every MoE layer's experts (4 of 8), and the halves differ.
     tag = tmp_path / "ep" / "checkpoints" / "step_00000006"
     halves = [torch.load(tag / f"state_rank{r}.pt", weights_only=False)["local_experts"]["params"] for r in (0, 1)]
     assert {n.split(".experts.")[1].split(".")[0] for n in halves[0]} == {"0", "1", "2", "3"}
-    assert not torch.equal(halves[0]["blocks.1.mlp.experts.0.w_up.weight"], halves[1]["blocks.1.mlp.experts.0.w_up.weight"])
+    assert not torch.equal(
+        halves[0]["blocks.1.mlp.experts.0.w_up.weight"], halves[1]["blocks.1.mlp.experts.0.w_up.weight"]
+    )
     if nproc == 2:  # resume restores every rank's experts and their optimizer state exactly
         train(tmp_path / "split", *ep, "trainer.stop_at=3", nproc=2)
         train(tmp_path / "split", *ep, "trainer.resume=auto", nproc=2)
         assert [r["loss"] for r in train_rows(tmp_path / "split")] == [r["loss"] for r in sharded]
 
 
-@pytest.mark.parametrize("model, lo, hi", [("mhc_3b", 2.5e9, 3.5e9), ("mhc_9b", 8.5e9, 9.5e9),
-                                           ("mhc_27b", 26e9, 28e9)])
+@pytest.mark.parametrize("model, lo, hi", [("mhc_3b", 2.5e9, 3.5e9), ("mhc_9b", 8.5e9, 9.5e9), ("mhc_27b", 26e9, 28e9)])
 def test_plan_reports_the_paper_scale_without_hardware(model, lo, hi):
-    proc = subprocess.run([PYTHON, "train.py", f"model={model}", "trainer.plan=true", "engine=zero3",
-                           "precision=bf16", "trainer.plan_world_size=64"],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "train.py",
+            f"model={model}",
+            "trainer.plan=true",
+            "engine=zero3",
+            "precision=bf16",
+            "trainer.plan_world_size=64",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     total = int(re.search(r"^total_params=(\d+)$", proc.stdout, re.M).group(1))
     active = int(re.search(r"^active_params=(\d+)$", proc.stdout, re.M).group(1))

@@ -1,4 +1,5 @@
 """Invariants of the residual-stream family (methods.md §1, §2, §3, §6) and the gain diagnostics."""
+
 import math
 
 import pytest
@@ -77,8 +78,10 @@ def test_hc_static_parts_get_no_weight_decay_and_param_count():
     assert param_count(c) == sum(p.numel() for p in model.parameters())
     n, C = 4, 32  # methods.md §1: n(n+2) static; C(n+2) + n(n+2) + 2 (+ norm weights) dynamic
     assert sum(p.numel() for p in conn.parameters()) == C * (n + 2) + n * (n + 2) + 2 + C
-    assert sum(p.numel() for p in Transformer(cfg(residual=dict(kind="hc", streams=4, dynamic=False)))
-               .blocks[0].attn_res.parameters()) == n * (n + 2)
+    assert sum(
+        p.numel()
+        for p in Transformer(cfg(residual=dict(kind="hc", streams=4, dynamic=False))).blocks[0].attn_res.parameters()
+    ) == n * (n + 2)
     # A_m at init is the one-hot e_{k mod n} of sublayer k.
     assert model.blocks[1].mlp_res.A_m.tolist() == [0.0, 0.0, 0.0, 1.0]
 
@@ -97,8 +100,9 @@ def test_hc_composite_gain_is_exactly_one_at_init():
 
 def mhc_conn(n=4, C=16, **kw) -> ManifoldConnection:
     torch.manual_seed(0)
-    return ManifoldConnection(C, n, sublayer_index=1, cfg=residual_config(kind="mhc", streams=n, **kw),
-                              depth_scale=None, signal=None)
+    return ManifoldConnection(
+        C, n, sublayer_index=1, cfg=residual_config(kind="mhc", streams=n, **kw), depth_scale=None, signal=None
+    )
 
 
 def test_mhc_coefficient_ranges_and_doubly_stochastic_mixing():
@@ -206,14 +210,19 @@ def test_mhc_init_schemes():
 
 
 def test_lns_scale_vector_and_depth_one_equals_baseline():
-    model = Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=4, norm=NormConfig(depth_scaling="lns")))
+    model = Transformer(
+        ModelConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=4, norm=NormConfig(depth_scaling="lns"))
+    )
     scales = [b.attn_res.depth_scale for b in model.blocks]
     assert scales == [1.0, 1 / math.sqrt(2), 1 / math.sqrt(3), 0.5]
     assert all(b.mlp_res.depth_scale == b.attn_res.depth_scale for b in model.blocks)
     torch.manual_seed(0)
     base = Transformer(cfg(n_layers=1)).eval()
-    lns = Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4, norm_eps=1e-12,
-                                  norm=NormConfig(depth_scaling="lns"))).eval()
+    lns = Transformer(
+        ModelConfig(
+            vocab_size=V, d_model=32, n_layers=1, n_heads=4, norm_eps=1e-12, norm=NormConfig(depth_scaling="lns")
+        )
+    ).eval()
     lns.load_state_dict(base.state_dict())
     idx = tokens()
     assert torch.equal(lns(idx), base(idx))
@@ -222,8 +231,11 @@ def test_lns_scale_vector_and_depth_one_equals_baseline():
 def test_lns_changes_deeper_blocks():
     torch.manual_seed(0)
     base = Transformer(cfg(n_layers=3)).eval()
-    lns = Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, norm_eps=1e-12,
-                                  norm=NormConfig(depth_scaling="lns"))).eval()
+    lns = Transformer(
+        ModelConfig(
+            vocab_size=V, d_model=32, n_layers=3, n_heads=4, norm_eps=1e-12, norm=NormConfig(depth_scaling="lns")
+        )
+    ).eval()
     lns.load_state_dict(base.state_dict())
     assert not torch.allclose(lns(tokens()), base(tokens()))
 
@@ -297,8 +309,12 @@ def test_mhc_fused_kernel_matches_eager_reference():
     models = {}
     for kernel in ("eager", "fused"):
         torch.manual_seed(0)
-        models[kernel] = Transformer(cfg(n_layers=2, residual=dict(kind="mhc", streams=4, kernel=kernel,
-                                                                   init="megatron", phi_std=0.5, gate_init=1.0)))
+        models[kernel] = Transformer(
+            cfg(
+                n_layers=2,
+                residual=dict(kind="mhc", streams=4, kernel=kernel, init="megatron", phi_std=0.5, gate_init=1.0),
+            )
+        )
     ids = torch.randint(0, V, (2, 16))
     out = {}
     for kernel, model in models.items():

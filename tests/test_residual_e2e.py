@@ -1,4 +1,5 @@
 """Every residual variant trains end to end through train.py, on one process and on 2 ranks under ZeRO-2."""
+
 import pytest
 
 from tests.helpers import read_jsonl, train, val_rows
@@ -21,8 +22,14 @@ def gain_rows(run):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_trains_single_process(tmp_path, name):
     run = tmp_path / name
-    train(run, *VARIANTS[name], "trainer.max_steps=30", "trainer.eval_interval=15", "monitor.gain_interval=10",
-          "logging=none")
+    train(
+        run,
+        *VARIANTS[name],
+        "trainer.max_steps=30",
+        "trainer.eval_interval=15",
+        "monitor.gain_interval=10",
+        "logging=none",
+    )
     vals = val_rows(run)
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.5
     gains = gain_rows(run)
@@ -39,7 +46,15 @@ def test_variant_trains_single_process(tmp_path, name):
 @pytest.mark.parametrize("name", ["hc", "mhc", "lns", "bslo"])
 def test_variant_trains_on_two_ranks_zero2(tmp_path, name):
     run = tmp_path / name
-    train(run, *VARIANTS[name], "engine=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=12",
-          "trainer.eval_interval=6", "logging=none", nproc=2)
+    train(
+        run,
+        *VARIANTS[name],
+        "engine=zero2",
+        "trainer.micro_batch_size=4",
+        "trainer.max_steps=12",
+        "trainer.eval_interval=6",
+        "logging=none",
+        nproc=2,
+    )
     vals = val_rows(run)
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.2

@@ -1,5 +1,7 @@
 """Spike detection and responses end to end through train.py: skip_step, rollback, stop, NaN, forensics, W&B."""
+
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,21 @@ def engine_state(tag_dir: Path) -> dict:
     for f in sorted(tag_dir.glob("*.pt")):
         if not f.name.startswith(("rng_rank", "state_rank")):
             state = torch.load(f, map_location="cpu", weights_only=False)
-            walk(f.name, {k: v for k, v in state.items() if k in ("module", "optimizer", "optimizer_state_dict",
-                                                                    "base_optimizer_state", "single_partition_of_fp32_groups")})
+            walk(
+                f.name,
+                {
+                    k: v
+                    for k, v in state.items()
+                    if k
+                    in (
+                        "module",
+                        "optimizer",
+                        "optimizer_state_dict",
+                        "base_optimizer_state",
+                        "single_partition_of_fp32_groups",
+                    )
+                },
+            )
             if state.get("lr_scheduler"):
                 out[f.name + "/lr_epoch"] = torch.tensor(state["lr_scheduler"]["last_epoch"])
     return out
@@ -45,14 +60,25 @@ def engine_state(tag_dir: Path) -> dict:
 @pytest.mark.parametrize("engine", ["zero0", "zero2"])
 def test_skip_step_leaves_weights_and_optimizer_untouched(tmp_path, engine):
     run = tmp_path / engine
-    train(run, *DETECT, f"engine={engine}", "trainer.max_steps=30", "trainer.ckpt_interval=1",
-          "trainer.keep_checkpoints=3", "monitor.inject.step=30", "monitor.inject.scale=30", "monitor.response=skip_step")
+    train(
+        run,
+        *DETECT,
+        f"engine={engine}",
+        "trainer.max_steps=30",
+        "trainer.ckpt_interval=1",
+        "trainer.keep_checkpoints=3",
+        "monitor.inject.step=30",
+        "monitor.inject.scale=30",
+        "monitor.response=skip_step",
+    )
     spikes = events(run, "spike")
     assert spikes and {e["step"] for e in spikes} == {30} and {e["metric"] for e in spikes} >= {"loss"}
     assert [e["step"] for e in events(run, "skip_step")] == [30]
     before, after = engine_state(run / "checkpoints/step_00000029"), engine_state(run / "checkpoints/step_00000030")
     assert before.keys() == after.keys() and len(before) > 10
-    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(torch.equal(before[k], after[k]) for k in before), [
+        k for k in before if not torch.equal(before[k], after[k])
+    ]
     prev = engine_state(run / "checkpoints/step_00000028")  # sanity: a normal step does change them
     assert not all(torch.equal(prev[k], before[k]) for k in before)
     rows = train_rows(run)
@@ -62,9 +88,18 @@ def test_skip_step_leaves_weights_and_optimizer_untouched(tmp_path, engine):
 
 def test_poisoned_batch_rolls_back_skips_and_finishes(tmp_path):
     run = tmp_path / "run"
-    train(run, "monitor.warmup_steps=10", "trainer.eval_interval=0", "logging=wandb", "trainer.max_steps=40",
-          "trainer.ckpt_interval=10", "monitor.inject.step=26", "monitor.inject.kind=poison",
-          "monitor.response=rollback", "monitor.rollback_skip_batches=3")
+    train(
+        run,
+        "monitor.warmup_steps=10",
+        "trainer.eval_interval=0",
+        "logging=wandb",
+        "trainer.max_steps=40",
+        "trainer.ckpt_interval=10",
+        "monitor.inject.step=26",
+        "monitor.inject.kind=poison",
+        "monitor.response=rollback",
+        "monitor.rollback_skip_batches=3",
+    )
     spike = events(run, "spike")
     assert spike[0]["step"] == 26 and spike[0]["batch"] == 25
     rb = events(run, "rollback")
@@ -91,13 +126,23 @@ def test_nan_never_reaches_the_weights_and_stop_exits_cleanly(tmp_path):
     nonfinite = events(run, "nonfinite")
     assert [e["step"] for e in nonfinite] == [5, 5] and {e["metric"] for e in nonfinite} == {"loss", "grad_norm"}
     rows = train_rows(run)
-    assert len(rows) == 12 and all(r["loss"] == r["loss"] for r in rows if r["step"] != 5)  # finite after 5
-    weights = torch.load(next((run / "checkpoints/step_00000012").glob("*model_states.pt")), weights_only=False)["module"]
+    assert len(rows) == 12 and rows[4]["loss"] == "nan"  # the logger writes NaN as the string "nan"
+    assert all(isinstance(r["loss"], float) and math.isfinite(r["loss"]) for r in rows if r["step"] != 5)
+    weights = torch.load(next((run / "checkpoints/step_00000012").glob("*model_states.pt")), weights_only=False)[
+        "module"
+    ]
     assert all(torch.isfinite(w).all() for w in weights.values())
 
     stop = tmp_path / "stop"
-    proc = train(stop, *DETECT, "trainer.max_steps=12", "monitor.inject.step=5", "monitor.inject.kind=nan_loss",
-                 "monitor.nonfinite.response=stop", check=False)
+    proc = train(
+        stop,
+        *DETECT,
+        "trainer.max_steps=12",
+        "monitor.inject.step=5",
+        "monitor.inject.kind=nan_loss",
+        "monitor.nonfinite.response=stop",
+        check=False,
+    )
     assert proc.returncode == 2
     assert "stopped at step 5 by monitor response 'stop': nonfinite in loss" in proc.stderr
     assert "step_00000005" in proc.stderr and (stop / "checkpoints/step_00000005/COMPLETE.json").is_file()
@@ -106,8 +151,15 @@ def test_nan_never_reaches_the_weights_and_stop_exits_cleanly(tmp_path):
 
 def test_skip_batches_are_honoured(tmp_path):
     run = tmp_path / "run"
-    train(run, *DETECT, "trainer.max_steps=6", "trainer.skip_batches=[[2,4]]", "optim.grad_clip_warmup_steps=4",
-          "model.qk_norm=true", "model.logit_z_loss=1e-4")
+    train(
+        run,
+        *DETECT,
+        "trainer.max_steps=6",
+        "trainer.skip_batches=[[2,4]]",
+        "optim.grad_clip_warmup_steps=4",
+        "model.qk_norm=true",
+        "model.logit_z_loss=1e-4",
+    )
     rows = train_rows(run)
     assert [r["samples"] for r in rows] == [8, 16, 40, 48, 56, 64]
     assert [round(r["grad_clip"], 4) for r in rows] == [0.1, 0.325, 0.55, 0.775, 1.0, 1.0]  # stabilisers run too
@@ -134,9 +186,19 @@ def test_wandb_run_resumes_under_the_same_id_with_group_and_tags(tmp_path):
 
 def test_rollback_and_forensics_on_two_ranks_under_zero2(tmp_path):
     run = tmp_path / "run"
-    train(run, *DETECT, "engine=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=24", "trainer.ckpt_interval=10",
-          "monitor.inject.step=16", "monitor.inject.kind=poison", "monitor.response=rollback",
-          "monitor.rollback_skip_batches=2", nproc=2)
+    train(
+        run,
+        *DETECT,
+        "engine=zero2",
+        "trainer.micro_batch_size=4",
+        "trainer.max_steps=24",
+        "trainer.ckpt_interval=10",
+        "monitor.inject.step=16",
+        "monitor.inject.kind=poison",
+        "monitor.response=rollback",
+        "monitor.rollback_skip_batches=2",
+        nproc=2,
+    )
     assert {e["step"] for e in events(run, "spike")} == {16}
     rb = events(run, "rollback")
     assert [(e["step"], e["from_step"], e["skip_batches"]) for e in rb] == [(10, 16, [14, 16])]

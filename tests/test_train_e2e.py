@@ -1,4 +1,5 @@
 """End-to-end runs of train.py on the bundled corpus, as a user types them."""
+
 import shutil
 
 import numpy as np
@@ -101,8 +102,14 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
     newest = run / "checkpoints" / "step_00000004"
     weights = newest / "mp_rank_00_model_states.pt"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    proc = train(run, "trainer.max_steps=6", "trainer.ckpt_interval=2", "logging=none", "trainer.eval_interval=0",
-                 "trainer.resume=auto")
+    proc = train(
+        run,
+        "trainer.max_steps=6",
+        "trainer.ckpt_interval=2",
+        "logging=none",
+        "trainer.eval_interval=0",
+        "trainer.resume=auto",
+    )
     assert "skipping checkpoint step_00000004: mp_rank_00_model_states.pt: truncated or resized file" in proc.stdout
     resume = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "resume"][-1]
     assert resume["checkpoint"].endswith("step_00000002") and resume["step"] == 2
@@ -116,7 +123,7 @@ def test_corrupt_newest_checkpoint_of_the_right_size_falls_back(tmp_path):
     train(run, "trainer.max_steps=4", *common)
     weights = run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
     data = bytearray(weights.read_bytes())
-    data[len(data) // 3: len(data) // 3 + 4096] = bytes(4096)  # same size, zeroed bytes inside the archive
+    data[len(data) // 3 : len(data) // 3 + 4096] = bytes(4096)  # same size, zeroed bytes inside the archive
     weights.write_bytes(bytes(data))
     proc = train(run, "trainer.max_steps=6", *common, "trainer.resume=auto")
     assert "skipping checkpoint step_00000004: mp_rank_00_model_states.pt: checksum mismatch" in proc.stdout
@@ -130,16 +137,25 @@ def test_corrupt_newest_checkpoint_of_the_right_size_falls_back(tmp_path):
     assert proc.returncode == 2 and "could be loaded" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("data.train_files=[/nonexistent/corpus.jsonl]", "data.train_files: file not found: /nonexistent/corpus.jsonl"),
-    ("data.text_field=body", "no field 'body'"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.train_files=[/nonexistent/corpus.jsonl]", "data.train_files: file not found: /nonexistent/corpus.jsonl"),
+        ("data.text_field=body", "no field 'body'"),
+    ],
+)
 def test_bad_data_input_is_one_line(tmp_path, override, needle):
     run = tmp_path / "run"
     shutil.rmtree(run, ignore_errors=True)
     # A private tokenizer path so the bad text field is met while training the tokenizer, not from a cache.
-    proc = train(run, "trainer.max_steps=2", "logging=none", override,
-                 f"data.tokenizer.path={tmp_path / 'tok' / 'sp.model'}", check=False)
+    proc = train(
+        run,
+        "trainer.max_steps=2",
+        "logging=none",
+        override,
+        f"data.tokenizer.path={tmp_path / 'tok' / 'sp.model'}",
+        check=False,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("stabletrain: error:") and needle in lines[-1]
@@ -147,14 +163,26 @@ def test_bad_data_input_is_one_line(tmp_path, override, needle):
 
 
 def test_zero_offload_trains(tmp_path):
-    train(tmp_path / "run", "engine=zero2", "engine.offload_optimizer=cpu", "trainer.max_steps=4", "logging=none",
-          "trainer.eval_interval=0")
+    train(
+        tmp_path / "run",
+        "engine=zero2",
+        "engine.offload_optimizer=cpu",
+        "trainer.max_steps=4",
+        "logging=none",
+        "trainer.eval_interval=0",
+    )
     assert len(train_rows(tmp_path / "run")) == 4
 
 
 def test_bf16_trains(tmp_path):
-    train(tmp_path / "run", "precision=bf16", "engine=zero1", "trainer.max_steps=8", "logging=none",
-          "trainer.eval_interval=0")
+    train(
+        tmp_path / "run",
+        "precision=bf16",
+        "engine=zero1",
+        "trainer.max_steps=8",
+        "logging=none",
+        "trainer.eval_interval=0",
+    )
     vals = val_rows(tmp_path / "run")
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.5
 
@@ -164,14 +192,28 @@ def test_multirun_sweep_in_one_process(tmp_path):
 
     from tests.helpers import PYTHON, TINY, env
 
-    proc = subprocess.run([PYTHON, "train.py", "-m", *TINY, "trainer.max_steps=2", "logging=none",
-                           "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path}"],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "train.py",
+            "-m",
+            *TINY,
+            "trainer.max_steps=2",
+            "logging=none",
+            "optim.lr=1e-3,3e-3",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("0", "1"):
         assert len(train_rows(tmp_path / job)) == 2
-    lrs = [read_jsonl(tmp_path / job / "metrics.jsonl") for job in ("0", "1")]
-    assert lrs[0] != lrs[1]
+    lrs = [[r["lr"] for r in train_rows(tmp_path / job)] for job in ("0", "1")]
+    assert lrs[0] == [1e-3 * 0.5, 1e-3] and lrs[1] == [3e-3 * 0.5, 3e-3]  # each job got its own optim.lr
 
 
 def test_compiled_blocks_train_like_eager(tmp_path):

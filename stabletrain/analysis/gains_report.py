@@ -3,12 +3,15 @@
     python -m stabletrain.analysis.gains_report multirun/deep_gains/* --out docs/experiments/deep_gains
 writes <out>/report.md (a markdown table) and <out>/gains.png.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from stabletrain.config import ResidualConfig
+import yaml
+
 from stabletrain.analysis.report import read_metrics, report_main
+from stabletrain.config import ResidualConfig
 from stabletrain.monitoring.plots import log_scale_if_positive
 
 
@@ -20,8 +23,6 @@ def load(run_dir: Path) -> dict:
     name = run_dir.name
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
-        import yaml
-
         model = yaml.safe_load(cfg.read_text())["model"]
         res = model["residual"]
         n = ResidualConfig(kind=res["kind"], streams=res["streams"]).n
@@ -30,25 +31,35 @@ def load(run_dir: Path) -> dict:
 
 
 def per_depth(row: dict, prefix: str) -> list[float]:
-    keys = sorted((int(k[len(prefix):]), v) for k, v in row.items() if k.startswith(prefix))
+    keys = sorted((int(k[len(prefix) :]), v) for k, v in row.items() if k.startswith(prefix))
     return [v for _, v in keys]
 
 
 def table(runs: list[dict]) -> str:
-    head = ("| run | final val loss | max grad norm | Amax fwd (step 1 → last) | Amax bwd (step 1 → last) "
-            "| max over training fwd / bwd | max block fwd gain (last) |\n|---|---|---|---|---|---|---|\n")
+    head = (
+        "| run | final val loss | max grad norm | Amax fwd (step 1 → last) | Amax bwd (step 1 → last) "
+        "| max over training fwd / bwd | max block fwd gain (last) |\n|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for r in runs:
         g0, g1 = r["gains"][0], r["gains"][-1]
         has_amax = "gain/amax_fwd_max" in g1
 
-        def amax(key):
+        def amax(key, g0=g0, g1=g1, has_amax=has_amax):
             return f"{g0[key]:.3f} → {g1[key]:.3f}" if has_amax else "—"
 
-        over = (f"{max(g['gain/amax_fwd_max'] for g in r['gains']):.3f} / "
-                f"{max(g['gain/amax_bwd_max'] for g in r['gains']):.3f}") if has_amax else "—"
-        lines.append(f"| {r['name']} | {r['vals'][-1]['val_loss']:.4f} | {max(x['grad_norm'] for x in r['losses']):.3f} "
-                     f"| {amax('gain/amax_fwd_max')} | {amax('gain/amax_bwd_max')} | {over} | {g1['gain/fwd_max']:.3f} |")
+        over = (
+            (
+                f"{max(g['gain/amax_fwd_max'] for g in r['gains']):.3f} / "
+                f"{max(g['gain/amax_bwd_max'] for g in r['gains']):.3f}"
+            )
+            if has_amax
+            else "—"
+        )
+        lines.append(
+            f"| {r['name']} | {r['vals'][-1]['val_loss']:.4f} | {max(x['grad_norm'] for x in r['losses']):.3f} "
+            f"| {amax('gain/amax_fwd_max')} | {amax('gain/amax_bwd_max')} | {over} | {g1['gain/fwd_max']:.3f} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 

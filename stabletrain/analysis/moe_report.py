@@ -3,9 +3,12 @@
     python -m stabletrain.analysis.moe_report multirun/moe_balance/* --out docs/experiments/moe_balance
 writes <out>/report.md and <out>/maxvio.png.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
+
+import yaml
 
 from stabletrain.analysis.report import read_metrics, report_main
 from stabletrain.monitoring.plots import log_scale_if_positive
@@ -17,19 +20,21 @@ def load(run_dir: Path) -> dict:
     vals = [r for r in rows if "val_loss" in r]
     name = run_dir.name
     if (run_dir / "config.yaml").is_file():
-        import yaml
-
         name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["moe"]["router"]
     return {"name": name, "train": train, "vals": vals}
 
 
 def table(runs: list[dict], tail: int = 50) -> str:
-    out = [f"| router | final val loss | MaxVio batch (mean of last {tail} steps) | MaxVio global (final validation) |",
-           "|---|---|---|---|"]
+    out = [
+        f"| router | final val loss | MaxVio batch (mean of last {tail} steps) | MaxVio global (final validation) |",
+        "|---|---|---|---|",
+    ]
     for r in runs:
         late = r["train"][-tail:]
-        out.append(f"| {r['name']} | {r['vals'][-1]['val_loss']:.4f} | "
-                   f"{sum(x['moe/maxvio_batch'] for x in late) / len(late):.3f} | {r['vals'][-1]['moe/maxvio_global']:.3f} |")
+        out.append(
+            f"| {r['name']} | {r['vals'][-1]['val_loss']:.4f} | "
+            f"{sum(x['moe/maxvio_batch'] for x in late) / len(late):.3f} | {r['vals'][-1]['moe/maxvio_global']:.3f} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -44,7 +49,7 @@ def plot(runs: list[dict], path: Path) -> None:
         steps = [x["step"] for x in r["train"]]
         vio = [x["moe/maxvio_batch"] for x in r["train"]]
         k = 10  # moving average: a per-batch MaxVio is noisy
-        smooth = [sum(vio[max(0, i - k + 1):i + 1]) / len(vio[max(0, i - k + 1):i + 1]) for i in range(len(vio))]
+        smooth = [sum(vio[max(0, i - k + 1) : i + 1]) / len(vio[max(0, i - k + 1) : i + 1]) for i in range(len(vio))]
         a.plot(steps, smooth, label=r["name"])
         b.plot([v["step"] for v in r["vals"]], [v["moe/maxvio_global"] for v in r["vals"]], marker="o", label=r["name"])
     a.set(title="MaxVio per batch (10-step moving average)", xlabel="step")

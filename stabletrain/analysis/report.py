@@ -1,4 +1,5 @@
 """The command-line shell shared by the run-directory reports: runs in, report.md and a PNG out."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def report_main(description: str, load: Callable, table: Callable, plot: Callable, png: str,
-                argv: list[str] | None = None) -> None:
+def report_main(
+    description: str, load: Callable, table: Callable, plot: Callable, png: str, argv: list[str] | None = None
+) -> None:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="directory for report.md and the plot")

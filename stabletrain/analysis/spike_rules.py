@@ -7,6 +7,7 @@ curve and a gradient-norm level with small noise (the regime of a large batch, w
 plus events placed at known steps. Both rules run through the same SpikeMonitor the trainer uses, with the
 default config (window 128, sigma 6, warm-up 64) and only `monitor.style` changed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from stabletrain.config import MonitorConfig
-from stabletrain.config.schema import DetectorStyle
+from stabletrain.config.choices import DetectorStyle
 from stabletrain.monitoring.plots import log_scale_if_positive
 from stabletrain.training.spikes import SpikeMonitor
 
@@ -44,9 +45,9 @@ def synthetic_trace(steps: int = 1200, seed: int = 0) -> tuple[np.ndarray, np.nd
     i = lambda s: s - 1  # noqa: E731  (steps are 1-based, arrays 0-based)
     loss[i(300)] *= 1.5
     grad[i(400)] *= 2.0
-    loss[i(500):i(510)] += 1.0
+    loss[i(500) : i(510)] += 1.0
     grad[i(700)] *= 10.0
-    loss[i(800):] -= 0.5
+    loss[i(800) :] -= 0.5
     grad[i(1000)] *= 4.0
     return loss, grad, events
 
@@ -54,8 +55,9 @@ def synthetic_trace(steps: int = 1200, seed: int = 0) -> tuple[np.ndarray, np.nd
 def fired_steps(loss: np.ndarray, grad: np.ndarray, style: str) -> list[int]:
     """Steps on which the monitor fires, with every other setting at its default."""
     monitor = SpikeMonitor(MonitorConfig(style=DetectorStyle(style)))
-    return [step for step, (l, g) in enumerate(zip(loss, grad), start=1)
-            if monitor.judge(step, float(l), float(g)).fired]
+    return [
+        step for step, (l, g) in enumerate(zip(loss, grad), start=1) if monitor.judge(step, float(l), float(g)).fired
+    ]
 
 
 def score(fired: list[int], events: list[Event]) -> dict:
@@ -73,8 +75,10 @@ def score(fired: list[int], events: list[Event]) -> dict:
 
 def report(events: list[Event], scores: dict[str, dict]) -> str:
     styles = list(scores)
-    lines = ["| event | steps | " + " | ".join(f"`{s}` fires on" for s in styles) + " |",
-             "|---|---|" + "---|" * len(styles)]
+    lines = [
+        "| event | steps | " + " | ".join(f"`{s}` fires on" for s in styles) + " |",
+        "|---|---|" + "---|" * len(styles),
+    ]
     for e in events:
         cells = []
         for s in styles:
@@ -97,8 +101,14 @@ def plot(loss, grad, fired: dict[str, list[int]], path: Path) -> None:
     for ax, series, label in ((axes[0], loss, "loss"), (axes[1], grad, "gradient norm")):
         ax.plot(steps, series, lw=0.7, color="0.3", label=label)
         for k, (style, where) in enumerate(fired.items()):
-            ax.scatter(where, series[np.array(where, dtype=int) - 1] if where else [], s=18, marker="ov"[k],
-                       label=f"{style} fires", zorder=3)
+            ax.scatter(
+                where,
+                series[np.array(where, dtype=int) - 1] if where else [],
+                s=18,
+                marker="ov"[k],
+                label=f"{style} fires",
+                zorder=3,
+            )
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     log_scale_if_positive(axes[1])

@@ -5,6 +5,7 @@ A ``.wandb`` file is a LevelDB-style log: a 7-byte header (``:W&B``, magic 0xBEE
 ``wandb_internal_pb2.Record``. wandb 0.31 no longer ships a Python reader (the old
 ``sdk/internal/datastore.py`` is gone; wandb-core reads these files in Go), so the framing is parsed here.
 """
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@
 model/ffn, model/ffn/router, the callbacks), the modules named in STABLETRAIN_PLUGINS (comma-separated: your own
 residual streams, routers or callbacks, registered the same way), and registers the schema.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -6,6 +6,7 @@
 The same config tree as train.py (data=, data.path=, data.tokenizer.path= mean the same); the library side is
 stabletrain.data.prepare.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,10 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     s, m = result["stats"], result["manifest"]
     for name, source in m["sources"].items():
         for split, info in source["splits"].items():
-            print(f"{name}/{split}: {info['docs']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} "
-                  f"shard(s)" + (f", {info['invalid_utf8_docs']} with invalid UTF-8 replaced" if info["invalid_utf8_docs"] else ""))
-    print(f"tokenized {s['tokens']:,} tokens in {s['wall_s']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s, "
-          f"{s['workers']} worker(s); {s['skipped_shards']} finished shard(s) skipped) -> {outs[0]} ({m['dtype']})")
+            print(
+                f"{name}/{split}: {info['docs']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} "
+                f"shard(s)"
+                + (f", {info['invalid_utf8_docs']} with invalid UTF-8 replaced" if info["invalid_utf8_docs"] else "")
+            )
+    print(
+        f"tokenized {s['tokens']:,} tokens in {s['wall_s']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s, "
+        f"{s['workers']} worker(s); {s['skipped_shards']} finished shard(s) skipped) -> {outs[0]} ({m['dtype']})"
+    )
 
 
 if __name__ == "__main__":

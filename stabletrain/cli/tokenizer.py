@@ -1,8 +1,9 @@
 """Train a sentencepiece tokenizer on files, or on a sample of any configured source.
 
-    python -m stabletrain.cli.tokenizer --input data/shakespeare/train.jsonl --out tok/sp4096.model --vocab-size 4096
-    python -m stabletrain.cli.tokenizer data=c4 data.tokenizer.train_docs=100000   # samples the stream
+python -m stabletrain.cli.tokenizer --input data/shakespeare/train.jsonl --out tok/sp4096.model --vocab-size 4096
+python -m stabletrain.cli.tokenizer data=c4 data.tokenizer.train_docs=100000   # samples the stream
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise StableTrainError(f"{cfg.tokenizer.path} exists; remove it or pass --out to train a new one")
             path = ensure_tokenizer(cfg).path
     except StableTrainError as e:
-        raise SystemExit(f"stabletrain: error: {e}")
+        raise SystemExit(f"stabletrain: error: {e}") from None
     tok = load_tokenizer(path)
     print(f"wrote {path} (vocab {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id})")
 

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 train.py engine=zero2
     python train.py -m optim.lr=3e-4,1e-3          # a sweep, one job after another
 """
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,10 @@ def _hydra_main(cfg: DictConfig) -> float:
 def main() -> None:
     setup()
     if is_launched() and any(a in ("-m", "--multirun") for a in sys.argv[1:]):
-        sys.exit("stabletrain: error: do not combine -m with torchrun (every rank would launch the sweep); "
-                 "run the sweep with plain python and launch torchrun per job")
+        sys.exit(
+            "stabletrain: error: do not combine -m with torchrun (every rank would launch the sweep); "
+            "run the sweep with plain python and launch torchrun per job"
+        )
     error = check_overrides(sys.argv[1:], CONFIG_DIR)
     if error:
         sys.exit(f"stabletrain: config error: {error}")

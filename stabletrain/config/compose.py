@@ -1,8 +1,10 @@
 """Composition helpers: the schema in Hydra's ConfigStore, one-line composition errors, typed copies."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,8 +46,9 @@ def one_line(exc: BaseException) -> str:
             continue
         for line in str(e).splitlines():
             line = line.strip()
-            if line.startswith(("Config search path", "provider=", "Set the environment", "reference_type",
-                                "object_type", "To append")):
+            if line.startswith(
+                ("Config search path", "provider=", "Set the environment", "reference_type", "object_type", "To append")
+            ):
                 if line.startswith("Config search path"):
                     break
                 continue
@@ -63,8 +66,6 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "confi
     if any(a in ("-m", "--multirun") for a in argv):
         return None
     overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
-    from hydra import compose, initialize_config_dir  # hydra's compose API pulls in its whole launcher stack
-
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             compose(config_name, overrides=overrides)

@@ -8,6 +8,7 @@ in the schema beside the field (one place), and one generic check (`check_ranges
 Closed vocabularies are `StrEnum`s: Hydra's structured configs reject an unknown value at compose time, naming the
 key, and a member compares equal to its string (`cfg.precision.dtype == "bf16"`).
 """
+
 from __future__ import annotations
 
 import math

@@ -4,113 +4,33 @@ Composition merges the YAML files in `conf/` over these dataclasses, so a misspe
 outside a closed vocabulary fails at compose time naming the key. Every number declares its range beside its
 default (stabletrain.config.fields); `validate()` checks those and the cross-field rules.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from stabletrain.config.fields import Choice, ConfigError, at_least, between, finite, positive
-
-
-class DepthScaling(Choice):
-    none = "none"
-    lns = "lns"
-
-
-class SignalScaling(Choice):
-    none = "none"
-    bslo = "bslo"
-
-
-class Attention(Choice):
-    mha = "mha"
-    gqa = "gqa"
-    mla = "mla"
-
-
-class ResidualInit(Choice):
-    scaled = "scaled"
-    plain = "plain"
-
-
-class TokenizerModel(Choice):
-    bpe = "bpe"
-    unigram = "unigram"
-
-
-class DataFormat(Choice):
-    text = "text"
-    pretokenized = "pretokenized"
-
-
-class UTF8Errors(Choice):
-    replace = "replace"
-    strict = "strict"
-
-
-class TokenDtype(Choice):
-    auto = "auto"
-    uint16 = "uint16"
-    uint32 = "uint32"
-
-
-class Offload(Choice):
-    none = "none"
-    cpu = "cpu"
-
-
-class Backend(Choice):
-    auto = "auto"
-    nccl = "nccl"
-    gloo = "gloo"
-
-
-class DType(Choice):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class Schedule(Choice):
-    cosine = "cosine"
-    wsd = "wsd"
-    constant = "constant"
-    step = "step"
-
-
-class WandbMode(Choice):
-    auto = "auto"
-    online = "online"
-    offline = "offline"
-
-
-class Device(Choice):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Response(Choice):
-    log = "log"
-    skip_step = "skip_step"
-    rollback = "rollback"
-    stop = "stop"
-
-
-class NonfiniteResponse(Choice):  # a NaN/Inf update is never applied, so `log` is not offered
-    skip_step = "skip_step"
-    rollback = "rollback"
-    stop = "stop"
-
-
-class InjectKind(Choice):
-    loss = "loss"
-    nan_loss = "nan_loss"
-    poison = "poison"
-
-
-class DetectorStyle(Choice):
-    stabletrain = "stabletrain"  # one-sided z-score over clean steps, plus the ratio rules
-    olmo_core = "olmo_core"  # OLMo-core's SkipStepOptimizer: two-sided z-score over all recent steps
+from stabletrain.config.choices import (
+    Attention,
+    Backend,
+    DataFormat,
+    DepthScaling,
+    DetectorStyle,
+    Device,
+    DType,
+    InjectKind,
+    NonfiniteResponse,
+    Offload,
+    ResidualInit,
+    Response,
+    Schedule,
+    SignalScaling,
+    TokenDtype,
+    TokenizerModel,
+    UTF8Errors,
+    WandbMode,
+)
+from stabletrain.config.fields import ConfigError, at_least, between, finite, positive
 
 
 @dataclass
@@ -125,8 +45,9 @@ class ResidualConfig:
     def check(self, model: "ModelConfig") -> None:
         """Cross-field rules of this stream (ConfigError naming the key); subclasses extend."""
         if self.kind == "standard" and self.streams != 1:
-            raise ConfigError(f"model.residual.streams={self.streams} needs a multi-stream residual "
-                              "(model/residual=hc or mhc)")
+            raise ConfigError(
+                f"model.residual.streams={self.streams} needs a multi-stream residual (model/residual=hc or mhc)"
+            )
 
 
 @dataclass
@@ -283,8 +204,9 @@ class DataConfig(SourceConfig):
                 entry = dict(entry) if not isinstance(entry, SourceConfig) else entry.__dict__
                 unknown = sorted(set(entry) - known)
                 if unknown:
-                    raise ConfigError(f"data.sources.{name}: unknown key(s) {', '.join(unknown)} (known: "
-                                      f"{', '.join(sorted(known))})")
+                    raise ConfigError(
+                        f"data.sources.{name}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+                    )
                 for key in ("train_files", "val_files", "data_files"):  # a single path is a list of one
                     if isinstance(entry.get(key), str):
                         entry[key] = [entry[key]]
@@ -365,8 +287,9 @@ class TrainerConfig:
     plan: bool = False  # print parameters, FLOPs and per-GPU memory for the configured run, then exit
     plan_world_size: Optional[int] = at_least(1, None)  # plan for this many GPUs (None: WORLD_SIZE or 1)
     # Registered callbacks, in order; each applies only where it makes sense (moe_balance: MoE layers, ...).
-    callbacks: List[str] = field(default_factory=lambda: ["console", "metrics", "wandb", "gains", "moe_balance",
-                                                          "signal_sync", "forensics"])
+    callbacks: List[str] = field(
+        default_factory=lambda: ["console", "metrics", "wandb", "gains", "moe_balance", "signal_sync", "forensics"]
+    )
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Checks that run after composition and before anything heavy starts: every declared range (schema), the
 cross-field rules a type system cannot express, paths that must exist, and the machine (a CUDA device when
 asked for). Each failure is one ConfigError line naming the key; `validate` returns warnings to print."""
+
 from __future__ import annotations
 
 import glob
@@ -28,8 +29,9 @@ def validate(cfg: Config) -> list[str]:
     if cfg.data.doc_mask and cfg.model.attention == "mla":
         raise ConfigError("data.doc_mask=true is not supported with model.attention=mla (use mha or gqa)")
     if cfg.model.signal_scaling == "bslo" or getattr(getattr(cfg.model.ffn, "router", None), "kind", "") == "bslo":
-        warnings.append("BSLO is experimental: our reading of one news article, not a published method "
-                        "(docs/methods.md)")
+        warnings.append(
+            "BSLO is experimental: our reading of one news article, not a published method (docs/methods.md)"
+        )
     return warnings
 
 
@@ -42,8 +44,9 @@ def _component(node, key: str, base: type) -> None:
         raise ConfigError(f"{key}={node!r}: choose it with {group}=<name> (one of: {options})")
     selected = next(f.default for f in fields(type(node)) if f.name == "kind")
     if node.kind != selected:
-        raise ConfigError(f"{key}.kind={node.kind} does not swap the component ({selected} is selected): "
-                          f"use {group}={node.kind}")
+        raise ConfigError(
+            f"{key}.kind={node.kind} does not swap the component ({selected} is selected): use {group}={node.kind}"
+        )
     for f in fields(node):
         value = getattr(node, f.name)
         if f.name != "kind" and hasattr(value, "kind") and is_dataclass(value):
@@ -61,7 +64,9 @@ def _model(cfg: Config) -> None:
     if m.attention == "mla" and m.mla.qk_rope_head_dim % 2:
         raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be even for rotary embeddings")
     if m.attention == "gqa" and (m.n_kv_heads is None or m.n_heads % m.n_kv_heads):
-        raise ConfigError(f"model.attention=gqa needs model.n_kv_heads dividing model.n_heads={m.n_heads}, got {m.n_kv_heads}")
+        raise ConfigError(
+            f"model.attention=gqa needs model.n_kv_heads dividing model.n_heads={m.n_heads}, got {m.n_kv_heads}"
+        )
     if m.qk_norm and m.attention == "mla":
         raise ConfigError("model.qk_norm applies to model.attention=mha|gqa (MLA normalises its latents already)")
     if m.bslo.clamp_min > m.bslo.clamp_max:
@@ -81,13 +86,16 @@ def _engine(cfg: Config) -> None:
         if cfg.model.ffn.kind != "moe":
             raise ConfigError(f"engine.expert_parallel={ep} needs MoE layers (model/ffn=moe)")
         if cfg.model.ffn.n_routed % ep:
-            raise ConfigError(f"model.ffn.n_routed={cfg.model.ffn.n_routed} is not divisible by "
-                              f"engine.expert_parallel={ep}")
+            raise ConfigError(
+                f"model.ffn.n_routed={cfg.model.ffn.n_routed} is not divisible by engine.expert_parallel={ep}"
+            )
         if e.zero_stage != 0 or cfg.precision.dtype != "fp32":
             # ZeRO-1/2 and DeepSpeed's bf16 optimizer reduce gradients inside DeepSpeed, which would average
             # different experts together; only DeepSpeed's own MoE layer class gets expert groups there.
-            raise ConfigError(f"engine.expert_parallel={ep} runs with engine=zero0 and precision=fp32 for now "
-                              f"(got zero_stage={e.zero_stage}, dtype={cfg.precision.dtype})")
+            raise ConfigError(
+                f"engine.expert_parallel={ep} runs with engine=zero0 and precision=fp32 for now "
+                f"(got zero_stage={e.zero_stage}, dtype={cfg.precision.dtype})"
+            )
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"
         raise ConfigError(f"trainer.device=cuda, but this machine has {build} (use trainer.device=cpu or auto)")
@@ -103,14 +111,17 @@ def _training(cfg: Config) -> list[str]:
     if o.schedule == "step" and len(o.step_milestones) != len(o.step_factors):
         raise ConfigError("optim.step_milestones and optim.step_factors must have the same length")
     if o.total_steps is not None and o.total_steps < t.max_steps:
-        warnings.append(f"optim.total_steps={o.total_steps} is below trainer.max_steps={t.max_steps}: the LR "
-                        f"schedule ends at step {o.total_steps} and stays at its final value after it")
+        warnings.append(
+            f"optim.total_steps={o.total_steps} is below trainer.max_steps={t.max_steps}: the LR "
+            f"schedule ends at step {o.total_steps} and stays at its final value after it"
+        )
     for r in t.skip_batches:
         if len(r) != 2 or not 0 <= r[0] < r[1]:
             raise ConfigError(f"trainer.skip_batches entry {list(r)} must be [start, end) with 0 <= start < end")
     if mon.inject.step is not None and mon.inject.step > t.max_steps:
-        warnings.append(f"monitor.inject.step={mon.inject.step} is after trainer.max_steps={t.max_steps}: nothing "
-                        "will be injected")
+        warnings.append(
+            f"monitor.inject.step={mon.inject.step} is after trainer.max_steps={t.max_steps}: nothing will be injected"
+        )
     check_resume_path(t.resume)
     return warnings
 
@@ -123,8 +134,9 @@ def check_resume_path(resume: str) -> None:
     if not path.exists():
         raise ConfigError(f"trainer.resume={resume}: no such directory (none | auto | a checkpoint directory)")
     if not path.is_dir():
-        raise ConfigError(f"trainer.resume={resume} is a file; give a checkpoint directory (step_*) or a "
-                          "directory of them")
+        raise ConfigError(
+            f"trainer.resume={resume} is a file; give a checkpoint directory (step_*) or a directory of them"
+        )
     if not CHECKPOINT_TAG.match(path.name) and not any(CHECKPOINT_TAG.match(p.name) for p in path.iterdir()):
         raise ConfigError(f"trainer.resume={resume} holds no checkpoint (no step_* directory)")
 
@@ -134,17 +146,22 @@ def validate_data(d: DataConfig) -> None:
     check_ranges(d, "data")
     if d.format == "pretokenized":
         if not d.path:
-            raise ConfigError("data.format=pretokenized needs data.path=<directory written by python -m stabletrain.cli.prepare>")
+            raise ConfigError(
+                "data.format=pretokenized needs data.path=<directory written by python -m stabletrain.cli.prepare>"
+            )
         if not (Path(d.path) / "manifest.json").is_file():
-            raise ConfigError(f"data.path={d.path} holds no manifest.json (write it with: python -m "
-                              f"stabletrain.cli.prepare data={d.name} out={d.path})")
+            raise ConfigError(
+                f"data.path={d.path} holds no manifest.json (write it with: python -m "
+                f"stabletrain.cli.prepare data={d.name} out={d.path})"
+            )
     if d.tokenizer.path and not Path(d.tokenizer.path).exists():
         parent = Path(d.tokenizer.path).parent
         while not parent.exists():
             parent = parent.parent
         if not parent.is_dir():
-            raise ConfigError(f"data.tokenizer.path={d.tokenizer.path}: {parent} is a file, so no tokenizer can be "
-                              "written below it")
+            raise ConfigError(
+                f"data.tokenizer.path={d.tokenizer.path}: {parent} is a file, so no tokenizer can be written below it"
+            )
     for name, src in d.source_configs().items():
         prefix = f"data.sources.{name}." if d.sources else "data."
         check_ranges(src, prefix.rstrip("."))

@@ -5,6 +5,7 @@ the permutation drawn from Generator([seed, e]). A rank reads its slice of each 
 whole state is the number of global samples consumed, which survives a change in the number of ranks.
 A mixture keeps that property: MixtureOrder picks the source of sample g from (seed, g // block) alone.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -212,8 +213,16 @@ class RankLoader:
     m·(micro·world) + r·micro + [0, micro) of it, so every micro-step across ranks is one contiguous block.
     """
 
-    def __init__(self, data: PackedSequences, order: GlobalOrder, micro_batch_size: int, accum: int,
-                 rank: int, world_size: int, samples_consumed: int = 0):
+    def __init__(
+        self,
+        data: PackedSequences,
+        order: GlobalOrder,
+        micro_batch_size: int,
+        accum: int,
+        rank: int,
+        world_size: int,
+        samples_consumed: int = 0,
+    ):
         self.data, self.order = data, order
         self.micro, self.accum, self.rank, self.world = micro_batch_size, accum, rank, world_size
         self.samples_consumed = samples_consumed
@@ -226,6 +235,17 @@ class RankLoader:
         base = self.samples_consumed if start is None else start
         first = base + micro_step * self.micro * self.world + self.rank * self.micro
         return np.arange(first, first + self.micro)
+
+    def batch_positions(self, batch_index: int) -> list[int]:
+        """Global stream positions of global batch `batch_index`'s rows in rank order (rank, micro-step, row):
+        the order in which every rank's rows are gathered."""
+        base = batch_index * self.global_batch_size
+        return [
+            base + m * self.micro * self.world + r * self.micro + j
+            for r in range(self.world)
+            for m in range(self.accum)
+            for j in range(self.micro)
+        ]
 
     def next_batch(self) -> list[torch.Tensor]:
         """The accum micro-batches ([micro, seq_len+1] token tensors) of the next global batch."""

@@ -9,20 +9,25 @@ there are fewer files than workers, by blocks of data.prepare.shard_docs documen
 written atomically with its checksum record; rerunning an interrupted command skips the finished shards (their
 documents are read again but not tokenized) and writes manifest.json last. The layout is in shards.py.
 """
+
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from stabletrain import StableTrainError
 from stabletrain.config import DataConfig, SourceConfig
+from stabletrain.data.setup import ensure_tokenizer
 from stabletrain.data.shards import FORMAT, pick_dtype, write_atomic, write_shard
 from stabletrain.data.sources import open_source
 from stabletrain.data.tokenizer import encode_documents, load_tokenizer
@@ -37,61 +42,95 @@ def _init_worker(queue) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
 
 
-def prepare_unit(out: str, source: str, src: dict, split: str, utf8_errors: str, holdout: list[int], tokenizer: str,
-                 dtype: str, shard_docs: int, index: int, part: int, parts: int, report=None) -> dict:
-    """Tokenize the blocks b ≡ part (mod parts) of input shard `index`; skip blocks already finished."""
-    started = time.perf_counter()
-    stream = open_source(SourceConfig(**src), split, utf8_errors, holdout)
-    tok = load_tokenizer(tokenizer, num_threads=1)  # parallelism comes from worker processes
-    directory = Path(out) / source / split
-    report = report or (_progress.put if _progress is not None else None)
-    stats = {"pid": os.getpid(), "tokens": 0, "docs": 0, "busy_s": 0.0, "skipped_shards": 0, "shards": 0}  # busy: tokenize+write
-    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
-    block, pending, invalid = 0, [], 0
+@dataclass(frozen=True)
+class Unit:
+    """One worker task: the blocks b ≡ part (mod parts) of input shard `index` of one source's split."""
 
-    def flush():
-        nonlocal pending, invalid
-        if pending:
+    out: str
+    source: str
+    src: dict
+    split: str
+    utf8_errors: str
+    holdout: list[int]
+    tokenizer: str
+    dtype: str
+    shard_docs: int
+    index: int
+    part: int
+    parts: int
+
+
+class _ShardWriter:
+    """Collects a block's documents and writes them as one shard (with the stats and the test hook)."""
+
+    def __init__(self, unit: Unit, report):
+        self.unit, self.report = unit, report
+        self.tok = load_tokenizer(unit.tokenizer, num_threads=1)  # parallelism comes from worker processes
+        self.directory = Path(unit.out) / unit.source / unit.split
+        self.stats = {"pid": os.getpid(), "tokens": 0, "docs": 0, "busy_s": 0.0, "skipped_shards": 0, "shards": 0}
+        self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
+        self.block, self.pending, self.invalid = 0, [], 0
+
+    def finished(self, block: int) -> bool:
+        return (self.directory / f"{self.unit.index:05d}_{block:05d}.json").is_file()  # by an earlier run
+
+    def flush(self) -> None:
+        if self.pending:
             t0 = time.perf_counter()
-            record = write_shard(directory, f"{index:05d}_{block:05d}", list(encode_documents(pending, tok)), dtype,
-                                 invalid)
-            stats["busy_s"] += time.perf_counter() - t0
-            stats["tokens"] += record["tokens"]
-            stats["docs"] += record["docs"]
-            stats["shards"] += 1
-            if report:
-                report((record["docs"], record["tokens"]))
-            if kill_after and stats["shards"] >= kill_after:
+            ids = list(encode_documents(self.pending, self.tok))
+            name = f"{self.unit.index:05d}_{self.block:05d}"
+            record = write_shard(self.directory, name, ids, self.unit.dtype, self.invalid)
+            self.stats["busy_s"] += time.perf_counter() - t0  # busy: tokenize + write
+            self.stats["tokens"] += record["tokens"]
+            self.stats["docs"] += record["docs"]
+            self.stats["shards"] += 1
+            if self.report:
+                self.report((record["docs"], record["tokens"]))
+            if self.kill_after and self.stats["shards"] >= self.kill_after:
                 os.killpg(os.getpgrp(), signal.SIGKILL)  # as `kill -9` of the job would: no cleanup anywhere
-        pending, invalid = [], 0
+        self.pending, self.invalid = [], 0
 
+
+def prepare_unit(unit: Unit, report=None) -> dict:
+    """Tokenize the unit's blocks; skip blocks already finished."""
+    started = time.perf_counter()
+    stream = open_source(SourceConfig(**unit.src), unit.split, unit.utf8_errors, unit.holdout)
+    writer = _ShardWriter(unit, report or (_progress.put if _progress is not None else None))
     seen_invalid = 0
-    for text_index, text in enumerate(stream.iter_shard(index)):
+    for text_index, text in enumerate(stream.iter_shard(unit.index)):
         replaced = stream.invalid_utf8_docs > seen_invalid  # the stream counts a document as it decodes it
         seen_invalid = stream.invalid_utf8_docs
-        b = text_index // shard_docs
-        if b != block:
-            flush()
-            block = b
-        if b % parts != part:
+        b = text_index // unit.shard_docs
+        if b != writer.block:
+            writer.flush()
+            writer.block = b
+        if b % unit.parts != unit.part:
             continue
-        if (directory / f"{index:05d}_{b:05d}.json").is_file():  # finished by an earlier run
-            stats["skipped_shards"] += text_index % shard_docs == 0
+        if writer.finished(b):
+            writer.stats["skipped_shards"] += text_index % unit.shard_docs == 0
             continue
-        pending.append(text)
-        invalid += replaced
-    flush()
-    stats["wall_s"] = time.perf_counter() - started  # reading included: a worker's whole time on this unit
-    return stats
+        writer.pending.append(text)
+        writer.invalid += replaced
+    writer.flush()
+    writer.stats["wall_s"] = time.perf_counter() - started  # reading included: a worker's whole time on it
+    return writer.stats
 
 
 def _fingerprint(cfg: DataConfig, tokenizer, dtype: str) -> dict:
     sources = {}
     for name, src in cfg.source_configs().items():
-        sources[name] = {"config": asdict(src),
-                         "splits": {s: open_source(src, s, cfg.utf8_errors).fingerprint for s in ("train", "val")}}
-    return {"format": FORMAT, "sources": sources, "tokenizer_sha256": tokenizer.sha256, "dtype": dtype,
-            "shard_docs": cfg.prepare.shard_docs, "utf8_errors": cfg.utf8_errors}
+        sources[name] = {
+            "config": asdict(src),
+            "splits": {s: open_source(src, s, cfg.utf8_errors).fingerprint for s in ("train", "val")},
+        }
+    return {
+        "format": FORMAT,
+        "sources": sources,
+        "tokenizer_sha256": tokenizer.sha256,
+        "dtype": dtype,
+        "shard_docs": cfg.prepare.shard_docs,
+        "utf8_errors": cfg.utf8_errors,
+    }
 
 
 def _copy_tokenizer(tokenizer, out: Path) -> str:
@@ -99,8 +138,11 @@ def _copy_tokenizer(tokenizer, out: Path) -> str:
     dest = out / "tokenizer"
     dest.mkdir(parents=True, exist_ok=True)
     src = tokenizer.path
-    files = [src, src.with_suffix(".json")] if src.is_file() else [src / n for n in (
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+    files = (
+        [src, src.with_suffix(".json")]
+        if src.is_file()
+        else [src / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+    )
     for f in files:
         if f.is_file():
             write_atomic(dest / f.name, f.read_bytes())
@@ -109,10 +151,6 @@ def _copy_tokenizer(tokenizer, out: Path) -> str:
 
 def prepare(cfg: DataConfig, out: str | os.PathLike, workers: int | None = None, progress: bool = True) -> dict:
     """Pre-tokenize every source and split of `cfg` into `out`; return the manifest plus timing stats."""
-    from tqdm import tqdm
-
-    from stabletrain.data.setup import ensure_tokenizer
-
     out = Path(out)
     workers = workers or cfg.prepare.workers
     tokenizer = ensure_tokenizer(cfg)
@@ -122,13 +160,22 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, workers: int | None = None,
     recorded = out / "prepare.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != fingerprint:
         raise StableTrainError(f"{out} holds a preparation with other settings (source files, tokenizer, dtype or "
-                               "shard_docs differ): choose another out= or delete it")
+                               "shard_docs differ): choose another out= or delete it")  # fmt: skip
     write_atomic(recorded, (json.dumps(fingerprint, indent=1, sort_keys=True) + "\n").encode())
     for stale in out.rglob(".*.tmp*"):  # half-written files of a killed run (one prepare per directory at a time)
         stale.unlink()
     tok_file = _copy_tokenizer(tokenizer, out)
+    t0 = time.perf_counter()
+    results = _run(_units(cfg, out, workers, str(tokenizer.path), dtype), workers, f"prepare {cfg.name}", progress, out)
+    wall = time.perf_counter() - t0
+    manifest = _manifest(cfg, out, fingerprint, tokenizer, tok_file, dtype)
+    write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    return {"manifest": manifest, "stats": _stats(results, wall, workers)}
 
-    tasks = []
+
+def _units(cfg: DataConfig, out: Path, workers: int, tokenizer: str, dtype: str) -> list[Unit]:
+    """Every input shard of every source's split; training shards split further when workers outnumber files."""
+    units = []
     for name, src in cfg.source_configs().items():
         for split in ("train", "val"):
             stream = open_source(src, split, cfg.utf8_errors)
@@ -136,12 +183,15 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, workers: int | None = None,
             n_in = stream.num_shards
             parts = max(1, workers // n_in) if split == "train" else 1
             (out / name / split).mkdir(parents=True, exist_ok=True)
-            for index in range(n_in):
-                for part in range(parts):
-                    tasks.append((str(out), name, asdict(src), split, cfg.utf8_errors, holdout, str(tokenizer.path),
-                                  dtype, cfg.prepare.shard_docs, index, part, parts))
+            units += [Unit(str(out), name, asdict(src), split, cfg.utf8_errors, holdout, tokenizer, dtype,
+                           cfg.prepare.shard_docs, index, part, parts)
+                      for index in range(n_in) for part in range(parts)]  # fmt: skip
+    return units
 
-    bar = tqdm(unit="doc", desc=f"prepare {cfg.name}", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+
+def _run(units: list[Unit], workers: int, desc: str, progress: bool, out: Path) -> list[dict]:
+    """Run the units in this process (workers=1) or in `workers` spawned processes, with a progress bar."""
+    bar = tqdm(unit="doc", desc=desc, disable=not progress, dynamic_ncols=True, file=sys.stderr)
     tokens_done = 0
 
     def report(item):
@@ -150,61 +200,60 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, workers: int | None = None,
         tokens_done += item[1]
         bar.set_postfix(tokens=f"{tokens_done:,}", refresh=False)
 
-    t0 = time.perf_counter()
-    results = []
     try:
         if workers == 1:
-            results = [prepare_unit(*task, report=report) for task in tasks]
-        else:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("spawn")  # fork is unsafe with datasets/pyarrow threads
-            queue = ctx.Queue()
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-                pending = {pool.submit(prepare_unit, *task) for task in tasks}
-                try:
-                    while pending:
-                        done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                        while not queue.empty():
-                            report(queue.get())
-                        results += [f.result() for f in done]
-                except BaseException:
-                    for f in pending:  # a worker's error (or Ctrl-C): do not start the remaining units
-                        f.cancel()
-                    raise
-                while not queue.empty():
-                    report(queue.get())
+            return [prepare_unit(unit, report=report) for unit in units]
+        results = []
+        ctx = mp.get_context("spawn")  # fork is unsafe with datasets/pyarrow threads
+        queue = ctx.Queue()
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+            pending = {pool.submit(prepare_unit, unit) for unit in units}
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    while not queue.empty():
+                        report(queue.get())
+                    results += [f.result() for f in done]
+            except BaseException:
+                for f in pending:  # a worker's error (or Ctrl-C): do not start the remaining units
+                    f.cancel()
+                raise
+            while not queue.empty():
+                report(queue.get())
+        return results
     except BrokenProcessPool:
-        raise StableTrainError(f"a prepare worker died (killed, or out of memory); rerun the same command to resume "
-                               f"{out} from its finished shards") from None
+        raise StableTrainError(f"a prepare worker died (killed, or out of memory); rerun the same command to "
+                               f"resume {out} from its finished shards") from None  # fmt: skip
     finally:
         bar.close()
-    wall = time.perf_counter() - t0
 
+
+def _manifest(cfg: DataConfig, out: Path, fingerprint: dict, tokenizer, tok_file: str, dtype: str) -> dict:
+    """manifest.json: the settings, the tokenizer, and every source's per-split totals and shard records."""
+    tok = {"file": tok_file, "kind": tokenizer.kind, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+           "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}  # fmt: skip
     manifest = {"format": FORMAT, "dtype": dtype, "shard_docs": cfg.prepare.shard_docs,
-                "utf8_errors": cfg.utf8_errors,
-                "tokenizer": {"file": tok_file, "kind": tokenizer.kind, "sha256": tokenizer.sha256,
-                              "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
-                "sources": {}}
+                "utf8_errors": cfg.utf8_errors, "tokenizer": tok, "sources": {}}  # fmt: skip
     for name, src in cfg.source_configs().items():
         splits = {}
         for split in ("train", "val"):
             records = [json.loads(p.read_text()) for p in sorted((out / name / split).glob("*.json"))]
             if not records:
                 raise StableTrainError(f"source {name!r} split {split!r} ({open_source(src, split).desc}) yielded "
-                                       "no documents (empty file?)")
+                                       "no documents (empty file?)")  # fmt: skip
             splits[split] = {k: sum(r[k] for r in records) for k in ("tokens", "docs", "invalid_utf8_docs")}
             splits[split]["shards"] = records
         manifest["sources"][name] = {"source": fingerprint["sources"][name], "weight": src.weight, "splits": splits}
-    write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    return manifest
 
+
+def _stats(results: list[dict], wall: float, workers: int) -> dict:
     tokens = sum(r["tokens"] for r in results)
     per_worker: dict[int, dict] = {}
     for r in results:
         w = per_worker.setdefault(r["pid"], {"tokens": 0, "wall_s": 0.0})
         w["tokens"] += r["tokens"]
         w["wall_s"] += r["wall_s"]
-    stats = {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0, "workers": workers,
-             "skipped_shards": sum(r["skipped_shards"] for r in results),
-             "per_worker_tokens_per_s": [w["tokens"] / w["wall_s"] for w in per_worker.values() if w["wall_s"]]}
-    return {"manifest": manifest, "stats": stats}
+    rates = [w["tokens"] / w["wall_s"] for w in per_worker.values() if w["wall_s"]]
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0, "workers": workers,
+            "skipped_shards": sum(r["skipped_shards"] for r in results), "per_worker_tokens_per_s": rates}  # fmt: skip

@@ -4,6 +4,7 @@ Text sources are tokenized on first use into a cache next to the tokenizer; `dat
 memory-mapped shards of a `prepare` directory instead. Either way each source becomes one token stream cut into
 seq_len+1 windows, and the sample order is GlobalOrder (one source) or MixtureOrder (several).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,37 +16,59 @@ import torch
 
 from stabletrain import REPO_ROOT, StableTrainError
 from stabletrain.config import DataConfig
-from stabletrain.data.dataset import (ConcatSequences, GlobalOrder, MixtureOrder, OrderedView, PackedSequences,
-                                      document_ids, tokenize_stream)
+from stabletrain.data.dataset import (
+    ConcatSequences,
+    GlobalOrder,
+    MixtureOrder,
+    OrderedView,
+    PackedSequences,
+    document_ids,
+    tokenize_stream,
+)
+from stabletrain.data.shards import PreparedDir
 from stabletrain.data.sources import open_source
 from stabletrain.data.tokenizer import load_tokenizer, train_tokenizer
+from stabletrain.distributed import barrier
 
 
 def tokenizer_path(cfg: DataConfig) -> Path:
     """data.tokenizer.path, or (None) a model cached per source and tokenizer settings under data/<name>/tokenizer/."""
     if cfg.tokenizer.path:
         return Path(cfg.tokenizer.path)
-    key = json.dumps([[n, asdict(s)] for n, s in cfg.source_configs().items()] +
-                     [cfg.tokenizer.vocab_size, cfg.tokenizer.model_type, cfg.tokenizer.train_docs], sort_keys=True)
+    key = json.dumps(
+        [[n, asdict(s)] for n, s in cfg.source_configs().items()]
+        + [cfg.tokenizer.vocab_size, cfg.tokenizer.model_type, cfg.tokenizer.train_docs],
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return REPO_ROOT / "data" / cfg.name / "tokenizer" / f"sp{cfg.tokenizer.vocab_size}-{digest}.model"
 
 
 def ensure_tokenizer(cfg: DataConfig, is_main: bool = True):
     """Load the tokenizer; train a sentencepiece model on a sample of the training source(s) first if missing."""
-    from stabletrain.distributed import barrier
-
     path = tokenizer_path(cfg)
     if is_main and not path.exists():
         sources = cfg.source_configs()
         total = sum(s.weight for s in sources.values())
-        texts = (text for name, src in sources.items()
-                 for text in open_source(src, "train", cfg.utf8_errors).sample(
-                     max(1, round(cfg.tokenizer.train_docs * src.weight / total))))
-        print(f"training a {cfg.tokenizer.vocab_size}-piece sentencepiece tokenizer on up to "
-              f"{cfg.tokenizer.train_docs} documents of {', '.join(sources)} -> {path}")
-        train_tokenizer(None, path, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type, texts=texts,
-                        source={n: asdict(s) for n, s in sources.items()})
+        texts = (
+            text
+            for name, src in sources.items()
+            for text in open_source(src, "train", cfg.utf8_errors).sample(
+                max(1, round(cfg.tokenizer.train_docs * src.weight / total))
+            )
+        )
+        print(
+            f"training a {cfg.tokenizer.vocab_size}-piece sentencepiece tokenizer on up to "
+            f"{cfg.tokenizer.train_docs} documents of {', '.join(sources)} -> {path}"
+        )
+        train_tokenizer(
+            None,
+            path,
+            cfg.tokenizer.vocab_size,
+            cfg.tokenizer.model_type,
+            texts=texts,
+            source={n: asdict(s) for n, s in sources.items()},
+        )
     barrier()
     return load_tokenizer(path)
 
@@ -62,8 +85,11 @@ class TrainData:
 
     def source_tokens(self, samples_consumed: int) -> dict[str, int]:
         """Tokens consumed so far per source (metrics `data/tokens/<source>`): a pure function of the sample count."""
-        counts = (self.order.consumed_per_source(samples_consumed) if isinstance(self.order, MixtureOrder)
-                  else [samples_consumed])
+        counts = (
+            self.order.consumed_per_source(samples_consumed)
+            if isinstance(self.order, MixtureOrder)
+            else [samples_consumed]
+        )
         return {f"data/tokens/{n}": int(c) * self.seq_len for n, c in zip(self.names, counts)}
 
     def model_kwargs(self, batch: torch.Tensor) -> dict:
@@ -73,12 +99,8 @@ class TrainData:
 
 def _token_streams(cfg: DataConfig, is_main: bool):
     """(tokenizer, {source: (train tokens, val tokens)}) for either format."""
-    from stabletrain.distributed import barrier
-
     sources = cfg.source_configs()
     if cfg.format == "pretokenized":
-        from stabletrain.data.shards import PreparedDir
-
         prepared = PreparedDir(cfg.path)
         tokenizer = prepared.load_tokenizer(str(tokenizer_path(cfg)) if cfg.tokenizer.path else None)
         if is_main:
@@ -86,11 +108,14 @@ def _token_streams(cfg: DataConfig, is_main: bool):
         barrier()
         names = list(sources) if cfg.sources else prepared.sources
         if not cfg.sources and len(names) != 1:
-            raise StableTrainError(f"{cfg.path} holds a mixture ({', '.join(names)}): train it with data=mixture "
-                                   "and the same data.sources")
+            raise StableTrainError(
+                f"{cfg.path} holds a mixture ({', '.join(names)}): train it with data=mixture and the same data.sources"
+            )
         missing = [n for n in names if n not in prepared.sources]
         if missing:
-            raise StableTrainError(f"{cfg.path} has no source {', '.join(missing)} (it holds {', '.join(prepared.sources)})")
+            raise StableTrainError(
+                f"{cfg.path} has no source {', '.join(missing)} (it holds {', '.join(prepared.sources)})"
+            )
         return tokenizer, {n: (prepared.tokens(n, "train"), prepared.tokens(n, "val")) for n in names}
     tokenizer = ensure_tokenizer(cfg, is_main)
     cache_dir = tokenizer.path.parent if tokenizer.path.is_file() else tokenizer_path(cfg).parent
@@ -116,17 +141,20 @@ def build_data(cfg: DataConfig, seed: int, is_main: bool) -> TrainData:
         train[name], val[name] = PackedSequences(train_tokens, cfg.seq_len), PackedSequences(val_tokens, cfg.seq_len)
         for split, d in (("train", train[name]), ("val", val[name])):
             if len(d) == 0:
-                raise StableTrainError(f"the {split} split of {name} has fewer than data.seq_len+1={cfg.seq_len + 1} "
-                                       f"tokens ({len(d.tokens)})")
+                raise StableTrainError(
+                    f"the {split} split of {name} has fewer than data.seq_len+1={cfg.seq_len + 1} "
+                    f"tokens ({len(d.tokens)})"
+                )
     if len(names) == 1:
         (name,) = names
-        return TrainData(tokenizer, train[name], val[name], GlobalOrder(len(train[name]), seed), names, cfg.seq_len,
-                         cfg.doc_mask)
+        return TrainData(
+            tokenizer, train[name], val[name], GlobalOrder(len(train[name]), seed), names, cfg.seq_len, cfg.doc_mask
+        )
     weights = [cfg.source_configs()[n].weight for n in names]
     order = MixtureOrder([len(train[n]) for n in names], weights, seed)
     # Validation: a fixed interleaving of the sources by weight, the same for every run (seed 0, in source order).
     val_order = MixtureOrder([len(val[n]) for n in names], weights, seed=0, shuffle=False)
     val_data = OrderedView(ConcatSequences([val[n] for n in names]), val_order)
-    return TrainData(tokenizer, ConcatSequences([train[n] for n in names]), val_data, order, names, cfg.seq_len,
-                     cfg.doc_mask)
-
+    return TrainData(
+        tokenizer, ConcatSequences([train[n] for n in names]), val_data, order, names, cfg.seq_len, cfg.doc_mask
+    )

@@ -11,6 +11,7 @@
 The token stream of a split is its shards in name order, which is the source's document order: the same stream
 on-the-fly tokenization produces.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ def pick_dtype(vocab_size: int, requested: str = "auto") -> str:
     if requested == "auto":
         return "uint16" if vocab_size <= 1 << 16 else "uint32"
     if requested == "uint16" and vocab_size > 1 << 16:
-        raise StableTrainError(f"data.prepare.dtype=uint16 cannot hold token ids up to {vocab_size - 1} (vocabulary "
-                               f"{vocab_size} > 65536): use data.prepare.dtype=uint32 or auto")
+        raise StableTrainError(
+            f"data.prepare.dtype=uint16 cannot hold token ids up to {vocab_size - 1} (vocabulary "
+            f"{vocab_size} > 65536): use data.prepare.dtype=uint32 or auto"
+        )
     return requested
 
 
@@ -54,8 +57,14 @@ def write_shard(directory: Path, name: str, docs: list[np.ndarray], dtype: str, 
     bin_bytes, idx_bytes = tokens.astype(DTYPES[dtype]).tobytes(), ends.astype("<i8").tobytes()
     write_atomic(directory / f"{name}.bin", bin_bytes)
     write_atomic(directory / f"{name}.idx", idx_bytes)
-    record = {"name": name, "tokens": int(tokens.size), "docs": len(docs), "invalid_utf8_docs": invalid_utf8_docs,
-              "sha256": file_sha256(directory / f"{name}.bin"), "idx_sha256": file_sha256(directory / f"{name}.idx")}
+    record = {
+        "name": name,
+        "tokens": int(tokens.size),
+        "docs": len(docs),
+        "invalid_utf8_docs": invalid_utf8_docs,
+        "sha256": file_sha256(directory / f"{name}.bin"),
+        "idx_sha256": file_sha256(directory / f"{name}.idx"),
+    }
     write_atomic(directory / f"{name}.json", (json.dumps(record, sort_keys=True) + "\n").encode())
     return record
 
@@ -88,8 +97,10 @@ class PreparedDir:
         self.path = Path(path)
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
-            raise StableTrainError(f"{self.path} holds no manifest.json: not a finished `python -m "
-                                   "stabletrain.cli.prepare` output (an interrupted one resumes when rerun)")
+            raise StableTrainError(
+                f"{self.path} holds no manifest.json: not a finished `python -m "
+                "stabletrain.cli.prepare` output (an interrupted one resumes when rerun)"
+            )
         try:
             self.manifest = json.loads(manifest.read_text())
         except json.JSONDecodeError as e:
@@ -111,14 +122,17 @@ class PreparedDir:
             raise StableTrainError(
                 f"tokenizer mismatch: {self.path} was prepared with tokenizer sha256 {want['sha256'][:12]}… "
                 f"(vocab {want['vocab_size']}), but {where}={tokenizer.path} has sha256 {tokenizer.sha256[:12]}… "
-                f"(vocab {tokenizer.vocab_size}); use the tokenizer in {self.path / 'tokenizer'} or prepare again")
+                f"(vocab {tokenizer.vocab_size}); use the tokenizer in {self.path / 'tokenizer'} or prepare again"
+            )
 
     def _shards(self, source: str, split: str) -> list[dict]:
         try:
             return self.manifest["sources"][source]["splits"][split]["shards"]
         except KeyError:
-            raise StableTrainError(f"{self.path}: the manifest has no split {split!r} of source {source!r} "
-                                   f"(sources: {', '.join(self.sources)})") from None
+            raise StableTrainError(
+                f"{self.path}: the manifest has no split {split!r} of source {source!r} "
+                f"(sources: {', '.join(self.sources)})"
+            ) from None
 
     def verify(self, checksums: bool = True) -> None:
         """Every shard present, of the size the manifest records, and (checksums) with the recorded sha256."""
@@ -126,8 +140,10 @@ class PreparedDir:
             for split in self.manifest["sources"][source]["splits"]:
                 for shard in self._shards(source, split):
                     base = self.path / source / split / shard["name"]
-                    for suffix, key, size in ((".bin", "sha256", shard["tokens"] * self.dtype.itemsize),
-                                              (".idx", "idx_sha256", shard["docs"] * 8)):
+                    for suffix, key, size in (
+                        (".bin", "sha256", shard["tokens"] * self.dtype.itemsize),
+                        (".idx", "idx_sha256", shard["docs"] * 8),
+                    ):
                         f = base.with_suffix(suffix)
                         if not f.is_file():
                             raise StableTrainError(f"shard file missing: {f} (listed in {self.path / 'manifest.json'})")
@@ -137,8 +153,10 @@ class PreparedDir:
                         if actual != size:
                             raise StableTrainError(f"shard {f} has {actual} bytes, the manifest records {size}")
                         if checksums and file_sha256(f) != shard[key]:
-                            raise StableTrainError(f"checksum mismatch: {f} does not match its sha256 in the "
-                                                   "manifest (corrupt or modified); prepare it again")
+                            raise StableTrainError(
+                                f"checksum mismatch: {f} does not match its sha256 in the "
+                                "manifest (corrupt or modified); prepare it again"
+                            )
 
     def tokens(self, source: str, split: str) -> ShardedTokens:
         arrays = []

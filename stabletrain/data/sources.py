@@ -8,14 +8,18 @@ Non-UTF-8 bytes (data.utf8_errors): `replace` (default) decodes them as U+FFFD a
 (`invalid_utf8_docs` in prepare's manifest); `strict` raises naming the file. For plain-text files `datasets`
 decodes, so there the count is of documents that contain U+FFFD after decoding.
 """
+
 from __future__ import annotations
 
 import glob
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+import pyarrow as pa
 
 from stabletrain import StableTrainError
 from stabletrain.config import SourceConfig
@@ -28,7 +32,9 @@ def resolve_files(patterns: Iterable[str], key: str = "data.train_files") -> lis
     """Files named by paths and globs, each glob sorted, in the order given; a pattern matching nothing is an error."""
     files: list[str] = []
     for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern] if Path(pattern).is_file() else []
+        matched = (
+            sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern] if Path(pattern).is_file() else []
+        )
         if not matched:
             raise StableTrainError(f"{key}: file not found: {pattern}")
         files += [os.path.abspath(f) for f in matched if Path(f).is_file()]
@@ -59,7 +65,8 @@ def _hub_error(desc: str, e: Exception) -> StableTrainError:
         return StableTrainError(
             f"cannot stream {desc}: the Hugging Face hub is unreachable from here or offline mode is on "
             f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) ({type(e).__name__}: {first}); run `python -m "
-            "stabletrain.cli.prepare` where the hub is reachable and train with data.format=pretokenized data.path=DIR")
+            "stabletrain.cli.prepare` where the hub is reachable and train with data.format=pretokenized data.path=DIR"
+        )
     return StableTrainError(f"cannot load {desc}: {type(e).__name__}: {first}")
 
 
@@ -84,13 +91,18 @@ class DocumentStream:
         self._kind = None
         if s.hf_id:
             self._hub_split = s.val_split if self.split == "val" and s.val_split else s.split
-            self.desc = (f"hub dataset {s.hf_id!r}" + (f" (subset {s.subset!r})" if s.subset else "")
-                         + f" split {self._hub_split!r}")
+            self.desc = (
+                f"hub dataset {s.hf_id!r}"
+                + (f" (subset {s.subset!r})" if s.subset else "")
+                + f" split {self._hub_split!r}"
+            )
         else:
             key = "data.val_files" if self.split == "val" and s.val_files else "data.train_files"
             self._files = resolve_files(s.val_files if key == "data.val_files" else s.train_files, key)
             self._kind = _builder(self._files, key)
-            self.desc = ", ".join(self._files[:3]) + (f" (+{len(self._files) - 3} files)" if len(self._files) > 3 else "")
+            self.desc = ", ".join(self._files[:3]) + (
+                f" (+{len(self._files) - 3} files)" if len(self._files) > 3 else ""
+            )
         self._dataset = None
 
     @property
@@ -98,10 +110,17 @@ class DocumentStream:
         """What determines this stream's documents (recorded in manifests and cache keys)."""
         s = self.src
         files = [{"path": f, "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns} for f in self._files]
-        return {"hf_id": s.hf_id, "subset": s.subset, "data_files": list(s.data_files),
-                "split": self._hub_split if s.hf_id else self.split, "files": files, "text_field": s.text_field,
-                "holdout": s.val_docs if (self.holdout_only or self.skip_holdout) else 0, "max_docs": s.max_docs,
-                "utf8_errors": self.utf8_errors}
+        return {
+            "hf_id": s.hf_id,
+            "subset": s.subset,
+            "data_files": list(s.data_files),
+            "split": self._hub_split if s.hf_id else self.split,
+            "files": files,
+            "text_field": s.text_field,
+            "holdout": s.val_docs if (self.holdout_only or self.skip_holdout) else 0,
+            "max_docs": s.max_docs,
+            "utf8_errors": self.utf8_errors,
+        }
 
     def dataset(self):
         """The `datasets` IterableDataset (opened once; a hub source fails here when the hub is unreachable)."""
@@ -119,8 +138,12 @@ class DocumentStream:
                 elif s.hf_id:
                     ds = datasets.load_dataset(s.hf_id, s.subset, split=self._hub_split, streaming=True)
                 else:
-                    extra = {"sample_by": "document", "encoding_errors": self.utf8_errors} if self._kind == "text" else {}
-                    ds = datasets.load_dataset(self._kind, data_files=self._files, split="train", streaming=True, **extra)
+                    extra = (
+                        {"sample_by": "document", "encoding_errors": self.utf8_errors} if self._kind == "text" else {}
+                    )
+                    ds = datasets.load_dataset(
+                        self._kind, data_files=self._files, split="train", streaming=True, **extra
+                    )
             except StableTrainError:
                 raise
             except StopIteration:  # `datasets` infers the columns from the first record
@@ -168,8 +191,6 @@ class DocumentStream:
     def iter_shard(self, index: int) -> Iterator[str]:
         """The documents of input shard `index`, in order. Without a validation split the first val_docs documents
         of the stream are the validation set and training skips them."""
-        import pyarrow as pa
-
         ds = self._shard(index)  # one file each: what split_dataset_by_node assigns to a rank or worker
         layout = self.holdout_layout() if (self.holdout_only or self.skip_holdout) else []
         held = layout[index] if index < len(layout) else 0
@@ -184,8 +205,10 @@ class DocumentStream:
         try:
             for table in ds.with_format("arrow").iter(batch_size=_BATCH):
                 if self.src.text_field not in table.column_names:
-                    raise StableTrainError(f"{where}: record {n} has no field {self.src.text_field!r} (fields: "
-                                           f"{', '.join(table.column_names)}; set data.text_field)")
+                    raise StableTrainError(
+                        f"{where}: record {n} has no field {self.src.text_field!r} (fields: "
+                        f"{', '.join(table.column_names)}; set data.text_field)"
+                    )
                 column = table.column(self.src.text_field)
                 if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
                     raise StableTrainError(f"{where}: field {self.src.text_field!r} holds {column.type}, not text")
@@ -208,8 +231,10 @@ class DocumentStream:
         if self.src.hf_id:
             return _hub_error(self.desc, e)
         if isinstance(e, UnicodeDecodeError):  # plain text with utf8_errors=strict: `datasets` decodes those files
-            return StableTrainError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                                    "data.utf8_errors=replace decodes such bytes as U+FFFD")
+            return StableTrainError(
+                f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                "data.utf8_errors=replace decodes such bytes as U+FFFD"
+            )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return StableTrainError(f"{where}: cannot be read as {self._kind} ({type(e).__name__}: {first})")
 
@@ -220,8 +245,10 @@ class DocumentStream:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             if self.utf8_errors == "strict":
-                raise StableTrainError(f"{where}: record {record} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                                       "data.utf8_errors=replace decodes such bytes as U+FFFD") from None
+                raise StableTrainError(
+                    f"{where}: record {record} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                    "data.utf8_errors=replace decodes such bytes as U+FFFD"
+                ) from None
             self.invalid_utf8_docs += 1
             return raw.decode("utf-8", errors="replace")
         if self._kind == "text" and "\ufffd" in text:
@@ -234,11 +261,10 @@ class DocumentStream:
             yield from self.iter_shard(index)
 
     def sample(self, n: int, seed: int = 0) -> Iterator[str]:
-        """About n documents drawn with `datasets`' streaming shuffle (shard order plus a buffer), for tokenizer training."""
+        """About n documents drawn with `datasets`' streaming shuffle (shard order plus a buffer), for tokenizer
+        training."""
         if self.holdout_only or not self.src.hf_id:
             # Local files: the first n documents in a shard order shuffled by the seed.
-            import random
-
             order = list(range(self.num_shards))
             random.Random(seed).shuffle(order)
             count = 0
@@ -253,8 +279,10 @@ class DocumentStream:
         try:
             for record in ds:
                 if self.src.text_field not in record:
-                    raise StableTrainError(f"{self.desc}: record has no field {self.src.text_field!r} "
-                                           f"(fields: {', '.join(record)}; set data.text_field)")
+                    raise StableTrainError(
+                        f"{self.desc}: record has no field {self.src.text_field!r} "
+                        f"(fields: {', '.join(record)}; set data.text_field)"
+                    )
                 yield record[self.src.text_field]
         except StableTrainError:
             raise
@@ -262,8 +290,9 @@ class DocumentStream:
             raise _hub_error(self.desc, e) from None
 
 
-def open_source(src: SourceConfig, split: str, utf8_errors: str = "replace",
-                holdout: list[int] | None = None) -> DocumentStream:
+def open_source(
+    src: SourceConfig, split: str, utf8_errors: str = "replace", holdout: list[int] | None = None
+) -> DocumentStream:
     return DocumentStream(src, split, utf8_errors, holdout=holdout)
 
 

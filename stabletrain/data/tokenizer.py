@@ -1,7 +1,8 @@
 """Tokenizers: sentencepiece models (trained here on any source, or an existing .model) and Hugging Face
-`tokenizers` directories. Training writes `<name>.json` next to the model: vocab size, BOS/EOS ids, sha256, source. The command line is
-stabletrain.cli.tokenizer.
+`tokenizers` directories. Training writes `<name>.json` next to the model: vocab size, BOS/EOS ids, sha256,
+source. The command line is stabletrain.cli.tokenizer.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
+from tokenizers import Tokenizer as FastTokenizer
 
 from stabletrain import StableTrainError
 from stabletrain.data.sources import iter_texts
@@ -66,11 +68,7 @@ class HFTokenizer:
         if not (path / "tokenizer.json").is_file():
             raise StableTrainError(f"{path} is not a Hugging Face tokenizer directory (no tokenizer.json)")
         try:
-            from tokenizers import Tokenizer as _Fast
-        except ImportError:
-            raise StableTrainError("reading a Hugging Face tokenizer directory needs `pip install tokenizers`") from None
-        try:
-            self.tok = _Fast.from_file(str(path / "tokenizer.json"))
+            self.tok = FastTokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:
             raise StableTrainError(f"cannot load tokenizer {path / 'tokenizer.json'}: {e}") from None
         self.path = path
@@ -81,8 +79,10 @@ class HFTokenizer:
                 special.update({k: v for k, v in json.loads((path / name).read_text()).items() if v is not None})
         self.bos_id, self.eos_id = self._token_id(special.get("bos_token")), self._token_id(special.get("eos_token"))
         if self.eos_id is None:
-            raise StableTrainError(f"tokenizer {path} defines no eos_token (tokenizer_config.json or "
-                                   "special_tokens_map.json): documents could not be separated")
+            raise StableTrainError(
+                f"tokenizer {path} defines no eos_token (tokenizer_config.json or "
+                "special_tokens_map.json): documents could not be separated"
+            )
         self.bos_id = -1 if self.bos_id is None else self.bos_id
         files = [path / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
         self.sha256 = file_sha256(*[f for f in files if f.is_file()])
@@ -127,8 +127,21 @@ def _paragraphs(texts: Iterable[str], max_chars: int) -> Iterator[str]:
                 yield para[:max_chars]
 
 
-def train_tokenizer(files: Iterable[str] | None, out: str | os.PathLike, vocab_size: int, model_type: str = "bpe",
-                    text_field: str = "text", texts: Iterable[str] | None = None, source: object = None) -> Path:
+# Byte fallback, no normalisation, newlines as pieces: the model round-trips any text exactly.
+_SENTENCEPIECE = dict(character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+                      remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=["\n"],
+                      max_sentence_length=8192, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)  # fmt: skip
+
+
+def train_tokenizer(
+    files: Iterable[str] | None,
+    out: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    text_field: str = "text",
+    texts: Iterable[str] | None = None,
+    source: object = None,
+) -> Path:
     """Train a byte-fallback sentencepiece model that round-trips text exactly (newlines included), on the
     documents of `files` or on `texts` (any document stream, e.g. a sample of a hub dataset)."""
     out = Path(out)
@@ -145,20 +158,17 @@ def train_tokenizer(files: Iterable[str] | None, out: str | os.PathLike, vocab_s
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         prefix = Path(tmp) / "sp"
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=_paragraphs(stream, 8192),
-                model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
-                character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-                remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=["\n"],
-                max_sentence_length=8192, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1,
-                minloglevel=2,
-            )
+            spm.SentencePieceTrainer.train(sentence_iterator=_paragraphs(stream, 8192), model_prefix=str(prefix),
+                                           vocab_size=vocab_size, model_type=model_type,
+                                           num_threads=os.cpu_count() or 1, **_SENTENCEPIECE)  # fmt: skip
         except RuntimeError as e:  # e.g. a vocabulary larger than the text can support
-            raise StableTrainError(f"sentencepiece could not train a {vocab_size}-piece tokenizer on "
-                                   f"{counted['docs']} documents: {str(e).splitlines()[-1]}") from None
+            raise StableTrainError(
+                f"sentencepiece could not train a {vocab_size}-piece tokenizer on "
+                f"{counted['docs']} documents: {str(e).splitlines()[-1]}"
+            ) from None
         os.replace(f"{prefix}.model", out)  # atomic: a concurrent reader never sees half a file
     tok = Tokenizer(out)
     meta = {"vocab_size": tok.vocab_size, "model_type": model_type, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "sha256": tok.sha256, "sources": files or source, "train_docs": counted["docs"]}
+            "sha256": tok.sha256, "sources": files or source, "train_docs": counted["docs"]}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return out

@@ -16,6 +16,7 @@
 
 The data-parallel implementation is stabletrain.engine.deepspeed_engine.DeepSpeedEngine.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -12,6 +12,7 @@ weights-only loading below stops). Ranks hash and verify disjoint shares of the 
 Nothing is loaded by unpickling arbitrary objects: files are scanned for the globals their pickles import before
 anything is read (stabletrain.engine.safe_load.refusal), and every load runs with weights_only=True.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,10 +61,16 @@ class Rejection:
 def rng_state() -> dict:
     version, mt, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(mt), gauss],
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                       "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -73,7 +80,9 @@ def set_rng_state(state: dict) -> None:
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -117,13 +126,20 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int, rank_stat
     if rank_state:
         torch.save(rank_state, tag_dir / f"state_rank{dist_utils.rank()}.pt")
     dist_utils.barrier()
-    sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()
-             and p.name != MANIFEST}
+    sizes = {
+        str(p.relative_to(tag_dir)): p.stat().st_size
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     mine = {rel: {"bytes": sizes[rel], DIGEST: file_digest(tag_dir / rel)} for rel in _my_share(sizes)}
     files = {rel: entry for part in _gather(mine) for rel, entry in part.items()}
     if dist_utils.rank() == 0:
-        manifest = {"step": step, "world_size": dist_utils.world_size(), "digest": DIGEST,
-                    "files": dict(sorted(files.items()))}
+        manifest = {
+            "step": step,
+            "world_size": dist_utils.world_size(),
+            "digest": DIGEST,
+            "files": dict(sorted(files.items())),
+        }
         (tag_dir / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
         (tag_dir / (MANIFEST + ".tmp")).rename(tag_dir / MANIFEST)
         _prune(root, keep)

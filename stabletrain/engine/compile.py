@@ -1,5 +1,6 @@
 """`trainer.compile=true`: torch.compile each transformer block (torchtitan-style), applied from outside the
 model. Blocks share their graphs, and the engine still sees the plain module; the first steps pay the compile."""
+
 from __future__ import annotations
 
 import torch._dynamo.config as dynamo_config

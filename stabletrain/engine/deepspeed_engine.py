@@ -4,6 +4,7 @@ All contact with DeepSpeed's engine and its internals lives here: the generated 
 the gradient-reduction switch, clipping (ours for fp32 ZeRO-0, DeepSpeed's otherwise), the update veto inside
 the optimizer, the LR-schedule rewind after a veto, checkpoints and reading weights for forensics.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,14 @@ from stabletrain.config import Config
 from stabletrain.engine import checkpoint, safe_load
 from stabletrain.engine.base import Engine, StepOutcome
 from stabletrain.engine.expert_parallel import ExpertParallel
-from stabletrain.engine.optim import (GatedAdamW, clip_threshold, first_nonfinite, lr_multiplier, param_groups,
-                                      rewind_scheduler)
+from stabletrain.engine.optim import (
+    GatedAdamW,
+    clip_threshold,
+    first_nonfinite,
+    lr_multiplier,
+    param_groups,
+    rewind_scheduler,
+)
 
 
 def clips_in_engine(cfg: Config) -> bool:
@@ -59,8 +66,9 @@ class DeepSpeedEngine(Engine):
         # AdamW with a veto on the update (the spike responses): DeepSpeed wraps it as its client optimizer.
         self.optimizer = GatedAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_multiplier, cfg=cfg))
-        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, lr_scheduler=scheduler,
-                                                config=deepspeed_config(cfg, world))
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
+        )
         if cfg.engine.zero_stage == 0 and (world == 1 or self.expert_parallel is not None):
             # One rank has nothing to reduce, but ZeRO-0 would still flatten, "all-reduce" and copy back every
             # gradient. With expert parallelism the reduction is ours (ExpertParallel.reduce_gradients).
@@ -126,8 +134,11 @@ class DeepSpeedEngine(Engine):
 
     # ---------------------------------------------------------------- state
     def save(self, root: Path, step: int, client_state: dict, keep: int) -> Path:
-        rank_state = ({"local_experts": self.expert_parallel.local_state(self.optimizer)}
-                      if self.expert_parallel is not None else None)
+        rank_state = (
+            {"local_experts": self.expert_parallel.local_state(self.optimizer)}
+            if self.expert_parallel is not None
+            else None
+        )
         return checkpoint.save(self.ds, root, step, client_state, keep, rank_state)
 
     def load(self, tag_dir: Path) -> dict:
@@ -156,9 +167,14 @@ class DeepSpeedEngine(Engine):
             for p in group["params"]:
                 state = self.optimizer.state.get(p, {})
                 if "exp_avg" in state and id(p) in name_of:
-                    out[name_of[id(p)]] = {"exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"],
-                                           "step": int(state["step"]), "lr": group["lr"], "betas": group["betas"],
-                                           "eps": group["eps"]}
+                    out[name_of[id(p)]] = {
+                        "exp_avg": state["exp_avg"],
+                        "exp_avg_sq": state["exp_avg_sq"],
+                        "step": int(state["step"]),
+                        "lr": group["lr"],
+                        "betas": group["betas"],
+                        "eps": group["eps"],
+                    }
         return out
 
 

@@ -11,6 +11,7 @@ by W: an expert's gradient already sums the losses of its whole EP group through
 DeepSpeed writes the model and optimizer state from rank 0 only, so every rank also saves its own experts and
 their optimizer state (`local_state` / `load_local_state`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,9 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
-                               group=ctx.group)
+        dist.all_to_all_single(
+            out, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv, group=ctx.group
+        )
         return out, None, None, None
 
 
@@ -46,8 +48,14 @@ class AllToAllDispatch:
         self.ep, self.ep_rank, self.group = ep, ep_rank, group
         self.per_rank = n_routed // ep
 
-    def __call__(self, experts: nn.ModuleList, flat: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
-                token_of_slot: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        experts: nn.ModuleList,
+        flat: torch.Tensor,
+        idx: torch.Tensor,
+        gates: torch.Tensor,
+        token_of_slot: torch.Tensor,
+    ) -> torch.Tensor:
         order = idx.argsort(stable=True)  # by global expert id, hence by owning rank
         counts = torch.bincount(idx, minlength=self.ep * self.per_rank).view(self.ep, self.per_rank)
         recv_counts = torch.empty_like(counts)  # [source rank, local expert]
@@ -56,7 +64,8 @@ class AllToAllDispatch:
         received = _AllToAll.apply(flat[token_of_slot[order]], send, recv, self.group)
         # `received` is ordered (source rank, local expert): regroup by local expert, run each expert once.
         local_expert = torch.repeat_interleave(
-            torch.arange(self.per_rank, device=idx.device).repeat(self.ep), recv_counts.flatten())
+            torch.arange(self.per_rank, device=idx.device).repeat(self.ep), recv_counts.flatten()
+        )
         by_expert = local_expert.argsort(stable=True)
         per_expert = torch.bincount(local_expert, minlength=self.per_rank).tolist()
         # Experts with no tokens still run on an empty batch, so every rank has a gradient for every local expert.
@@ -94,7 +103,7 @@ class ExpertParallel:
                 raise StableTrainError(f"model.ffn.n_routed={n_routed} is not divisible by engine.expert_parallel={ep}")
             per_rank = n_routed // ep
             # All ranks built the full model from one seed, so the kept experts equal the unsharded model's.
-            moe.experts = nn.ModuleList(list(moe.experts)[self.ep_rank * per_rank:(self.ep_rank + 1) * per_rank])
+            moe.experts = nn.ModuleList(list(moe.experts)[self.ep_rank * per_rank : (self.ep_rank + 1) * per_rank])
             moe.dispatch = AllToAllDispatch(n_routed, ep, self.ep_rank, self.ep_group)
             for pname, p in moe.experts.named_parameters():
                 self.expert_params[f"{name}.experts.{pname}"] = p
@@ -137,18 +146,25 @@ class ExpertParallel:
 
     def local_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """This rank's experts and their optimizer state, for a per-rank checkpoint file."""
-        return {"ep": self.ep, "world": self.world, "ep_rank": self.ep_rank,
-                "params": {n: p.detach().clone() for n, p in self.expert_params.items()},
-                "optim": {n: optimizer.state.get(p, {}) for n, p in self.expert_params.items()}}
+        return {
+            "ep": self.ep,
+            "world": self.world,
+            "ep_rank": self.ep_rank,
+            "params": {n: p.detach().clone() for n, p in self.expert_params.items()},
+            "optim": {n: optimizer.state.get(p, {}) for n, p in self.expert_params.items()},
+        }
 
     def load_local_state(self, state: dict, optimizer: torch.optim.Optimizer) -> None:
         if (state["ep"], state["world"]) != (self.ep, self.world):
-            raise StableTrainError(f"checkpoint was saved with engine.expert_parallel={state['ep']} on "
-                                   f"{state['world']} ranks; resume with the same layout "
-                                   f"(now {self.ep} on {self.world})")
+            raise StableTrainError(
+                f"checkpoint was saved with engine.expert_parallel={state['ep']} on "
+                f"{state['world']} ranks; resume with the same layout "
+                f"(now {self.ep} on {self.world})"
+            )
         with torch.no_grad():
             for n, p in self.expert_params.items():
                 p.copy_(state["params"][n])
                 if state["optim"][n]:
-                    optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v
-                                          for k, v in state["optim"][n].items()}
+                    optimizer.state[p] = {
+                        k: v.clone() if torch.is_tensor(v) else v for k, v in state["optim"][n].items()
+                    }

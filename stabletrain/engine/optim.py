@@ -1,5 +1,6 @@
 """The optimizer side every engine shares: AdamW with an update veto, parameter groups, the LR schedule and the
 gradient-clip threshold."""
+
 from __future__ import annotations
 
 import math
@@ -81,7 +82,9 @@ def clip_threshold(cfg: Config, step: int) -> float:
         return math.inf
     if step > o.grad_clip_warmup_steps:
         return o.grad_clip
-    return o.grad_clip * (o.grad_clip_warmup_start + (1 - o.grad_clip_warmup_start) * (step - 1) / o.grad_clip_warmup_steps)
+    return o.grad_clip * (
+        o.grad_clip_warmup_start + (1 - o.grad_clip_warmup_start) * (step - 1) / o.grad_clip_warmup_steps
+    )
 
 
 def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:

@@ -12,6 +12,7 @@ DeepSpeed types its optimizer checkpoints hold (an enum, a dataclass of two ints
                                to weights_only=True
     SafeCheckpointEngine       DeepSpeed's torch checkpoint engine with that load; `install(engine)` puts it in
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,10 @@ def refusal(path: Path) -> str | None:
     except Exception as e:  # not a zip archive torch wrote: nothing we can vouch for
         return f"{path.name} is not a readable torch checkpoint ({type(e).__name__}: {_first_line(e)})"
     if unsafe:
-        return (f"{path.name} would import {', '.join(sorted(unsafe))} when loaded (a checkpoint holds tensors and "
-                "plain data only); refusing it")
+        return (
+            f"{path.name} would import {', '.join(sorted(unsafe))} when loaded (a checkpoint holds tensors and "
+            "plain data only); refusing it"
+        )
     return None
 
 
@@ -84,8 +87,10 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 def install(engine) -> None:
     """Give a DeepSpeed engine the safe checkpoint engine (saving is unchanged)."""
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise StableTrainError(f"engine.ds_config selects the {type(engine.checkpoint_engine).__name__} checkpoint "
-                               "engine; stabletrain loads checkpoints only through the torch engine (safe loading)")
+        raise StableTrainError(
+            f"engine.ds_config selects the {type(engine.checkpoint_engine).__name__} checkpoint "
+            "engine; stabletrain loads checkpoints only through the torch engine (safe loading)"
+        )
     safe = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
     safe.__dict__.update(engine.checkpoint_engine.__dict__)
     engine.checkpoint_engine = safe

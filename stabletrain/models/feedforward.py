@@ -1,5 +1,6 @@
 """Feed-forward layers of a block, by registered name (model/ffn=<name>): `dense` (SwiGLU) here, `moe` in
 stabletrain.models.moe. Each entry's object builds the block's feed-forward: fn(d_model, cfg, layer_index)."""
+
 from __future__ import annotations
 
 from torch import nn

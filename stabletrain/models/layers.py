@@ -1,4 +1,5 @@
 """Building blocks of the decoder: RMSNorm, rotary embeddings, causal attention (MHA/GQA), SwiGLU MLP."""
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,9 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """attn_mask: optional boolean [B, 1, T, T] (True = may attend), e.g. causal within documents."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -60,8 +62,9 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -5,6 +5,7 @@ Keys and values are reconstructed from a small per-token latent c_kv; RoPE is ca
 At inference the up-projections can be absorbed so that only c_kv and k_rope are cached; that trick is
 not needed for training and is not implemented here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,6 +71,9 @@ def mla_param_count(d_model: int, n_heads: int, cfg: MLAConfig) -> int:
         q = d_model * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * n_heads * qk_dim
     else:
         q = d_model * n_heads * qk_dim
-    kv = (d_model * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
-          + cfg.kv_lora_rank * n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+    kv = (
+        d_model * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        + cfg.kv_lora_rank
+        + cfg.kv_lora_rank * n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    )
     return q + kv + n_heads * cfg.v_head_dim * d_model

@@ -11,6 +11,7 @@ routers that choose the experts, each registered with its own config (model/ffn/
 Every router counts how many tokens it sent to each expert (`load`), in training and in evaluation, for the
 balance metrics (`maxvio`) and the bias update.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -63,13 +64,19 @@ class AuxFreeConfig(RouterConfig):
 
     def check(self, moe: "MoEConfig") -> None:
         if moe.n_routed % self.n_groups:
-            raise ConfigError(f"model.ffn.router.n_groups={self.n_groups} must divide model.ffn.n_routed={moe.n_routed}")
+            raise ConfigError(
+                f"model.ffn.router.n_groups={self.n_groups} must divide model.ffn.n_routed={moe.n_routed}"
+            )
         if self.topk_groups > self.n_groups:
-            raise ConfigError(f"model.ffn.router.topk_groups={self.topk_groups} is more than "
-                              f"model.ffn.router.n_groups={self.n_groups}")
+            raise ConfigError(
+                f"model.ffn.router.topk_groups={self.topk_groups} is more than "
+                f"model.ffn.router.n_groups={self.n_groups}"
+            )
         if self.n_groups > 1 and self.topk_groups * (moe.n_routed // self.n_groups) < moe.top_k:
-            raise ConfigError(f"model.ffn.router.topk_groups={self.topk_groups} groups of "
-                              f"{moe.n_routed // self.n_groups} experts cannot hold model.ffn.top_k={moe.top_k}")
+            raise ConfigError(
+                f"model.ffn.router.topk_groups={self.topk_groups} groups of "
+                f"{moe.n_routed // self.n_groups} experts cannot hold model.ffn.top_k={moe.top_k}"
+            )
 
 
 @dataclass
@@ -200,8 +207,10 @@ class BSLORouter(Router):
         probs = torch.softmax(logits / c.temperature, dim=-1)
         with torch.no_grad():  # N_i: tokens that would pick expert i; the capacity factor has no gradient
             wanted = torch.zeros_like(self.load).index_add_(
-                0, probs.topk(self.top_k, dim=-1).indices.flatten(),
-                torch.ones(probs[..., 0].numel() * self.top_k, device=logits.device))
+                0,
+                probs.topk(self.top_k, dim=-1).indices.flatten(),
+                torch.ones(probs[..., 0].numel() * self.top_k, device=logits.device),
+            )
             capacity = c.capacity_factor * probs[..., 0].numel() * self.top_k / self.n_routed
             factor = (capacity / wanted.clamp(min=1)).clamp(max=1.0)
         gates, idx = (probs * factor).topk(self.top_k, dim=-1)

@@ -4,6 +4,7 @@ A plain single-device module: engines, precision and parallelism are applied fro
 one ModuleList so that a pipeline split can partition the model by layer. Parameter and FLOP counts come from
 the model itself, built on the meta device (no memory), so every variant is counted without a formula.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,11 +49,17 @@ class Block(nn.Module):
         self.mlp_res = stream.connection(2 * layer_index + 1, depth_scale, signal())
         self.run_block = stream.block  # a bound method, not a submodule: the stream stays registered once
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         mask = () if attn_mask is None else (attn_mask,)  # MLA takes none: validate() rejects doc_mask with it
-        return self.run_block(x, [Sublayer(self.attn_res, self.attn_norm, lambda h: self.attn(h, cos, sin, *mask)),
-                                  Sublayer(self.mlp_res, self.mlp_norm, self.mlp)])
+        return self.run_block(
+            x,
+            [
+                Sublayer(self.attn_res, self.attn_norm, lambda h: self.attn(h, cos, sin, *mask)),
+                Sublayer(self.mlp_res, self.mlp_norm, self.mlp),
+            ],
+        )
 
 
 class Transformer(nn.Module):
@@ -84,8 +91,9 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits [B, T, V], or the mean next-token cross-entropy when targets are given.
         doc_ids [B, T] (optional): attention stays within each document of a packed sequence."""
         cos, sin = rope_tables(idx.shape[1], rope_dim(self.cfg), self.cfg.rope_theta, idx.device)
@@ -126,26 +134,41 @@ def meta_model(cfg: ModelConfig) -> Transformer:
 
 def _inactive_expert_params(model: nn.Module) -> float:
     """Routed-expert parameters a token does not use ((1 - top_k/n_routed) of each MoE layer's experts)."""
-    return sum((1 - m.active_fraction()) * sum(p.numel() for p in m.experts.parameters())
-               for m in model.modules() if isinstance(m, MoE))
+    return sum(
+        (1 - m.active_fraction()) * sum(p.numel() for p in m.experts.parameters())
+        for m in model.modules()
+        if isinstance(m, MoE)
+    )
 
 
-def param_count(cfg: ModelConfig, active: bool = False) -> int:
-    """Parameters of the model the config builds; active=True: those one token uses (top-K of the experts)."""
-    model = meta_model(cfg)
+def count_params(model: Transformer, active: bool = False) -> int:
+    """Parameters of a built model; active=True: those one token uses (top-K of the routed experts)."""
     total = sum(p.numel() for p in model.parameters())
     return round(total - _inactive_expert_params(model)) if active else total
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def model_flops_per_token(model: Transformer, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B convention:
     6 · (active matmul parameters) + 12 · L · n_heads · qk_head_dim · seq_len, where the matmul parameters are
     every parameter with two or more dimensions except the embedding table (a lookup), the output head counted
     even when it is tied to the embedding. Residual-stream coefficient matrices (HC/mHC) count; their
     element-wise mixing does not."""
-    model = meta_model(cfg)
-    matmul = sum(p.numel() for name, p in model.named_parameters(remove_duplicate=False)
-                 if p.ndim >= 2 and not name.startswith("embed."))
+    cfg = model.cfg
+    matmul = sum(
+        p.numel()
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if p.ndim >= 2 and not name.startswith("embed.")
+    )
     matmul -= _inactive_expert_params(model)
-    qk_dim = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.d_model // cfg.n_heads
+    mla = cfg.mla
+    qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.d_model // cfg.n_heads
     return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.n_heads * qk_dim * seq_len
+
+
+def param_count(cfg: ModelConfig, active: bool = False) -> int:
+    """Parameters of the model the config builds (on the meta device: no memory)."""
+    return count_params(meta_model(cfg), active)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return model_flops_per_token(meta_model(cfg), seq_len)

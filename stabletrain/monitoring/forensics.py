@@ -13,23 +13,23 @@ With mu the detector's window mean, the spike is *data* when the old state spike
 model (the engine is not touched); ZeRO-3 and expert-parallel runs, whose ranks hold only shards, get the batch
 record and the plot.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import math
 from pathlib import Path
-
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from stabletrain import StableTrainError
+from stabletrain.engine import checkpoint
 from stabletrain.models import build_model
 from stabletrain.models.moe import maxvio
 from stabletrain.monitoring.plots import finite, log_scale_if_positive
-from stabletrain.engine import checkpoint
 from stabletrain.training.callbacks import CALLBACKS, Callback, SpikeContext
 
 
@@ -69,9 +69,18 @@ def _examine(f: Forensics, model, tokens: torch.Tensor) -> dict:
     for r in model.routers():
         r.load.zero_()
     block_io: dict[int, float] = {}
-    hooks = [b.register_forward_hook(lambda mod, inp, out, i=i: block_io.__setitem__(
-        i, (out.detach().float().norm(dim=-1).mean() / inp[0].detach().float().norm(dim=-1).mean().clamp(min=1e-30)).item()))
-        for i, b in enumerate(model.blocks)]
+    hooks = [
+        b.register_forward_hook(
+            lambda mod, inp, out, i=i: block_io.__setitem__(
+                i,
+                (
+                    out.detach().float().norm(dim=-1).mean()
+                    / inp[0].detach().float().norm(dim=-1).mean().clamp(min=1e-30)
+                ).item(),
+            )
+        )
+        for i, b in enumerate(model.blocks)
+    ]
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     logits = model(inputs, **f.model_kwargs(tokens))
     for h in hooks:
@@ -89,9 +98,14 @@ def _examine(f: Forensics, model, tokens: torch.Tensor) -> dict:
         share = r.load / r.load.sum().clamp(min=1)
         entropy = -(share * share.clamp(min=1e-12).log()).sum().item()
         routing.append({"entropy": entropy, "max_entropy": math.log(len(share)), "maxvio": maxvio(r.load)})
-    return {"loss": per_seq.mean().item(), "per_seq_loss": per_seq.tolist(),
-            "grad_norm": math.sqrt(sum(groups.values())), "grad_norm_by_block": {k: math.sqrt(v) for k, v in groups.items()},
-            "gain_by_block": [block_io[i] for i in sorted(block_io)], "routing": routing}
+    return {
+        "loss": per_seq.mean().item(),
+        "per_seq_loss": per_seq.tolist(),
+        "grad_norm": math.sqrt(sum(groups.values())),
+        "grad_norm_by_block": {k: math.sqrt(v) for k, v in groups.items()},
+        "gain_by_block": [block_io[i] for i in sorted(block_io)],
+        "routing": routing,
+    }
 
 
 def _adam_update_norms(adam_state: dict[str, dict] | None, model) -> dict[str, float] | None:
@@ -131,8 +145,10 @@ def _classify(verdict, metric: str, now_value: float, old_value: float | None, m
         cause = "data" if not math.isfinite(old_value) else "state"
         return cause, f"{metric} is {now_value} now and {old_value:.4g} on the previous checkpoint"
     cause = "data" if old_value - mu >= 0.5 * (now_value - mu) else "state"
-    return cause, (f"{metric}: {now_value:.4g} at the spike, {old_value:.4g} for the same batch on the previous "
-                   f"checkpoint, window mean {mu:.4g}: the old state {'spikes too' if cause == 'data' else 'does not spike'}")
+    return cause, (
+        f"{metric}: {now_value:.4g} at the spike, {old_value:.4g} for the same batch on the previous "
+        f"checkpoint, window mean {mu:.4g}: the old state {'spikes too' if cause == 'data' else 'does not spike'}"
+    )
 
 
 def _analyse(f: Forensics, ctx: SpikeContext) -> dict:
@@ -151,14 +167,28 @@ def _analyse(f: Forensics, ctx: SpikeContext) -> dict:
     mu = ctx.window_mean(metric)
     observed = verdict.loss if metric == "loss" else verdict.grad_norm
     cause, why = _classify(verdict, metric, observed, None if old is None else old[metric], mu)
-    batch = {"step": verdict.step, "batch_index": ctx.batch_index, "positions": ctx.positions,
-             "sample_ids": ctx.sample_ids, "per_seq_loss_now": now and now["per_seq_loss"],
-             "per_seq_loss_previous_checkpoint": old and old["per_seq_loss"]}
+    batch = {
+        "step": verdict.step,
+        "batch_index": ctx.batch_index,
+        "positions": ctx.positions,
+        "sample_ids": ctx.sample_ids,
+        "per_seq_loss_now": now and now["per_seq_loss"],
+        "per_seq_loss_previous_checkpoint": old and old["per_seq_loss"],
+    }
     (out / "batch.json").write_text(json.dumps(batch) + "\n")
-    facts = {"step": verdict.step, "firings": verdict.firings, "response": verdict.response, "cause": cause,
-             "why": why, "window_mean": mu, "previous_checkpoint": str(previous[0]) if previous else None,
-             "weights": "before the update" if not verdict.applied else "after the update (response log)",
-             "now": now, "previous": old, "adam_update_norm_by_block": adam}
+    facts = {
+        "step": verdict.step,
+        "firings": verdict.firings,
+        "response": verdict.response,
+        "cause": cause,
+        "why": why,
+        "window_mean": mu,
+        "previous_checkpoint": str(previous[0]) if previous else None,
+        "weights": "before the update" if not verdict.applied else "after the update (response log)",
+        "now": now,
+        "previous": old,
+        "adam_update_norm_by_block": adam,
+    }
     (out / "forensics.json").write_text(json.dumps(facts, indent=1, default=str) + "\n")
     _plot(ctx.history, verdict, now, old, out / "spike.png")
     (out / "report.md").write_text(_report(verdict, facts, batch))
@@ -170,10 +200,13 @@ def _report(verdict, f: dict, batch: dict) -> str:
     for x in verdict.firings:
         thr = f", threshold {x['threshold']:.4g}" if "threshold" in x else ""
         lines.append(f"- {x['kind']} in `{x['metric']}` ({x['rule']}): {x['value']:.4g}{thr}")
-    lines += [f"- response: `{verdict.response}` (update {'applied' if verdict.applied else 'not applied'})",
-              f"- batch: global batch {batch['batch_index']}, stream positions {batch['positions'][0]}.."
-              f"{batch['positions'][-1]} (batch.json; replay around it with trainer.skip_batches)",
-              f"- previous checkpoint: {f['previous_checkpoint']}", ""]
+    lines += [
+        f"- response: `{verdict.response}` (update {'applied' if verdict.applied else 'not applied'})",
+        f"- batch: global batch {batch['batch_index']}, stream positions {batch['positions'][0]}.."
+        f"{batch['positions'][-1]} (batch.json; replay around it with trainer.skip_batches)",
+        f"- previous checkpoint: {f['previous_checkpoint']}",
+        "",
+    ]
     now, old = f["now"], f["previous"]
     if now:
         worst = sorted(range(len(now["per_seq_loss"])), key=lambda i: -now["per_seq_loss"][i])[:5]
@@ -181,8 +214,11 @@ def _report(verdict, f: dict, batch: dict) -> str:
         for i in worst:
             prev = f"{old['per_seq_loss'][i]:.4f}" if old else "n/a"
             lines.append(f"| {i} | {batch['positions'][i]} | {now['per_seq_loss'][i]:.4f} | {prev} |")
-        lines += ["", "| block | grad norm now | grad norm previous | Adam update norm | forward gain now |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| block | grad norm now | grad norm previous | Adam update norm | forward gain now |",
+            "|---|---|---|---|---|",
+        ]
         adam = f["adam_update_norm_by_block"] or {}
         for k, g in now["grad_norm_by_block"].items():
             prev = f"{old['grad_norm_by_block'].get(k, float('nan')):.4g}" if old else "n/a"
@@ -191,9 +227,14 @@ def _report(verdict, f: dict, batch: dict) -> str:
                 gain = f"{now['gain_by_block'][int(k.split('.')[1])]:.4g}"
             lines.append(f"| {k} | {g:.4g} | {prev} | {adam.get(k, float('nan')):.4g} | {gain} |")
         for i, r in enumerate(now["routing"]):
-            lines.append(f"- MoE layer {i}: routing entropy {r['entropy']:.3f} of {r['max_entropy']:.3f}, MaxVio {r['maxvio']:.3f}")
+            lines.append(
+                f"- MoE layer {i}: routing entropy {r['entropy']:.3f} of {r['max_entropy']:.3f}, "
+                f"MaxVio {r['maxvio']:.3f}"
+            )
     else:
-        lines.append("Per-sequence and per-block analysis needs full weights on one rank (not ZeRO-3 or expert parallel).")
+        lines.append(
+            "Per-sequence and per-block analysis needs full weights on one rank (not ZeRO-3 or expert parallel)."
+        )
     lines += ["", "![metrics around the spike](spike.png)", ""]
     return "\n".join(lines)
 
@@ -233,8 +274,12 @@ def _plot(history: list[tuple], verdict, now: dict | None, old: dict | None, pat
         bars = finite(now["grad_norm_by_block"][k] for k in keys)
         ax.bar([i - 0.2 for i in range(len(keys))], bars, width=0.4, label="now")
         if old:
-            ax.bar([i + 0.2 for i in range(len(keys))], finite(old["grad_norm_by_block"].get(k, 0) for k in keys),
-                   width=0.4, label="previous checkpoint")
+            ax.bar(
+                [i + 0.2 for i in range(len(keys))],
+                finite(old["grad_norm_by_block"].get(k, 0) for k in keys),
+                width=0.4,
+                label="previous checkpoint",
+            )
         ax.set_xticks(range(len(keys)), keys, rotation=60, fontsize=7)
         log_scale_if_positive(ax)
         ax.set_ylabel("grad norm")

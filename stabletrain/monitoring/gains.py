@@ -8,6 +8,7 @@
   gain/amax_fwd_max and gain/amax_bwd_max are the maxima over depth.
 Off-steps cost nothing: the model's probe slot is None and connections do not record.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Plot helpers that keep a figure drawable whatever the run logged: NaN/Inf become gaps, and an axis is
 log-scaled only when it has positive finite data (matplotlib refuses a log axis without any)."""
+
 from __future__ import annotations
 
 import math

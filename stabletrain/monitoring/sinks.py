@@ -7,6 +7,7 @@
 A torn last line (a crash mid-write) is dropped on start, and on resume the rows logged after the checkpoint
 are removed, so metrics.jsonl always holds one timeline.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,13 +47,18 @@ class Console(Callback):
 
     def __init__(self, trainer):
         t = trainer.cfg.trainer
-        self.bar = tqdm(total=t.stop_at or t.max_steps, initial=trainer.step, dynamic_ncols=True, mininterval=1.0,
-                        file=sys.stdout)
+        self.bar = tqdm(
+            total=t.stop_at or t.max_steps, initial=trainer.step, dynamic_ncols=True, mininterval=1.0, file=sys.stdout
+        )
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}",
+            lr=f"{metrics['lr']:.2e}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+            refresh=False,
+        )
 
     def on_rewind(self, trainer, step: int) -> None:
         self.bar.n = step
@@ -96,8 +102,9 @@ class MetricsFiles(Callback):
         keep = data.rfind(b"\n") + 1
         with open(path, "r+b") as f:
             f.truncate(keep)
-        self.repairs.append(f"{path.name}: dropped a torn final line ({len(data) - keep} bytes) left by an "
-                            "interrupted write")
+        self.repairs.append(
+            f"{path.name}: dropped a torn final line ({len(data) - keep} bytes) left by an interrupted write"
+        )
 
     def _truncate_after(self, step: int) -> None:
         """Rows logged after the checkpoint we resume from belong to a timeline that no longer exists."""
@@ -152,8 +159,15 @@ def wandb_mode(requested: str) -> str:
 def default_tags(cfg: Config) -> list[str]:
     """What a dashboard filters on: model variant and size, residual stream, FFN, engine, precision."""
     m = cfg.model
-    return [f"model={m.name}", f"residual={m.residual.kind}", f"ffn={m.ffn.kind}", f"layers={m.n_layers}",
-            f"d_model={m.d_model}", f"engine={cfg.engine.name}", f"precision={cfg.precision.dtype}"]
+    return [
+        f"model={m.name}",
+        f"residual={m.residual.kind}",
+        f"ffn={m.ffn.kind}",
+        f"layers={m.n_layers}",
+        f"d_model={m.d_model}",
+        f"engine={cfg.engine.name}",
+        f"precision={cfg.precision.dtype}",
+    ]
 
 
 @CALLBACKS.register("wandb")
@@ -172,18 +186,32 @@ class WandbRun(Callback):
         self.wandb, self.step = wandb, 0
         id_file = run_dir / "wandb_run_id"
         alphabet = string.ascii_lowercase + string.digits
-        run_id = id_file.read_text().strip() if id_file.is_file() else "".join(secrets.choice(alphabet) for _ in range(8))
+        run_id = (
+            id_file.read_text().strip() if id_file.is_file() else "".join(secrets.choice(alphabet) for _ in range(8))
+        )
         id_file.write_text(run_id + "\n")
         lg = cfg.logging
-        self.run = wandb.init(project=lg.project, entity=lg.entity, name=lg.run_name or run_dir.name, group=lg.group,
-                              tags=list(lg.tags) or default_tags(cfg), config=resolved_config, dir=str(run_dir),
-                              mode=wandb_mode(lg.mode), id=run_id, resume="allow",
-                              settings=wandb.Settings(quiet=True, console="off"))  # our console is the bar
+        self.run = wandb.init(
+            project=lg.project,
+            entity=lg.entity,
+            name=lg.run_name or run_dir.name,
+            group=lg.group,
+            tags=list(lg.tags) or default_tags(cfg),
+            config=resolved_config,
+            dir=str(run_dir),
+            mode=wandb_mode(lg.mode),
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(quiet=True, console="off"),
+        )  # our console is the bar
 
     def on_log(self, trainer, row: dict) -> None:
         # Lists are per-expert loads: a histogram over expert index in W&B.
-        payload = {k: self.wandb.Histogram(np_histogram=(v, list(range(len(v) + 1)))) if isinstance(v, list)
-                   else _jsonable(v) for k, v in row.items() if k != "step"}
+        payload = {
+            k: self.wandb.Histogram(np_histogram=(v, list(range(len(v) + 1)))) if isinstance(v, list) else _jsonable(v)
+            for k, v in row.items()
+            if k != "step"
+        }
         if row["step"] >= self.step:  # W&B steps only grow: replayed steps after a rollback stay local
             self.run.log(payload, step=row["step"])
             self.step = row["step"]

@@ -5,6 +5,7 @@ registered names) chooses them; each registered factory builds its callback for 
 it does not apply (no MoE layers, logging off, ...). Monitoring callbacks (metric sinks, gains, forensics)
 register themselves in stabletrain.monitoring.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

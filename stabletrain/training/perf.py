@@ -1,4 +1,5 @@
 """Peak FLOP/s for MFU: a table for known GPUs, a measured dense-matmul peak on CPU."""
+
 from __future__ import annotations
 
 import time

@@ -11,13 +11,13 @@ the weights) to CPU memory. Activations, per sequence and block without recomput
 residual streams of HC/mHC and expert activations scaled by (top_k + shared) / dense width; the fp32 logits add
 8·T·V. It is an estimate: allocator fragmentation and communication buffers come on top.
 """
+
 from __future__ import annotations
 
 import os
 
-
 from stabletrain.config import Config
-from stabletrain.models import flops_per_token, meta_model, param_count
+from stabletrain.models import count_params, meta_model, model_flops_per_token
 from stabletrain.models.moe import MoE
 
 GiB = 1024**3
@@ -31,7 +31,7 @@ def plan(cfg: Config) -> dict:
     total = sum(p.numel() for p in model.parameters())
     routed = sum(p.numel() for mod in model.modules() if isinstance(mod, MoE) for p in mod.experts.parameters())
     held = total - routed * (1 - 1 / e.expert_parallel)  # expert parallelism: each rank holds 1/ep of the experts
-    active = param_count(m, active=True)
+    active = count_params(model, active=True)
     world = t.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
     bf16 = cfg.precision.dtype == "bf16"
     w_bytes, opt_bytes = (2, 12) if bf16 else (4, 8)
@@ -50,11 +50,17 @@ def plan(cfg: Config) -> dict:
         per_block.append((10 + 24 * ffn_ratio) * T * d * act_scale + 4 * (m.residual.streams - 1) * T * d)
     activations = B * (sum(per_block) + 8 * T * m.vocab_size)
     return {
-        "total_params": total, "active_params": active,
-        "flops_per_token": flops_per_token(m, T), "world_size": world,
-        "memory_gib": {"weights": weights / GiB, "gradients": grads / GiB, "optimizer": optimizer / GiB,
-                       "activations": activations / GiB,
-                       "total": (weights + grads + optimizer + activations) / GiB},
+        "total_params": total,
+        "active_params": active,
+        "flops_per_token": model_flops_per_token(model, T),
+        "world_size": world,
+        "memory_gib": {
+            "weights": weights / GiB,
+            "gradients": grads / GiB,
+            "optimizer": optimizer / GiB,
+            "activations": activations / GiB,
+            "total": (weights + grads + optimizer + activations) / GiB,
+        },
     }
 
 
@@ -65,10 +71,15 @@ def print_plan(cfg: Config) -> dict:
     print(f"total_params={p['total_params']}")
     print(f"active_params={p['active_params']}")
     print(f"flops_per_token={p['flops_per_token']:.4e}")
-    offload = ", ".join(f"{k} offload to {v}" for k, v in (("optimizer", e.offload_optimizer),
-                                                             ("param", e.offload_param)) if v != "none")
+    offload = ", ".join(
+        f"{k} offload to {v}"
+        for k, v in (("optimizer", e.offload_optimizer), ("param", e.offload_param))
+        if v != "none"
+    )
     ep = f", expert parallel {e.expert_parallel}" if e.expert_parallel > 1 else ""
-    print(f"memory per GPU (ZeRO-{e.zero_stage}{ep}, {cfg.precision.dtype}, {p['world_size']} GPU(s), micro batch "
-          f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} tokens{', ' + offload if offload else ''}): "
-          + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
+    print(
+        f"memory per GPU (ZeRO-{e.zero_stage}{ep}, {cfg.precision.dtype}, {p['world_size']} GPU(s), micro batch "
+        f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} tokens{', ' + offload if offload else ''}): "
+        + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items())
+    )
     return p

@@ -1,11 +1,12 @@
 """Which checkpoint `trainer.resume` names, and the events its choice leaves.
 
-    auto                       the newest intact checkpoint of this run; damaged ones are skipped, each with a
-                               `checkpoint_rejected` event; no checkpoint at all: a fresh start (said in one line);
-                               only damaged ones: an error (a fresh start would overwrite them)
-    a step_* directory         exactly that checkpoint, or a one-line error
-    a directory of checkpoints its newest intact one, or an error
+auto                       the newest intact checkpoint of this run; damaged ones are skipped, each with a
+                           `checkpoint_rejected` event; no checkpoint at all: a fresh start (said in one line);
+                           only damaged ones: an error (a fresh start would overwrite them)
+a step_* directory         exactly that checkpoint, or a one-line error
+a directory of checkpoints its newest intact one, or an error
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,10 @@ def resume(mode: str, run_dir: Path, load: Callable[[Path], Rejection | None], s
     if mode == "none":
         if checkpoint.tags_newest_first(own):
             # Training from scratch here would interleave two runs' metrics and prune the old checkpoints.
-            raise StableTrainError(f"{run_dir} already holds checkpoints: pass trainer.resume=auto to continue that "
-                                   "run, or choose another hydra.run.dir")
+            raise StableTrainError(
+                f"{run_dir} already holds checkpoints: pass trainer.resume=auto to continue that "
+                "run, or choose another hydra.run.dir"
+            )
         return []
     path = own if mode == "auto" else Path(mode)
     exact = checkpoint.TAG_RE.match(path.name) is not None
@@ -36,13 +39,15 @@ def resume(mode: str, run_dir: Path, load: Callable[[Path], Rejection | None], s
         rejection = checkpoint.verify(tag_dir) or load(tag_dir)
         if rejection is None:
             say(f"resumed from {tag_dir}")
-            return events + [("resume", {"checkpoint": str(tag_dir),
-                                         "rejected": [[d.name, str(r)] for d, r in zip(tags, rejected)]})]
+            return events + [
+                ("resume", {"checkpoint": str(tag_dir), "rejected": [[d.name, str(r)] for d, r in zip(tags, rejected)]})
+            ]
         if exact:
             raise StableTrainError(f"trainer.resume={tag_dir}: {rejection}")
         say(f"resume: skipping checkpoint {tag_dir.name}: {rejection}")
-        events.append(("checkpoint_rejected", {"checkpoint": str(tag_dir), "file": rejection.file,
-                                               "reason": rejection.reason}))
+        events.append(
+            ("checkpoint_rejected", {"checkpoint": str(tag_dir), "file": rejection.file, "reason": rejection.reason})
+        )
         rejected.append(rejection)
     listing = "; ".join(f"{d.name}: {r}" for d, r in zip(tags, rejected))
     if any(r.partial for r in rejected) or (mode == "auto" and any(not r.interrupted for r in rejected)):

@@ -1,5 +1,6 @@
 """Stopping on a signal: SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) ask the run to stop at the end of
 the current step, after a checkpoint; a second Ctrl-C aborts at once (KeyboardInterrupt)."""
+
 from __future__ import annotations
 
 import signal
@@ -27,5 +28,7 @@ class StopSignals:
             raise KeyboardInterrupt
         if self.requested is None:
             self.requested = signum
-            self.say(f"{signal.Signals(signum).name}: finishing the current step, then a checkpoint and stop"
-                     + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""))
+            self.say(
+                f"{signal.Signals(signum).name}: finishing the current step, then a checkpoint and stop"
+                + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT else "")
+            )

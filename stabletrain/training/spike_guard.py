@@ -8,6 +8,7 @@ injection, behind a narrow interface to the loop. It decides; the loop acts (vet
     guard.record_rollback(step, skip)        after the loop restored a checkpoint
     guard.state_dict() / load_state_dict()   detector windows, skip ranges, rollbacks: saved in checkpoints
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,6 +92,27 @@ class SpikeGuard:
         n = m.rollback_skip_batches
         return Decision("rollback", cause, [max(0, batch_index - n + 1), batch_index + 1] if n else None)
 
+    def firing_records(self, verdict: Verdict, batch_index: int) -> list[tuple[str, dict, str, str]]:
+        """Per firing: (event kind, event fields, alert title, alert text)."""
+        out = []
+        for f in verdict.firings:
+            fields = {"response": verdict.response, "batch": batch_index, **{k: v for k, v in f.items() if k != "kind"}}
+            threshold = f" > {f['threshold']:.4g}" if "threshold" in f else ""
+            text = (
+                f"step {verdict.step}: {f['metric']}={f['value']:.4g}{threshold} ({f['rule']}); "
+                f"response: {verdict.response}"
+            )
+            out.append((f["kind"], fields, f"stabletrain: {f['kind']} in {f['metric']}", text))
+        return out
+
+    def stop_message(self, verdict: Verdict, decision: Decision, tag: str, batch_index: int) -> str:
+        f = verdict.firings[0]
+        return (
+            f"stopped at step {verdict.step} by {decision.reason}: {f['kind']} in {f['metric']} ({f['value']:.4g}); "
+            f"checkpoint {tag} holds the weights before that update (continue with trainer.resume=auto, "
+            f"optionally with trainer.skip_batches=[[{batch_index},{batch_index + 1}]])"
+        )
+
     def record_rollback(self, step: int, skip: list[int] | None) -> None:
         if skip:
             self.skips.add(*skip)
@@ -98,8 +120,11 @@ class SpikeGuard:
 
     # ---------------------------------------------------------------- checkpointed state
     def state_dict(self) -> dict:
-        return {"spike_monitor": self.monitor.state_dict(), "skip_batches": self.skips.ranges,
-                "rollbacks": self.rollbacks}
+        return {
+            "spike_monitor": self.monitor.state_dict(),
+            "skip_batches": self.skips.ranges,
+            "rollbacks": self.rollbacks,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Detector windows from the checkpoint; skip ranges and rollbacks merged with those already known (a

@@ -8,11 +8,12 @@ Per step, before the update is applied, the detectors see the global mean loss a
     non-finite        NaN/Inf loss or gradient norm: the update never reaches the weights
 
 A firing picks a response (the most severe of the firing detectors'): log < skip_step < rollback < stop.
-Every response but `log` vetoes the update. The veto sits inside the optimizer (stabletrain.engine.optim.GatedAdamW), the one
-place every DeepSpeed path (ZeRO 0-3, bf16) passes after it has the global gradient norm and before the weights
+Every response but `log` vetoes the update. The veto sits inside the optimizer (stabletrain.engine.optim.GatedAdamW),
+the one place every DeepSpeed path (ZeRO 0-3, bf16) passes after it has the global gradient norm and before the weights
 or the Adam moments change. Values of steps that fired are not added to the windows, so a spike does not
 widen the band that would catch the next one.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,13 +46,22 @@ class RollingDetector:
         mean, std = vals.mean().item(), vals.std().item()
         if self.style == "olmo_core":
             if c.sigma and abs(value - mean) > c.sigma * std:
-                return {"metric": self.metric, "rule": "zscore_two_sided", "value": value,
-                        "threshold": mean + math.copysign(c.sigma * std, value - mean),
-                        "zscore": (value - mean) / max(std, 1e-12)}
+                return {
+                    "metric": self.metric,
+                    "rule": "zscore_two_sided",
+                    "value": value,
+                    "threshold": mean + math.copysign(c.sigma * std, value - mean),
+                    "zscore": (value - mean) / max(std, 1e-12),
+                }
             return None
         if c.sigma and value > mean + c.sigma * std and value >= c.min_ratio * mean:
-            return {"metric": self.metric, "rule": "zscore", "value": value, "threshold": mean + c.sigma * std,
-                    "zscore": (value - mean) / max(std, 1e-12)}
+            return {
+                "metric": self.metric,
+                "rule": "zscore",
+                "value": value,
+                "threshold": mean + c.sigma * std,
+                "zscore": (value - mean) / max(std, 1e-12),
+            }
         recent_max = vals.max().item()
         if c.max_ratio and value > c.max_ratio * recent_max:
             return {"metric": self.metric, "rule": "max_ratio", "value": value, "threshold": c.max_ratio * recent_max}
@@ -85,8 +95,10 @@ class SpikeMonitor:
 
     def __init__(self, cfg: MonitorConfig):
         self.cfg = cfg
-        self.detectors = {name: RollingDetector(name, getattr(cfg, name), cfg.warmup_steps, cfg.style)
-                          for name in ("loss", "grad_norm")}
+        self.detectors = {
+            name: RollingDetector(name, getattr(cfg, name), cfg.warmup_steps, cfg.style)
+            for name in ("loss", "grad_norm")
+        }
         self.history: deque[tuple[int, float, float | None, bool]] = deque(maxlen=512)
 
     def judge(self, step: int, loss: float, grad_norm: float | None) -> Verdict:
@@ -118,9 +130,11 @@ class SpikeMonitor:
         return self.detectors["loss"].mean()
 
     def state_dict(self) -> dict:
-        return {"windows": {n: list(d.values) for n, d in self.detectors.items()},
-                "accepted": {n: d.accepted for n, d in self.detectors.items()},
-                "history": list(self.history)}
+        return {
+            "windows": {n: list(d.values) for n, d in self.detectors.items()},
+            "accepted": {n: d.accepted for n, d in self.detectors.items()},
+            "history": list(self.history),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for name, det in self.detectors.items():

@@ -6,9 +6,9 @@ Collaborators: the engine (stabletrain.engine: DeepSpeed, checkpoints), the spik
 response to a firing), the data (a sampler over packed sequences), resume (which checkpoint to start from),
 stop signals, and the configured callbacks.
 """
+
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,8 +27,9 @@ from stabletrain.engine import checkpoint
 from stabletrain.engine.compile import compile_blocks
 from stabletrain.engine.deepspeed_engine import build_engine
 from stabletrain.engine.optim import clip_threshold
-from stabletrain.models import build_model, flops_per_token, param_count
+from stabletrain.models import build_model, count_params, model_flops_per_token
 from stabletrain.training.callbacks import CALLBACKS, SpikeContext, build_callbacks
+from stabletrain.training.evaluation import evaluate
 from stabletrain.training.perf import peak_flops
 from stabletrain.training.resume import resume
 from stabletrain.training.signals import StopSignals
@@ -48,12 +49,13 @@ class Trainer:
         self.data = build_data(cfg.data, t.seed, self.is_main)
         self._set_vocab_size()
         self.loader = RankLoader(self.data.train, self.data.order, t.micro_batch_size, t.grad_accum_steps,
-                                 self.rank, self.world)
+                                 self.rank, self.world)  # fmt: skip
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model)
         if t.compile:
             compile_blocks(self.model)
-        self.n_params, self.flops_per_token = param_count(cfg.model), flops_per_token(cfg.model, cfg.data.seq_len)
+        self.n_params = count_params(self.model)
+        self.flops_per_token = model_flops_per_token(self.model, cfg.data.seq_len)
         self.engine = build_engine(cfg, self.model, self.world, self.rank)
         self.guard = SpikeGuard(cfg.monitor, t.skip_batches, cfg.model.vocab_size)
         self.step, self.stop_signal, self.callbacks = 0, None, []
@@ -69,19 +71,18 @@ class Trainer:
         self.peak, self.peak_source = peak_flops(self.device, cfg.precision.dtype, t.peak_tflops)
 
     def _set_vocab_size(self) -> None:
-        m, tokenizer = self.cfg.model, self.data.tokenizer
-        if m.vocab_size is None:
-            m.vocab_size = tokenizer.vocab_size
-        elif m.vocab_size < tokenizer.vocab_size:
-            raise StableTrainError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        m, vocab = self.cfg.model, self.data.tokenizer.vocab_size
+        if m.vocab_size is not None and m.vocab_size < vocab:
+            raise StableTrainError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab}")
+        m.vocab_size = m.vocab_size or vocab
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> float:
         t = self.cfg.trainer
         last = t.stop_at or t.max_steps
         self.say(f"model: {self.n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; {self.world} "
-                 f"rank(s), global batch {self.loader.global_batch_size}×{self.cfg.data.seq_len} tokens; MFU peak: "
-                 f"{self.peak / 1e12:.2f} TFLOP/s ({self.peak_source})")
+                 f"rank(s), global batch {self.loader.global_batch_size}×{self.cfg.data.seq_len} tokens; MFU "
+                 f"peak: {self.peak / 1e12:.2f} TFLOP/s ({self.peak_source})")  # fmt: skip
         val = None
         with StopSignals(self.say) as self._signals:
             if self.step == 0:
@@ -89,8 +90,9 @@ class Trainer:
             while self.step < last and self.stop_signal is None:
                 self._hook("on_step_begin", self.step + 1)
                 metrics, verdict, batch_index, batches = self.train_step()
-                if (verdict.fired or not verdict.applied) and self._respond(verdict, batch_index, batches) == "rollback":
-                    continue
+                if not verdict.applied or verdict.fired:
+                    if self._respond(verdict, batch_index, batches) == "rollback":
+                        continue
                 self._hook("on_step_end", self.step, metrics)
                 if self.step % t.log_interval == 0 or self.step == last or any(k.startswith("gain/") for k in metrics):
                     self.log(metrics)
@@ -100,7 +102,7 @@ class Trainer:
                     self.save()
         if self.stop_signal:
             self.say(f"stopped by {dist_utils.signal_name(self.stop_signal)} at step {self.step}; checkpoint "
-                     f"{checkpoint.tag_for(self.step)} saved (continue with trainer.resume=auto)")
+                     f"{checkpoint.tag_for(self.step)} saved (continue with trainer.resume=auto)")  # fmt: skip
             return float("nan")
         return val["val_loss"] if val else float("nan")
 
@@ -122,14 +124,19 @@ class Trainer:
                 self.engine.micro_step()
         loss = self._global_mean_loss(loss_sum / len(batches))
         verdicts: list[Verdict] = []
-        outcome = self.engine.step(step, lambda gn: verdicts.append(self.guard.judge(step, loss, gn)) or verdicts[0].applied)
-        verdict = verdicts[0] if outcome.applied is not None else self.guard.engine_skipped(step, loss, outcome.grad_norm)
-        self.step, elapsed = step, time.perf_counter() - t0
+
+        def judge(grad_norm: float | None) -> bool:  # asked from inside the optimizer, before anything changes
+            verdicts.append(self.guard.judge(step, loss, grad_norm))
+            return verdicts[0].applied
+
+        outcome = self.engine.step(step, judge)
+        verdict = verdicts[0] if verdicts else self.guard.engine_skipped(step, loss, outcome.grad_norm)
+        self.step, elapsed, samples = step, time.perf_counter() - t0, self.loader.samples_consumed
         tps = G * self.cfg.data.seq_len / elapsed
-        row = {"step": step, "tokens": self.loader.samples_consumed * self.cfg.data.seq_len,
-               "samples": self.loader.samples_consumed, **self.data.source_tokens(self.loader.samples_consumed),
-               "loss": loss, "lr": lr, "grad_norm": outcome.grad_norm, "tokens_per_s": tps,
-               "mfu": self.flops_per_token * tps / (self.peak * self.world), "step_time_s": elapsed}
+        row = {"step": step, "tokens": samples * self.cfg.data.seq_len, "samples": samples,
+               **self.data.source_tokens(samples), "loss": loss, "lr": lr, "grad_norm": outcome.grad_norm,
+               "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.peak * self.world),
+               "step_time_s": elapsed}  # fmt: skip
         if self.cfg.optim.grad_clip_warmup_steps:
             row["grad_clip"] = clip_threshold(self.cfg, step)
         if not verdict.applied:
@@ -148,26 +155,10 @@ class Trainer:
                 self.stop_signal = s
         return float(packed[0])
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        t = self.cfg.trainer
-        self.engine.eval()
-        total = torch.zeros((), device=self.device)
-        per_batch = t.micro_batch_size * self.world
-        for b in range(t.eval_batches):
-            first = b * per_batch + self.rank * t.micro_batch_size
-            ids = torch.arange(first, first + t.micro_batch_size).numpy() % len(self.data.val)
-            batch = self.data.val.get(ids).to(self.engine.device)
-            total += self.engine.forward(batch[:, :-1], batch[:, 1:], **self.data.model_kwargs(batch)).float()
-        if self.world > 1:
-            dist.all_reduce(total)
-        self.engine.train()
-        val_loss = float(total) / (t.eval_batches * self.world)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0))}
-
     def _evaluate_and_log(self) -> dict:
+        t = self.cfg.trainer
         self._hook("on_eval_begin", self.step)
-        val = self.evaluate()
+        val = evaluate(self.engine, self.data, t.micro_batch_size, t.eval_batches, self.rank, self.world)
         self._hook("on_eval_end", self.step, val)
         self.log({"step": self.step, **val})
         self.say(f"step {self.step}: val_loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})")
@@ -177,7 +168,7 @@ class Trainer:
     def save(self) -> None:
         self._refuse_nonfinite_state()
         state = {"step": self.step, "samples_consumed": self.loader.samples_consumed, "world_size": self.world,
-                 **self.guard.state_dict()}
+                 **self.guard.state_dict()}  # fmt: skip
         tag_dir = self.engine.save(self.run_dir / "checkpoints", self.step, state, self.cfg.trainer.keep_checkpoints)
         self._hook("on_checkpoint", self.step, tag_dir)
 
@@ -202,22 +193,19 @@ class Trainer:
         where = self.engine.first_nonfinite()
         if not dist_utils.any_rank(where is not None, self.device):
             return
-        intact = [d.name for d, r in checkpoint.candidates(self.run_dir / "checkpoints") if r is None]
-        self.event("checkpoint_refused", self.step, reason=f"{where or 'a tensor on another rank'} holds NaN/Inf")
-        raise StableTrainError(f"step {self.step}: {where or 'a tensor on another rank'} holds NaN/Inf; refusing to "
-                               f"write a checkpoint (newest intact one: {intact[0] if intact else 'none'}; continue "
-                               "from it with trainer.resume=auto, optionally with trainer.skip_batches)")
+        where = where or "a tensor on another rank"
+        intact = [d.name for d, r in checkpoint.candidates(self.run_dir / "checkpoints") if r is None] + ["none"]
+        self.event("checkpoint_refused", self.step, reason=f"{where} holds NaN/Inf")
+        raise StableTrainError(f"step {self.step}: {where} holds NaN/Inf; refusing to write a checkpoint (newest "
+                               f"intact one: {intact[0]}; continue from it with trainer.resume=auto, optionally "
+                               "with trainer.skip_batches)")  # fmt: skip
 
     # ---------------------------------------------------------------- spike responses
     def _respond(self, verdict: Verdict, batch_index: int, batches: list[torch.Tensor]) -> str:
         """Record a firing (events, alerts, forensics) and carry out the guard's decision; returns its action."""
-        for f in verdict.firings:
-            self.event(f["kind"], verdict.step, response=verdict.response, batch=batch_index,
-                       **{k: v for k, v in f.items() if k != "kind"})
-            threshold = f" > {f['threshold']:.4g}" if "threshold" in f else ""
-            self._hook("on_alert", f"stabletrain: {f['kind']} in {f['metric']}",
-                       f"step {verdict.step}: {f['metric']}={f['value']:.4g}{threshold} ({f['rule']}); "
-                       f"response: {verdict.response}", self.cfg.monitor.alert_interval_s)
+        for kind, fields, title, text in self.guard.firing_records(verdict, batch_index):
+            self.event(kind, verdict.step, **fields)
+            self._hook("on_alert", title, text, self.cfg.monitor.alert_interval_s)
         if any(f["kind"] == "nonfinite" for f in verdict.firings):
             self._refuse_nonfinite_state()  # NaN weights (e.g. loaded ones): no step can recover, stop now
         if verdict.fired:
@@ -228,23 +216,25 @@ class Trainer:
         if decision.action == "skip":
             self.event("skip_step", verdict.step, reason=decision.reason)
         elif decision.action == "stop":
-            self._stop(verdict, decision.reason)
+            self.save()  # the vetoed update never reached these weights
+            self.event("stop", verdict.step, reason=decision.reason)
+            raise StableTrainError(
+                self.guard.stop_message(verdict, decision, checkpoint.tag_for(self.step), batch_index)
+            )
         return decision.action
 
     def _forensics(self, verdict: Verdict, batch_index: int, batches: list[torch.Tensor]) -> None:
+        """Collective: every rank's rows of the step go to rank 0, whose forensics callback examines them."""
         tokens = dist_utils.gather_rows(torch.cat(batches).to(self.device))
-        L = self.loader
-        base = batch_index * L.global_batch_size
-        positions = [base + m * L.micro * self.world + r * L.micro + j
-                     for r in range(self.world) for m in range(L.accum) for j in range(L.micro)]
-        main = self.is_main  # forensics runs on rank 0
+        positions, monitor = self.loader.batch_positions(batch_index), self.guard.monitor
         ctx = SpikeContext(verdict, batch_index, positions, [int(i) for i in self.data.order(positions)], tokens,
-                           self.engine.full_weights() if main else None, self.engine.adam_state() if main else None,
-                           self.run_dir / "checkpoints",
-                           lambda metric: self.guard.monitor.detectors[metric].mean(), list(self.guard.monitor.history))
+                           self.engine.full_weights() if self.is_main else None,
+                           self.engine.adam_state() if self.is_main else None, self.run_dir / "checkpoints",
+                           lambda metric: monitor.detectors[metric].mean(), list(monitor.history))  # fmt: skip
         for report in filter(None, self._hook("on_spike", ctx)):
             self.event("forensics", verdict.step, report=str(report["path"]), cause=report["cause"])
-            self.say(f"step {verdict.step}: {verdict.firings[0]['kind']} ({report['cause']}); forensics in {report['path']}")
+            self.say(f"step {verdict.step}: {verdict.firings[0]['kind']} ({report['cause']}); "
+                     f"forensics in {report['path']}")  # fmt: skip
         dist_utils.barrier()
 
     def _rollback(self, verdict: Verdict, decision: Decision) -> bool:
@@ -253,27 +243,18 @@ class Trainer:
             rejection = rejection or checkpoint.verify(tag_dir)
             if rejection is not None:
                 self.event("checkpoint_rejected", verdict.step, checkpoint=str(tag_dir), file=rejection.file,
-                           reason=rejection.reason)
+                           reason=rejection.reason)  # fmt: skip
                 continue
-            rejection = self._load(tag_dir)
-            if rejection is not None:
+            if (rejection := self._load(tag_dir)) is not None:
                 raise StableTrainError(f"rollback at step {verdict.step} could not load {tag_dir}: {rejection}")
             self.guard.record_rollback(verdict.step, decision.skip)
             self._hook("on_rewind", self.step)
-            self.event("rollback", self.step, from_step=verdict.step, checkpoint=str(tag_dir), skip_batches=decision.skip)
-            skipped = f"; skipping global batches {decision.skip[0]}..{decision.skip[1] - 1}" if decision.skip else ""
+            skip = decision.skip
+            self.event("rollback", self.step, from_step=verdict.step, checkpoint=str(tag_dir), skip_batches=skip)
+            skipped = f"; skipping global batches {skip[0]}..{skip[1] - 1}" if skip else ""
             self.say(f"step {verdict.step}: rolled back to step {self.step} ({tag_dir.name}){skipped}")
             return True
         return False
-
-    def _stop(self, verdict: Verdict, why: str) -> None:
-        self.save()  # the vetoed update never reached these weights
-        self.event("stop", verdict.step, reason=why)
-        f, batch = verdict.firings[0], self.loader.samples_consumed // self.loader.global_batch_size - 1
-        raise StableTrainError(f"stopped at step {verdict.step} by {why}: {f['kind']} in {f['metric']} "
-                               f"({f['value']:.4g}); checkpoint {checkpoint.tag_for(self.step)} holds the weights "
-                               f"before that update (continue with trainer.resume=auto, optionally with "
-                               f"trainer.skip_batches=[[{batch},{batch + 1}]])")
 
     # ---------------------------------------------------------------- output
     def _hook(self, name: str, *args) -> list:

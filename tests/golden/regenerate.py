@@ -5,6 +5,7 @@
 Each golden is a 20-step fp32 CPU run of the TINY model on the bundled corpus; tests/test_golden.py compares a
 fresh run's per-step losses and gradient norms with the stored ones at rel 1e-5.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 GOLDEN_DIR = Path(__file__).resolve().parent
 STEPS = 20
+THREADS = 2  # CPU matmuls block differently per thread count: goldens are made and checked with this many
 VARIANTS = {
     "baseline": ["model=baseline"],
     "mhc": ["model=mhc"],
@@ -21,16 +25,23 @@ VARIANTS = {
     "lns": ["model=lns"],
     "moe_aux_free": ["model=moe"],
 }
-COMMON = [f"trainer.max_steps={STEPS}", "trainer.eval_interval=0", "trainer.ckpt_interval=0",
-          "monitor.gain_interval=0"]
+COMMON = [f"trainer.max_steps={STEPS}", "trainer.eval_interval=0", "trainer.ckpt_interval=0", "monitor.gain_interval=0"]
 
 
 def run_variant(name: str, run_dir: Path) -> dict:
     from tests.helpers import train_inprocess
 
-    rows = train_inprocess(run_dir, *VARIANTS[name], *COMMON)
-    return {"overrides": VARIANTS[name] + COMMON, "loss": [r["loss"] for r in rows],
-            "grad_norm": [r["grad_norm"] for r in rows]}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        rows = train_inprocess(run_dir, *VARIANTS[name], *COMMON)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "overrides": VARIANTS[name] + COMMON,
+        "loss": [r["loss"] for r in rows],
+        "grad_norm": [r["grad_norm"] for r in rows],
+    }
 
 
 def main(names: list[str]) -> None:

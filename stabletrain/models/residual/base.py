@@ -12,6 +12,7 @@ so that a fused implementation can merge the write after one sublayer with the r
 over the widened stream instead of two); the per-sublayer `Connection.forward` is the reference it must equal.
 A variant is one module: a ResidualStream subclass registered with its config dataclass, plus a preset YAML.
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -108,7 +109,9 @@ class ResidualStream(nn.Module):
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def connection(self, sublayer_index: int, depth_scale: float | None, signal: PropagationScalar | None) -> Connection:
+    def connection(
+        self, sublayer_index: int, depth_scale: float | None, signal: PropagationScalar | None
+    ) -> Connection:
         return Connection(depth_scale, signal)
 
     def block(self, x: torch.Tensor, sublayers: list[Sublayer]) -> torch.Tensor:

@@ -4,6 +4,7 @@ n streams H[B,T,n,C]. Per sublayer: read h = A_m^T H, write H' = B^T T(h) + A_r^
 B (write), A_m (read), A_r (mix); dynamic ones add s * tanh(norm(H) W) per stream. Paper init (W = 0, B = 1,
 A_m = e_{k mod n}, A_r = I) makes the network equal to pre-norm at step 0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,8 +36,16 @@ def _static(t: torch.Tensor) -> nn.Parameter:
 
 
 class HyperConnection(Connection):
-    def __init__(self, d_model: int, n: int, sublayer_index: int, cfg: HCConfig, norm_eps: float,
-                 depth_scale: float | None, signal: PropagationScalar | None):
+    def __init__(
+        self,
+        d_model: int,
+        n: int,
+        sublayer_index: int,
+        cfg: HCConfig,
+        norm_eps: float,
+        depth_scale: float | None,
+        signal: PropagationScalar | None,
+    ):
         super().__init__(depth_scale, signal)
         self.n, self.dynamic, self.use_tanh = n, cfg.dynamic, cfg.tanh
         self.B = _static(torch.ones(n))

@@ -7,6 +7,7 @@ alpha and the bias:  logits = alpha * (x phi) / rms(x) + b.
     x' = H_res x + H_post^T F(H_pre x)
 With identical streams and rows summing to 1, H_res keeps the streams identical: the paper's convention.
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,7 +60,6 @@ class MHCConfig(ResidualConfig):
     kernel: Kernel = Kernel.eager
 
 
-
 def _init_phi(phi: torch.Tensor, cfg: MHCConfig) -> None:
     if cfg.phi_init == "xavier":
         nn.init.xavier_uniform_(phi)
@@ -67,8 +67,9 @@ def _init_phi(phi: torch.Tensor, cfg: MHCConfig) -> None:
         nn.init.normal_(phi, std=cfg.phi_std)
 
 
-def mhc_logits(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, n: int, eps: float,
-               fused: bool = True) -> torch.Tensor:
+def mhc_logits(
+    x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, n: int, eps: float, fused: bool = True
+) -> torch.Tensor:
     """[.., n^2+2n] pre-activation coefficients; fused divides by the RMS after the matmul (same value)."""
     xf = x.flatten(-2).float()
     rms = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -82,8 +83,8 @@ def mhc_coefficients(x, phi, bias, alpha, n: int, eps: float, iters: int, projec
     """(H_pre [..,n] in (0,1), H_post [..,n] in (0,2), H_res [..,n,n] doubly stochastic), fp32."""
     z = mhc_logits(x, phi, bias, alpha, n, eps)
     pre = torch.sigmoid(z[..., :n])
-    post = 2 * torch.sigmoid(z[..., n:2 * n])
-    res = project(z[..., 2 * n:].unflatten(-1, (n, n)), iters)
+    post = 2 * torch.sigmoid(z[..., n : 2 * n])
+    res = project(z[..., 2 * n :].unflatten(-1, (n, n)), iters)
     return pre, post, res
 
 
@@ -106,8 +107,15 @@ def _compiled(fn):
 
 
 class ManifoldConnection(Connection):
-    def __init__(self, d_model: int, n: int, sublayer_index: int, cfg: MHCConfig,
-                 depth_scale: float | None, signal: PropagationScalar | None):
+    def __init__(
+        self,
+        d_model: int,
+        n: int,
+        sublayer_index: int,
+        cfg: MHCConfig,
+        depth_scale: float | None,
+        signal: PropagationScalar | None,
+    ):
         super().__init__(depth_scale, signal)
         self.n, self.iters, self.eps = n, cfg.sinkhorn_iters, cfg.norm_eps
         self.fused = cfg.kernel == "fused"
@@ -121,7 +129,7 @@ class ManifoldConnection(Connection):
             with torch.no_grad():
                 self.bias[:n] = -cfg.pre_logit
                 self.bias[sublayer_index % n] = cfg.pre_logit
-                self.bias[2 * n:] = (cfg.res_logit * torch.eye(n)).flatten()
+                self.bias[2 * n :] = (cfg.res_logit * torch.eye(n)).flatten()
         # init == "megatron": all biases 0 (pre = 0.5, res = J/n). phi is random either way: with phi = 0 and
         # permutation-symmetric biases every gradient is symmetric and the streams would never separate.
 

@@ -6,6 +6,7 @@ M <- T_r(T_c(M)) (column-normalise, then row-normalise). Row normalisation runs
 last, so rows sum to 1 exactly (up to rounding) and columns only approximately.
 Everything acts on the last two dims of a ``[..., n, n]`` tensor.
 """
+
 import torch
 from torch.autograd.function import once_differentiable
 

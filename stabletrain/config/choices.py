@@ -1,0 +1,107 @@
+"""The closed vocabularies of the schema: a value outside one fails at compose time, naming the key. Open sets
+(residual streams, feed-forwards, routers, callbacks) come from registries instead."""
+
+from __future__ import annotations
+
+from stabletrain.config.fields import Choice
+
+
+class DepthScaling(Choice):
+    none = "none"
+    lns = "lns"
+
+
+class SignalScaling(Choice):
+    none = "none"
+    bslo = "bslo"
+
+
+class Attention(Choice):
+    mha = "mha"
+    gqa = "gqa"
+    mla = "mla"
+
+
+class ResidualInit(Choice):
+    scaled = "scaled"
+    plain = "plain"
+
+
+class TokenizerModel(Choice):
+    bpe = "bpe"
+    unigram = "unigram"
+
+
+class DataFormat(Choice):
+    text = "text"
+    pretokenized = "pretokenized"
+
+
+class UTF8Errors(Choice):
+    replace = "replace"
+    strict = "strict"
+
+
+class TokenDtype(Choice):
+    auto = "auto"
+    uint16 = "uint16"
+    uint32 = "uint32"
+
+
+class Offload(Choice):
+    none = "none"
+    cpu = "cpu"
+
+
+class Backend(Choice):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class DType(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    wsd = "wsd"
+    constant = "constant"
+    step = "step"
+
+
+class WandbMode(Choice):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Response(Choice):
+    log = "log"
+    skip_step = "skip_step"
+    rollback = "rollback"
+    stop = "stop"
+
+
+class NonfiniteResponse(Choice):  # a NaN/Inf update is never applied, so `log` is not offered
+    skip_step = "skip_step"
+    rollback = "rollback"
+    stop = "stop"
+
+
+class InjectKind(Choice):
+    loss = "loss"
+    nan_loss = "nan_loss"
+    poison = "poison"
+
+
+class DetectorStyle(Choice):
+    stabletrain = "stabletrain"  # one-sided z-score over clean steps, plus the ratio rules
+    olmo_core = "olmo_core"  # OLMo-core's SkipStepOptimizer: two-sided z-score over all recent steps
