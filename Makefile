@@ -2,11 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# CPU machines get the CPU build of torch; on a GPU cluster install your CUDA build first (see README).
+# CPU machines get the CPU build of torch; on a GPU cluster install your CUDA build first (docs/clusters.md).
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+WORKERS ?= 2
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,11 +21,16 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(PY) train.py $(ARGS)
 
-test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: lint
+	$(PY) -m pytest -q -n $(WORKERS) tests $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) tests -m "not slow" $(ARGS)
 
 bench: setup
 	$(PY) bench/throughput.py $(ARGS)

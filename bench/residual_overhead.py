@@ -24,6 +24,7 @@ from throughput import compose_config, timed  # noqa: E402
 
 from stabletrain.config import to_container, to_object, validate  # noqa: E402
 from stabletrain.models import param_count  # noqa: E402
+from stabletrain.models.residual import ResidualStream  # noqa: E402
 from stabletrain.training.trainer import Trainer  # noqa: E402
 
 VARIANTS = {
@@ -31,11 +32,21 @@ VARIANTS = {
     "hc": ["model=hc"],
     "mhc": ["model=mhc"],
     "mhc_fused": ["model=mhc", "model.residual.kernel=fused"],
+    # The fused kernels as the per-sublayer interface ran them: each write and read separately (for before/after).
+    "mhc_fused_per_sublayer": ["model=mhc", "model.residual.kernel=fused"],
     "baseline_compiled": ["model=baseline", "trainer.compile=true"],
     "mhc_compiled": ["model=mhc", "model.residual.kernel=fused", "trainer.compile=true"],
     "lns": ["model=lns"],
 }
 SIZE = ["model.d_model=512", "model.n_heads=8", "model.n_layers=8", "monitor.gain_interval=0"]
+
+
+def per_sublayer(trainer: Trainer) -> None:
+    """Run every block through the reference per-sublayer loop (the fused read and write kernels, but no fusion
+    across a sublayer boundary): what kernel=fused did before the stream owned whole blocks."""
+    stream = trainer.model.stream
+    for block in trainer.model.blocks:
+        block.run_block = lambda x, subs: ResidualStream.block(stream, stream.materialize(x), subs)
 
 
 def main() -> None:
@@ -56,6 +67,8 @@ def main() -> None:
             cfg = to_object(dcfg)
             validate(cfg)
             trainers[name] = Trainer(cfg, Path(tmp.name) / name, to_container(dcfg))
+            if name == "mhc_fused_per_sublayer":
+                per_sublayer(trainers[name])
             timed(lambda t=trainers[name]: t.train_step()[0]["loss"], args.warmup)
         times = {name: [] for name in trainers}
         for _ in range(args.repeats):

@@ -1,4 +1,4 @@
-"""methods.md §4 (auxiliary-loss-free balancing) and §6 (BSLO capacity gating) invariants, and MoE counting."""
+"""docs/methods.md §4 (auxiliary-loss-free balancing) and §6 (BSLO capacity gating) invariants, and MoE counting."""
 
 import tempfile
 from types import SimpleNamespace

@@ -1,15 +1,17 @@
-"""Invariants of the residual-stream family (methods.md §1, §2, §3, §6) and the gain diagnostics."""
+"""Invariants of the residual-stream family (docs/methods.md §1, §2, §3, §6) and the gain diagnostics."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from stabletrain.config import BSLOConfig, ModelConfig, NormConfig
 from stabletrain.models import Transformer, param_count
+from stabletrain.models.layers import rope_tables
 from stabletrain.models.residual.base import PropagationScalar
 from stabletrain.models.residual.manifold import ManifoldConnection
-from stabletrain.monitoring.gains import GainProbe, amax_gains
+from stabletrain.monitoring.gains import GainMonitor, GainProbe, amax_gains
 from tests.helpers import residual_config
 
 V = 101
@@ -76,7 +78,7 @@ def test_hc_static_parts_get_no_weight_decay_and_param_count():
     conn = model.blocks[0].attn_res
     assert conn.A_r.no_weight_decay and conn.B.no_weight_decay and conn.A_m.no_weight_decay
     assert param_count(c) == sum(p.numel() for p in model.parameters())
-    n, C = 4, 32  # methods.md §1: n(n+2) static; C(n+2) + n(n+2) + 2 (+ norm weights) dynamic
+    n, C = 4, 32  # docs/methods.md §1: n(n+2) static; C(n+2) + n(n+2) + 2 (+ norm weights) dynamic
     assert sum(p.numel() for p in conn.parameters()) == C * (n + 2) + n * (n + 2) + 2 + C
     assert sum(
         p.numel()
@@ -149,7 +151,7 @@ def test_mhc_one_stream_with_zero_phi_equals_baseline():
 
 
 def test_mhc_alpha_zero_equals_baseline_for_any_pre_and_res_bias():
-    """methods.md §2 invariant 7: repeat expansion, alpha = 0, b_post = 0, random b_pre and b_res."""
+    """docs/methods.md §2: repeat expansion, alpha = 0, b_post = 0, random b_pre and b_res."""
     base, mhc = pair(cfg(residual=dict(kind="mhc", streams=4, gate_init=0.0)))
     g = torch.Generator().manual_seed(5)
     for c in mhc.connections():
@@ -183,7 +185,7 @@ def spread(t: torch.Tensor, dim: int) -> float:
 
 
 def test_mhc_symmetry_trap_and_its_avoidance():
-    """methods.md §2: with phi = 0 and symmetric biases the streams never separate; random phi breaks that."""
+    """docs/methods.md §2: with phi = 0 and symmetric biases the streams never separate; random phi breaks that."""
     trap_bias, trap_state = one_step_streams({"init": "megatron"}, trap=True)
     assert spread(trap_bias, 0) == 0.0 and spread(trap_state, -2) < 1e-7
     # The recommended (HC-faithful, default) init: per-stream read biases get different updates and the stream
@@ -332,3 +334,22 @@ def test_mhc_fused_kernel_matches_eager_reference():
     conn = models["eager"].blocks[0].attn_res
     _, _, res = conn.coefficients(torch.randn(3, 4, 32))
     assert (res - torch.eye(4)).abs().max() > 0.1 and (res - 0.25).abs().max() > 0.05
+    # The fused stream keeps the write after each sublayer pending and fuses it with the next read (across block
+    # boundaries too); gain diagnostics see it written out at every block boundary, with the eager values.
+    pending = models["fused"].blocks[0](models["fused"].stream.expand(torch.randn(1, 5, 32)), *rope_tables(5, 8, 1e4))
+    assert type(pending).__name__ == "PendingWrite" and models["fused"].stream.materialize(pending).shape == (
+        1,
+        5,
+        4,
+        32,
+    )
+    metrics = {}
+    for kernel, model in models.items():
+        model.train()
+        monitor, trainer = GainMonitor(1), SimpleNamespace(model=model)
+        monitor.on_step_begin(trainer, 1)
+        model(ids).float().square().mean().backward()
+        monitor.on_step_end(trainer, 1, metrics.setdefault(kernel, {}))
+    assert set(metrics["fused"]) == set(metrics["eager"]) and "gain/amax_fwd_max" in metrics["fused"]
+    for key, value in metrics["eager"].items():
+        assert metrics["fused"][key] == pytest.approx(value, rel=1e-4), key

@@ -59,10 +59,10 @@ class NormConfig:
 class BSLOConfig:
     """Propagation scalar alpha_l = E|h_in| / (E|h_in + F| + eps), an EMA measured without gradient (experimental)."""
 
-    momentum: float = between(0, 1, 0.99, hi_open=True)
+    momentum: float = between(0, 1, 0.99, hi_open=True)  # EMA momentum of the norms
     eps: float = positive(1e-6)
-    clamp_min: float = positive(0.1)
-    clamp_max: float = positive(10.0)
+    clamp_min: float = positive(0.1)  # alpha's lower clamp
+    clamp_max: float = positive(10.0)  # alpha's upper clamp
     warmup_steps: int = at_least(0, 50)  # alpha = 1 until this many training forwards
 
 
@@ -71,10 +71,10 @@ class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2/V3): low-rank compressed Q and KV, decoupled RoPE key."""
 
     q_lora_rank: int = at_least(0, 0)  # 0: queries projected directly from x (no compression)
-    kv_lora_rank: int = at_least(1, 64)
-    qk_nope_head_dim: int = at_least(1, 32)
-    qk_rope_head_dim: int = at_least(2, 16)
-    v_head_dim: int = at_least(1, 32)
+    kv_lora_rank: int = at_least(1, 64)  # rank of the compressed key/value latent
+    qk_nope_head_dim: int = at_least(1, 32)  # per-head query/key dimension without RoPE
+    qk_rope_head_dim: int = at_least(2, 16)  # decoupled rotary key/query dimension (shared key)
+    v_head_dim: int = at_least(1, 32)  # per-head value dimension
 
 
 @dataclass
@@ -84,7 +84,7 @@ class FFNConfig:
 
     kind: str = "dense"  # the registered name: set by model/ffn=<name>
     hidden: Optional[int] = at_least(1, None)  # SwiGLU width; None: 8/3·d_model rounded up to multiple_of
-    multiple_of: int = at_least(1, 64)
+    multiple_of: int = at_least(1, 64)  # the default width is rounded up to this
 
     def dense_width(self, d_model: int) -> int:
         if self.hidden:
@@ -102,20 +102,20 @@ class ModelConfig:
     model/residual (the residual stream), model/norm (depth scaling of the pre-norms), model/ffn (dense or
     mixture-of-experts, with model/ffn/router)."""
 
-    name: str = "baseline"
+    name: str = "baseline"  # the option's name (logged, W&B tags)
     vocab_size: Optional[int] = at_least(2, None)  # None: taken from the tokenizer
-    d_model: int = at_least(1, 256)
-    n_layers: int = at_least(1, 4)
-    n_heads: int = at_least(1, 4)
+    d_model: int = at_least(1, 256)  # hidden size C
+    n_layers: int = at_least(1, 4)  # blocks L
+    n_heads: int = at_least(1, 4)  # attention heads
     n_kv_heads: Optional[int] = at_least(1, None)  # None: equal to n_heads (multi-head attention)
     attention: Attention = Attention.mha
     qk_norm: bool = False  # stabiliser: RMSNorm on each head's q and k before RoPE (mha/gqa)
     logit_z_loss: float = at_least(0, 0.0)  # stabiliser: + coef * mean(logsumexp(logits)^2) in fp32 (PaLM 1e-4)
     mla: MLAConfig = field(default_factory=MLAConfig)
-    rope_theta: float = positive(10000.0)
-    norm_eps: float = positive(1e-6)
-    tie_embeddings: bool = False
-    init_std: float = positive(0.02)
+    rope_theta: float = positive(10000.0)  # rotary base frequency
+    norm_eps: float = positive(1e-6)  # RMSNorm eps
+    tie_embeddings: bool = False  # share the embedding and output-head weights
+    init_std: float = positive(0.02)  # std of the normal init of every weight
     # scaled: output projections use init_std/sqrt(2·n_layers); plain: init_std everywhere;
     # null: plain with LayerNorm Scaling (its paper found scaled init worse with it), scaled otherwise
     residual_init: Optional[ResidualInit] = None
@@ -149,7 +149,7 @@ class TokenizerConfig:
     # directory's own tokenizer).
     path: Optional[str] = None
     vocab_size: int = at_least(8, 4096)
-    model_type: TokenizerModel = TokenizerModel.bpe
+    model_type: TokenizerModel = TokenizerModel.bpe  # sentencepiece algorithm
     train_docs: int = at_least(1, 20000)  # documents sampled (shuffle buffer over the stream) to train a new one
 
 
@@ -163,12 +163,12 @@ class SourceConfig:
     hf_id: Optional[str] = None  # hub dataset id, e.g. allenai/c4; None: local files (train_files)
     subset: Optional[str] = None  # hub config name, e.g. en
     data_files: List[str] = field(default_factory=list)  # hub: json files inside the repo (no loading script)
-    split: str = "train"
+    split: str = "train"  # hub split for training
     val_split: Optional[str] = None  # hub split held out for validation; None: see val_files / val_docs
     train_files: List[str] = field(default_factory=list)  # jsonl, parquet or plain-text files or globs
     val_files: List[str] = field(default_factory=list)  # empty (and no val_split): hold out val_docs documents
     val_docs: int = at_least(0, 200)  # held out from the start of the training stream when there is no val split
-    text_field: str = "text"
+    text_field: str = "text"  # the field holding the text (jsonl, parquet, hub)
     max_docs: Optional[int] = at_least(1, None)  # at most N training documents from each input shard
     weight: float = positive(1.0)  # mixture weight (normalised over data.sources)
 
@@ -184,13 +184,13 @@ class PrepareConfig:
 
 @dataclass
 class DataConfig(SourceConfig):
-    name: str = "shakespeare"
+    name: str = "shakespeare"  # the option's name (logged, W&B tags)
     format: DataFormat = DataFormat.text  # text: tokenize on first use (cached) | pretokenized: read data.path
     path: Optional[str] = None  # format=text: a glob of local files (replaces train_files); pretokenized: the dir
     # A weighted mixture: name -> SourceConfig fields (a plain dict so that `+data.sources.<name>={...}` works on the
     # command line; unknown keys fail in source_configs()). Empty: the single source set on `data` itself.
     sources: Dict[str, Any] = field(default_factory=dict)
-    seq_len: int = at_least(2, 256)
+    seq_len: int = at_least(2, 256)  # tokens per training sequence
     doc_mask: bool = False  # attention stays within documents (per-position document ids go to the model)
     utf8_errors: UTF8Errors = UTF8Errors.replace  # replace: invalid bytes become U+FFFD | strict: error naming the file
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -220,9 +220,9 @@ class DataConfig(SourceConfig):
 
 @dataclass
 class EngineConfig:
-    name: str = "zero0"
+    name: str = "zero0"  # the option's name (logged, W&B tags)
     zero_stage: int = between(0, 3, 0)
-    offload_optimizer: Offload = Offload.none
+    offload_optimizer: Offload = Offload.none  # ZeRO-Offload of the optimizer states to CPU memory (ZeRO >= 1)
     offload_param: Offload = Offload.none  # ZeRO-3 only
     backend: Backend = Backend.auto  # auto: nccl with CUDA, gloo otherwise
     expert_parallel: int = at_least(1, 1)  # ranks per expert-parallel group (experts sharded, all-to-all dispatch)
@@ -231,17 +231,17 @@ class EngineConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"
+    name: str = "fp32"  # the option's name (logged, W&B tags)
     dtype: DType = DType.fp32
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = positive(1e-3)
-    betas: List[float] = between(0, 1, [0.9, 0.95], hi_open=True, length=2)
+    name: str = "adamw"  # the option's name (logged, W&B tags)
+    lr: float = positive(1e-3)  # peak learning rate
+    betas: List[float] = between(0, 1, [0.9, 0.95], hi_open=True, length=2)  # AdamW (beta1, beta2)
     eps: float = positive(1e-8)
-    weight_decay: float = at_least(0, 0.1)
+    weight_decay: float = at_least(0, 0.1)  # AdamW weight decay (not on vectors or flagged coefficients)
     grad_clip: float = at_least(0, 1.0)  # 0 disables clipping
     grad_clip_warmup_steps: int = at_least(0, 0)  # stabiliser: the clip threshold ramps from
     grad_clip_warmup_start: float = between(0, 1, 0.1, lo_open=True)  # start x grad_clip over those steps (0: off)
@@ -256,30 +256,30 @@ class OptimConfig:
 
 @dataclass
 class LoggingConfig:
-    name: str = "wandb"
-    wandb: bool = True
+    name: str = "wandb"  # the option's name (logged, W&B tags)
+    wandb: bool = True  # log to W&B (the wandb callback)
     mode: WandbMode = WandbMode.auto  # auto: online with an API key, offline without
-    project: str = "stabletrain"
-    entity: Optional[str] = None
-    run_name: Optional[str] = None
-    group: Optional[str] = None
+    project: str = "stabletrain"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team or user); null: your default
+    run_name: Optional[str] = None  # W&B run name; null: the run directory's name
+    group: Optional[str] = None  # W&B group; null: the sweep directory's name under -m
     tags: List[str] = field(default_factory=list)
     progress: bool = True  # console progress bar on rank 0
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = at_least(1, 200)
+    max_steps: int = at_least(1, 200)  # optimizer steps of the run
     stop_at: Optional[int] = at_least(1, None)  # stop (with a checkpoint) at this step, as an interruption would
-    micro_batch_size: int = at_least(1, 8)
-    grad_accum_steps: int = at_least(1, 1)
+    micro_batch_size: int = at_least(1, 8)  # sequences per rank per micro-batch
+    grad_accum_steps: int = at_least(1, 1)  # micro-batches per optimizer step
     eval_interval: int = at_least(0, 50)  # 0: evaluate only at the end
-    eval_batches: int = at_least(1, 4)
+    eval_batches: int = at_least(1, 4)  # validation batches per evaluation
     ckpt_interval: int = at_least(0, 100)  # 0: only at the end
     keep_checkpoints: int = at_least(0, 2)  # 0: keep all
     skip_batches: List[List[int]] = at_least(0, [])  # [start, end) ranges of global batch indices to skip
-    log_interval: int = at_least(1, 1)
-    seed: int = between(0, 2**32 - 1, 1234)
+    log_interval: int = at_least(1, 1)  # log metrics every N steps
+    seed: int = between(0, 2**32 - 1, 1234)  # weights and data order
     resume: str = "none"  # none | auto | a checkpoint directory (step_*) or a directory of them
     peak_tflops: Optional[float] = positive(None)  # for MFU; None: known GPU table, or a measured CPU matmul peak
     device: Device = Device.auto
@@ -297,8 +297,8 @@ class DetectorConfig:
     """One rolling detector over a per-step scalar: fires when the value exceeds mean + sigma * std of the last
     `window` values (and min_ratio times their mean), or max_ratio times their maximum."""
 
-    enabled: bool = True
-    window: int = at_least(2, 128)
+    enabled: bool = True  # the detector fires at all
+    window: int = at_least(2, 128)  # accepted values the statistics use
     sigma: float = at_least(0, 6.0)  # 0: z-score rule off
     min_ratio: float = at_least(0, 1.0)  # the z-score rule also needs value >= min_ratio x window mean
     max_ratio: float = at_least(0, 0.0)  # the "k x recent maximum" rule; 0: off
@@ -316,12 +316,12 @@ class InjectConfig:
 
     step: Optional[int] = at_least(1, None)  # the step to perturb (1-based, as logged); null: off
     kind: InjectKind = InjectKind.loss  # loss: x scale | nan_loss | poison: a batch of one repeated token
-    scale: float = finite(50.0)
+    scale: float = finite(50.0)  # kind=loss: the loss multiplier
 
 
 @dataclass
 class MonitorConfig:
-    name: str = "default"
+    name: str = "default"  # the option's name (logged, W&B tags)
     gain_interval: int = at_least(0, 25)  # signal-gain diagnostics every N steps (gain/* metrics); 0: off
     response: Response = Response.skip_step  # default response to a spike
     style: DetectorStyle = DetectorStyle.stabletrain  # the detection rule (docs/spikes.md compares both)
@@ -331,7 +331,7 @@ class MonitorConfig:
     nonfinite: NonfiniteConfig = field(default_factory=NonfiniteConfig)
     rollback_skip_batches: int = at_least(0, 4)  # global batches skipped after a rollback, ending with the spike's
     max_rollbacks: int = at_least(0, 3)  # more rollbacks than this within rollback_window steps: stop instead
-    rollback_window: int = at_least(1, 1000)
+    rollback_window: int = at_least(1, 1000)  # steps over which rollbacks are counted
     forensics: bool = True  # write <run_dir>/spikes/<step>/ on every spike and non-finite step
     alert_interval_s: float = at_least(0, 300.0)  # at most one W&B alert of a kind per this many seconds
     inject: InjectConfig = field(default_factory=InjectConfig)

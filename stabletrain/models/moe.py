@@ -92,12 +92,12 @@ class MoEConfig(FFNConfig):
     leading dense blocks."""
 
     kind: str = "moe"
-    n_routed: int = at_least(1, 8)
-    n_shared: int = at_least(0, 1)
-    top_k: int = at_least(1, 2)
+    n_routed: int = at_least(1, 8)  # routed experts per MoE layer
+    n_shared: int = at_least(0, 1)  # shared experts (every token)
+    top_k: int = at_least(1, 2)  # routed experts per token
     expert_hidden: int = at_least(1, 128)  # SwiGLU width of one routed (and one shared) expert
     first_dense: int = at_least(0, 1)  # the first k blocks keep a dense MLP
-    router: Any = field(default_factory=RouterConfig)
+    router: Any = field(default_factory=RouterConfig)  # the router: model/ffn/router=none|softmax_aux|aux_free|bslo
 
     def check(self, model) -> None:
         if self.top_k > self.n_routed:

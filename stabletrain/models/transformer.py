@@ -103,10 +103,12 @@ class Transformer(nn.Module):
             attn_mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
         x = self.stream.expand(self.embed(idx))
         for i, block in enumerate(self.blocks):
-            if self.probe is not None:
+            if self.probe is not None:  # diagnostics see the stream as a tensor at every block boundary
+                x = self.stream.materialize(x)
                 self.probe.observe(i, x)
             x = block(x, cos, sin, attn_mask)
         if self.probe is not None:
+            x = self.stream.materialize(x)
             self.probe.observe(len(self.blocks), x)
         logits = self.head(self.norm(self.stream.collapse(x)))
         if targets is None:

@@ -1,4 +1,4 @@
-"""Loss-spike detection and the veto on the optimizer update (methods.md §7).
+"""Loss-spike detection and the veto on the optimizer update (docs/methods.md §7).
 
 Per step, before the update is applied, the detectors see the global mean loss and the pre-clip gradient norm:
 

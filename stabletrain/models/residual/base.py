@@ -115,9 +115,14 @@ class ResidualStream(nn.Module):
         return Connection(depth_scale, signal)
 
     def block(self, x: torch.Tensor, sublayers: list[Sublayer]) -> torch.Tensor:
-        """One block: every sublayer through its connection, in order (fused streams override this)."""
+        """One block: every sublayer through its connection, in order (fused streams override this; they may
+        return the stream in a pending form that only the next block or `materialize` reads)."""
         for s in sublayers:
             x = s.connection(x, s.norm, s.fn)
+        return x
+
+    def materialize(self, x) -> torch.Tensor:
+        """The stream as a tensor (a fused stream's pending write, written out)."""
         return x
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Hyper-Connections (Zhu et al., arXiv 2409.19606), methods.md §1.
+"""Hyper-Connections (Zhu et al., arXiv 2409.19606), docs/methods.md §1.
 
 n streams H[B,T,n,C]. Per sublayer: read h = A_m^T H, write H' = B^T T(h) + A_r^T H. Static parameters
 B (write), A_m (read), A_r (mix); dynamic ones add s * tanh(norm(H) W) per stream. Paper init (W = 0, B = 1,

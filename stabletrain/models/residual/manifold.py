@@ -1,4 +1,4 @@
-"""Manifold-constrained Hyper-Connections, mHC (Xie et al., arXiv 2512.24880), methods.md §2.
+"""Manifold-constrained Hyper-Connections, mHC (Xie et al., arXiv 2512.24880), docs/methods.md §2.
 
 x[B,T,n,C]. Per sublayer, coefficients come from the flattened n*C vector of each token, in fp32, in the fused
 form: one matmul to n^2+2n outputs laid out [pre | post | res (row-major)], then the RMS division, then
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -49,14 +50,14 @@ class MHCConfig(ResidualConfig):
     kind: str = "mhc"
     streams: int = at_least(1, 4)  # expansion rate n
     gate_init: float = at_least(0, 0.01)  # alpha_pre/post/res at init
-    sinkhorn_iters: int = at_least(1, 20)
+    sinkhorn_iters: int = at_least(1, 20)  # Sinkhorn-Knopp rounds for H_res (paper: 20)
     init: MHCInit = MHCInit.hc  # bias init (the paper gives only alpha)
     phi_init: PhiInit = PhiInit.normal  # normal (std phi_std) | xavier
-    phi_std: float = at_least(0, 0.02)
+    phi_std: float = at_least(0, 0.02)  # std of phi with phi_init=normal
     res_logit: float = finite(4.0)  # init=hc: tau on the diagonal of b_res
     pre_logit: float = finite(4.0)  # init=hc: +/- this on b_pre (soft one-hot on stream k mod n)
     norm_eps: float = positive(1e-20)  # eps of the RMS over the flattened n*C vector (paper: 1e-20)
-    collapse: Collapse = Collapse.sum
+    collapse: Collapse = Collapse.sum  # output collapse: sum of the streams | head (learned pre-only head)
     kernel: Kernel = Kernel.eager
 
 
@@ -98,6 +99,23 @@ def _fused_read(x, phi, bias, alpha, n: int, eps: float, iters: int):
 def _fused_write(x, y, post, res):
     mixed = (res.to(x.dtype).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)
     return mixed + post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+
+
+def _fused_write_read(x, y, post, res, phi, bias, alpha, n: int, eps: float, iters: int):
+    # One graph across a sublayer boundary: the compiler fuses the write with the next read's RMS pass, so the
+    # widened stream is written once and read once fewer.
+    x = _fused_write(x, y, post, res)
+    return (x, *_fused_read(x, phi, bias, alpha, n, eps, iters))
+
+
+class PendingWrite(NamedTuple):
+    """The stream after a sublayer, not yet materialised: x' = H_res x + H_post^T y. The next read computes it in
+    the same fused pass; `ManifoldStream.materialize` writes it out where a tensor is needed."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    post: torch.Tensor
+    res: torch.Tensor
 
 
 @functools.cache
@@ -147,10 +165,13 @@ class ManifoldConnection(Connection):
         pre, post, res = self.coefficients(x)
         return torch.einsum("...i,...ic->...c", pre.to(x.dtype), x), (post, res)
 
-    def write(self, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
-        post, res = ctx
+    def observe(self, res: torch.Tensor) -> None:
         if self.record and self.last_mix is None:  # the step's first micro-batch, as the per-block gains
             self.last_mix = res[0].detach().mean(0)  # token average over the first sequence (diagnostics)
+
+    def write(self, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
+        post, res = ctx
+        self.observe(res)
         if self.fused:
             return _compiled(_fused_write)(x, y, post, res)
         mixed = torch.einsum("...ij,...jc->...ic", res.to(x.dtype), x)
@@ -174,7 +195,26 @@ class ManifoldStream(ResidualStream):
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         return h.unsqueeze(-2).expand(*h.shape[:-1], self.streams, h.shape[-1]).contiguous()
 
+    def block(self, x, sublayers):
+        """kernel=fused: each sublayer's write is left pending and computed in one compiled pass with the next
+        read, inside the block and across block boundaries; eager: the per-sublayer reference."""
+        if self.cfg.kernel != "fused":
+            return super().block(self.materialize(x), sublayers)
+        for s in sublayers:
+            c = s.connection
+            if isinstance(x, PendingWrite):
+                x, h, post, res = _compiled(_fused_write_read)(*x, c.phi, c.bias, c.alpha, c.n, c.eps, c.iters)
+            else:
+                h, post, res = _compiled(_fused_read)(x, c.phi, c.bias, c.alpha, c.n, c.eps, c.iters)
+            c.observe(res)
+            x = PendingWrite(x, c.sublayer(h, s.norm, s.fn), post, res)
+        return x
+
+    def materialize(self, x):
+        return _compiled(_fused_write)(*x) if isinstance(x, PendingWrite) else x
+
     def collapse(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.materialize(x)
         if self.cfg.collapse == "sum":
             return x.sum(-2)
         xf = x.flatten(-2).float()
