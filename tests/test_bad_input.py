@@ -204,6 +204,13 @@ DATA_CASES = [
     ("missing_field", b'{"body": "text"}\n' * 20, "bad.jsonl", ["data.text_field=text"], "has no field 'text'"),
     ("empty_file", b"", "empty.jsonl", [], "empty"),
     ("wrong_field_type", b'{"text": 5}\n' * 20, "bad.jsonl", [], "not text"),
+    (
+        "all_held_out",
+        b'{"text": "a short play"}\n' * 3,
+        "small.jsonl",
+        ["data.val_docs=5"],
+        "every document is held out for validation (data.val_docs)",
+    ),
 ]
 
 
@@ -214,7 +221,7 @@ def test_bad_data_file_is_one_line_naming_the_file(tmp_path, name, content, file
     bad = _write(tmp_path / filename, content)
     val = _write(tmp_path / "val.jsonl", b'{"text": "held out text"}\n' * 5)
     overrides = ["data=local", f"data.path={bad}", *extra]
-    if "data.val_docs=1" not in extra:
+    if not any(e.startswith("data.val_docs=") for e in extra):
         overrides.append(f"data.val_files=[{val}]")
     error = _data_error(tmp_path, *overrides)
     assert needle in error and str(bad) in error and "\n" not in error, error

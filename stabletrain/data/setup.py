@@ -50,25 +50,16 @@ def ensure_tokenizer(cfg: DataConfig, is_main: bool = True):
     if is_main and not path.exists():
         sources = cfg.source_configs()
         total = sum(s.weight for s in sources.values())
-        texts = (
-            text
-            for name, src in sources.items()
-            for text in open_source(src, "train", cfg.utf8_errors).sample(
-                max(1, round(cfg.tokenizer.train_docs * src.weight / total))
-            )
-        )
-        print(
-            f"training a {cfg.tokenizer.vocab_size}-piece sentencepiece tokenizer on up to "
-            f"{cfg.tokenizer.train_docs} documents of {', '.join(sources)} -> {path}"
-        )
-        train_tokenizer(
-            None,
-            path,
-            cfg.tokenizer.vocab_size,
-            cfg.tokenizer.model_type,
-            texts=texts,
-            source={n: asdict(s) for n, s in sources.items()},
-        )
+        streams = {name: open_source(src, "train", cfg.utf8_errors) for name, src in sources.items()}
+        share = {name: max(1, round(cfg.tokenizer.train_docs * src.weight / total)) for name, src in sources.items()}
+        texts = (text for name, stream in streams.items() for text in stream.sample(share[name]))
+        print(f"training a {cfg.tokenizer.vocab_size}-piece sentencepiece tokenizer on up to "
+              f"{cfg.tokenizer.train_docs} documents of {', '.join(sources)} -> {path}")  # fmt: skip
+        try:
+            train_tokenizer(None, path, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type, texts=texts,
+                            source={n: asdict(s) for n, s in sources.items()})  # fmt: skip
+        except StableTrainError as e:
+            raise StableTrainError(f"{'; '.join(s.desc for s in streams.values())}: {e}") from None
     barrier()
     return load_tokenizer(path)
 

@@ -162,6 +162,11 @@ def train_tokenizer(
                                            vocab_size=vocab_size, model_type=model_type,
                                            num_threads=os.cpu_count() or 1, **_SENTENCEPIECE)  # fmt: skip
         except RuntimeError as e:  # e.g. a vocabulary larger than the text can support
+            if counted["docs"] == 0:
+                raise StableTrainError(
+                    "no documents to train the tokenizer on: the source is empty, or every "
+                    "document is held out for validation (data.val_docs)"
+                ) from None
             raise StableTrainError(
                 f"sentencepiece could not train a {vocab_size}-piece tokenizer on "
                 f"{counted['docs']} documents: {str(e).splitlines()[-1]}"
