@@ -54,11 +54,13 @@ def train(
     timeout: int = 300,
     cwd: Path = REPO,
     subprocess_: bool = False,
+    tiny: bool = True,
 ) -> subprocess.CompletedProcess:
     """Train the TINY model with the given overrides, as train.py would: in this process by default (what a run
     does is the same; the interpreter start-up and the DeepSpeed import are not paid again), through train.py
-    when `subprocess_` or `run_dir` is None, under torchrun when nproc > 1. Returns the exit status and output."""
-    args = [*TINY, *overrides]
+    when `subprocess_` or `run_dir` is None, under torchrun when nproc > 1; `tiny=False` keeps the preset's sizes.
+    Returns the exit status and output."""
+    args = [*(TINY if tiny else ["logging.progress=false"]), *overrides]
     if nproc == 1 and not subprocess_ and run_dir is not None and cwd == REPO:
         proc = _train_here(Path(run_dir), args)
     else:

@@ -174,17 +174,17 @@ def _run(command: str, root: Path, n: int) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
 
 
-RUN_BY_DOC = {doc: [c for d, c in RUN if d == doc] for doc in dict.fromkeys(d for d, _ in RUN)}
+RUN_BLOCKS = [(p, i, commands(body)) for i, (p, lang, mark, body) in enumerate(BLOCKS) if lang == "bash" and mark == ""]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("doc", list(RUN_BY_DOC), ids=[str(d.relative_to(REPO)) for d in RUN_BY_DOC])
-def test_every_runnable_command_in_the_docs_runs(doc, tmp_path):
-    """Each document's commands in order (a command may use what an earlier one wrote: a checkpoint, a prepared
-    directory), in a scratch directory of its own."""
+@pytest.mark.parametrize("doc, index, block", RUN_BLOCKS, ids=[f"{d.relative_to(REPO)}:{i}" for d, i, _ in RUN_BLOCKS])
+def test_every_runnable_command_in_the_docs_runs(doc, index, block, tmp_path):
+    """Each fenced block's commands in order (a command may use what an earlier one of its block wrote: a
+    checkpoint, a prepared directory), in a scratch directory of its own."""
     root = make_sandbox(tmp_path)
     failures = []
-    for n, command in enumerate(RUN_BY_DOC[doc]):
+    for n, command in enumerate(block):
         proc = _run(command, root, n)
         if proc.returncode != 0:
             failures.append(f"{command}\n{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
