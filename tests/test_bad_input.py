@@ -226,6 +226,12 @@ def test_bad_data_file_is_one_line_naming_the_file(tmp_path, name, content, file
     assert needle in error and str(bad) in error and "\n" not in error, error
 
 
+def test_unknown_data_source_kind_is_one_line(tmp_path):
+    corpus = _write(tmp_path / "c.jsonl", b'{"text": "a line of text"}\n' * 5)
+    error = _data_error(tmp_path, "data=local", f"data.path={corpus}", "data.kind=ftp")
+    assert error == "unknown data source 'ftp' (registered: hub, local)", error
+
+
 def test_tokenizer_path_under_a_file_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     assert "is a file, so no tokenizer can be written below it" in cli_error(

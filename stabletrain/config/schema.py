@@ -160,6 +160,7 @@ class SourceConfig:
     A single-source data config sets these fields on `data` itself; a mixture sets them per entry of `data.sources`.
     """
 
+    kind: Optional[str] = None  # a registered data source (hub, local); null: hub when hf_id is set, else local
     hf_id: Optional[str] = None  # hub dataset id, e.g. allenai/c4; None: local files (train_files)
     subset: Optional[str] = None  # hub config name, e.g. en
     data_files: List[str] = field(default_factory=list)  # hub: json files inside the repo (no loading script)
@@ -171,6 +172,10 @@ class SourceConfig:
     text_field: str = "text"  # the field holding the text (jsonl, parquet, hub)
     max_docs: Optional[int] = at_least(1, None)  # at most N training documents from each input shard
     weight: float = positive(1.0)  # mixture weight (normalised over data.sources)
+
+    @property
+    def source_kind(self) -> str:
+        return self.kind or ("hub" if self.hf_id else "local")
 
 
 @dataclass

@@ -165,7 +165,7 @@ def validate_data(d: DataConfig) -> None:
     for name, src in d.source_configs().items():
         prefix = f"data.sources.{name}." if d.sources else "data."
         check_ranges(src, prefix.rstrip("."))
-        if d.format == "pretokenized" or src.hf_id:
+        if d.format == "pretokenized" or src.source_kind != "local":
             continue  # the manifest is checked at load; hub sources are only reachable at run time
         if not src.train_files:
             hint = " (data=local needs data.path=<glob of jsonl/parquet/txt files>)" if not d.sources else ""

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from stabletrain import StableTrainError
 from stabletrain.config import SourceConfig
+from stabletrain.registry import Registry
 
 _BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # anything else: plain text, one doc per file
 _BATCH = 256  # documents per Arrow batch
@@ -70,9 +71,69 @@ def _hub_error(desc: str, e: Exception) -> StableTrainError:
     return StableTrainError(f"cannot load {desc}: {type(e).__name__}: {first}")
 
 
+SOURCES = Registry("data source")
+
+
+@SOURCES.register("hub")
+class HubDataset:
+    """A Hugging Face hub dataset (`data.hf_id`, `subset`, `split`, `val_split`, `data_files`), streamed."""
+
+    def __init__(self, src: SourceConfig, split: str):
+        self.src, self.files, self.builder = src, [], None
+        self.split = src.val_split if split == "val" and src.val_split else src.split
+        subset = f" (subset {src.subset!r})" if src.subset else ""
+        self.desc = f"hub dataset {src.hf_id!r}{subset} split {self.split!r}"
+
+    def load(self, utf8_errors: str):
+        s = self.src
+        if s.data_files:  # json files of a repo whose loading script `datasets` no longer runs
+            files = [f"hf://datasets/{s.hf_id}/{p}" for p in s.data_files]
+            return datasets_module().load_dataset("json", data_files=files, split=self.split, streaming=True)
+        return datasets_module().load_dataset(s.hf_id, s.subset, split=self.split, streaming=True)
+
+    def error(self, where: str, e: Exception) -> StableTrainError:
+        return _hub_error(self.desc, e)
+
+
+@SOURCES.register("local")
+class LocalFiles:
+    """Local files and globs (`data.train_files`, `val_files`, or `data.path`): jsonl (also .zst/.gz), parquet, or
+    plain text (one file = one document)."""
+
+    def __init__(self, src: SourceConfig, split: str):
+        key = "data.val_files" if split == "val" and src.val_files else "data.train_files"
+        self.src, self.split = src, split
+        self.files = resolve_files(src.val_files if key == "data.val_files" else src.train_files, key)
+        self.builder = _builder(self.files, key)
+        more = f" (+{len(self.files) - 3} files)" if len(self.files) > 3 else ""
+        self.desc = ", ".join(self.files[:3]) + more
+
+    def load(self, utf8_errors: str):
+        extra = {"sample_by": "document", "encoding_errors": utf8_errors} if self.builder == "text" else {}
+        return datasets_module().load_dataset(self.builder, data_files=self.files, split="train", streaming=True,
+                                              **extra)  # fmt: skip
+
+    def error(self, where: str, e: Exception) -> StableTrainError:
+        """One line naming the file for whatever `datasets`/pyarrow raise while reading it."""
+        if isinstance(e, UnicodeDecodeError):  # plain text with utf8_errors=strict: `datasets` decodes those files
+            return StableTrainError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                    "data.utf8_errors=replace decodes such bytes as U+FFFD")  # fmt: skip
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return StableTrainError(f"{where}: cannot be read as {self.builder} ({type(e).__name__}: {first})")
+
+
+def datasets_module():
+    import datasets  # deferred: a 1-2 s import that only data preparation needs
+
+    # Its json reader logs a parse error before raising it; we report the same error as one line.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+    return datasets
+
+
 @dataclass
 class DocumentStream:
-    """The documents of one split of a source, as input shards that can be read independently (by prepare workers)."""
+    """The documents of one split of a source, as input shards that can be read independently (by prepare workers).
+    The source itself (hub, local files, ...) is a registered kind (SOURCES, `data.kind`)."""
 
     src: SourceConfig
     split: str  # train | val
@@ -87,22 +148,8 @@ class DocumentStream:
         holds_out = self.use_holdout and not s.val_split and not s.val_files
         self.holdout_only = self.split == "val" and holds_out
         self.skip_holdout = self.split == "train" and holds_out
-        self._files: list[str] = []
-        self._kind = None
-        if s.hf_id:
-            self._hub_split = s.val_split if self.split == "val" and s.val_split else s.split
-            self.desc = (
-                f"hub dataset {s.hf_id!r}"
-                + (f" (subset {s.subset!r})" if s.subset else "")
-                + f" split {self._hub_split!r}"
-            )
-        else:
-            key = "data.val_files" if self.split == "val" and s.val_files else "data.train_files"
-            self._files = resolve_files(s.val_files if key == "data.val_files" else s.train_files, key)
-            self._kind = _builder(self._files, key)
-            self.desc = ", ".join(self._files[:3]) + (
-                f" (+{len(self._files) - 3} files)" if len(self._files) > 3 else ""
-            )
+        self.source = SOURCES[s.source_kind].obj(s, self.split)
+        self._files, self._kind, self.desc = self.source.files, self.source.builder, self.source.desc
         self._dataset = None
 
     @property
@@ -110,49 +157,22 @@ class DocumentStream:
         """What determines this stream's documents (recorded in manifests and cache keys)."""
         s = self.src
         files = [{"path": f, "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns} for f in self._files]
-        return {
-            "hf_id": s.hf_id,
-            "subset": s.subset,
-            "data_files": list(s.data_files),
-            "split": self._hub_split if s.hf_id else self.split,
-            "files": files,
-            "text_field": s.text_field,
-            "holdout": s.val_docs if (self.holdout_only or self.skip_holdout) else 0,
-            "max_docs": s.max_docs,
-            "utf8_errors": self.utf8_errors,
-        }
+        return {"hf_id": s.hf_id, "subset": s.subset, "data_files": list(s.data_files), "split": self.source.split,
+                "files": files, "text_field": s.text_field,
+                "holdout": s.val_docs if (self.holdout_only or self.skip_holdout) else 0, "max_docs": s.max_docs,
+                "utf8_errors": self.utf8_errors}  # fmt: skip
 
     def dataset(self):
         """The `datasets` IterableDataset (opened once; a hub source fails here when the hub is unreachable)."""
         if self._dataset is None:
-            import datasets  # deferred: a 1-2 s import that only data preparation needs
-
-            # Its json reader logs a parse error before raising it; we report the same error as one line.
-            logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
-
-            s = self.src
             try:
-                if s.hf_id and s.data_files:  # json files of a repo whose loading script `datasets` no longer runs
-                    files = [f"hf://datasets/{s.hf_id}/{p}" for p in s.data_files]
-                    ds = datasets.load_dataset("json", data_files=files, split=self._hub_split, streaming=True)
-                elif s.hf_id:
-                    ds = datasets.load_dataset(s.hf_id, s.subset, split=self._hub_split, streaming=True)
-                else:
-                    extra = (
-                        {"sample_by": "document", "encoding_errors": self.utf8_errors} if self._kind == "text" else {}
-                    )
-                    ds = datasets.load_dataset(
-                        self._kind, data_files=self._files, split="train", streaming=True, **extra
-                    )
+                self._dataset = self.source.load(self.utf8_errors)
             except StableTrainError:
                 raise
             except StopIteration:  # `datasets` infers the columns from the first record
                 raise StableTrainError(f"{self.desc} yielded no documents (empty file?)") from None
-            except Exception as e:  # network, auth, missing subset: all reported as one line naming the dataset
-                if s.hf_id:
-                    raise _hub_error(self.desc, e) from None
-                raise StableTrainError(f"cannot read {self.desc}: {type(e).__name__}: {e}") from None
-            self._dataset = ds
+            except Exception as e:  # network, auth, missing subset, unreadable file: one line naming it
+                raise self.source.error(self.desc, e) from None
         return self._dataset
 
     @property
@@ -184,7 +204,7 @@ class DocumentStream:
         return self.holdout
 
     def shard_name(self, index: int) -> str:
-        if not self.src.hf_id and len(self._files) == self.dataset().num_shards:
+        if self._files and len(self._files) == self.dataset().num_shards:
             return self._files[index]
         return f"{self.desc} shard {index}"
 
@@ -225,18 +245,7 @@ class DocumentStream:
             raise self._read_error(where, e) from None
 
     def _read_error(self, where: str, e: Exception) -> StableTrainError:
-        """One line naming the file for whatever `datasets`/pyarrow raise while reading it."""
-        if isinstance(e, StableTrainError):
-            return e
-        if self.src.hf_id:
-            return _hub_error(self.desc, e)
-        if isinstance(e, UnicodeDecodeError):  # plain text with utf8_errors=strict: `datasets` decodes those files
-            return StableTrainError(
-                f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                "data.utf8_errors=replace decodes such bytes as U+FFFD"
-            )
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return StableTrainError(f"{where}: cannot be read as {self._kind} ({type(e).__name__}: {first})")
+        return e if isinstance(e, StableTrainError) else self.source.error(where, e)
 
     def _decode(self, raw: bytes | None, where: str, record: int) -> str:
         if raw is None:
@@ -263,7 +272,7 @@ class DocumentStream:
     def sample(self, n: int, seed: int = 0) -> Iterator[str]:
         """About n documents drawn with `datasets`' streaming shuffle (shard order plus a buffer), for tokenizer
         training."""
-        if self.holdout_only or not self.src.hf_id:
+        if self.holdout_only or self._files:
             # Local files: the first n documents in a shard order shuffled by the seed.
             order = list(range(self.num_shards))
             random.Random(seed).shuffle(order)
