@@ -106,12 +106,12 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's equally shaped rows, concatenated in rank order (collective)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def gather_rows(local: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's (of `group`: default all) equally shaped rows, concatenated in rank order (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
         return local
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
     return torch.cat(parts)
 
 

@@ -91,6 +91,25 @@ def _train_here(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["train.py", *args], status, out.getvalue(), err.getvalue())
 
 
+def train_jobs(jobs: list[tuple[Path, list[str]]], nproc: int, timeout: int = 900) -> dict[Path, int]:
+    """Train the TINY model in several configurations, one after another, in one torchrun launch of `nproc` ranks
+    (tests/dist_jobs.py); a run directory may appear twice (interrupted, then resumed). Returns each run
+    directory's last exit status."""
+    spec = [{"run_dir": str(d), "overrides": [*TINY, *o]} for d, o in jobs]
+    first = Path(jobs[0][0])
+    first.parent.mkdir(parents=True, exist_ok=True)
+    jobs_file = first.parent / f"{first.name}.jobs.json"
+    jobs_file.write_text(json.dumps(spec))
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tests.dist_jobs",
+           str(jobs_file)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    dirs = {Path(d) for d, _ in jobs}
+    status = {d: int((d / "exit_status").read_text()) for d in dirs if (d / "exit_status").exists()}
+    if proc.returncode != 0 or len(status) < len(dirs):
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return status
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -143,3 +162,11 @@ def compose_data(overrides: list[str]):
     data = compose_typed(list(overrides)).data
     validate_data(data)
     return data
+
+
+def one_rank_trainer(model):
+    """What callbacks see of a trainer in a one-rank, unpipelined run: the model and the engine's collectives."""
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(stage_gather=lambda obj: [obj], stage_blocks=lambda: range(len(model.blocks)))
+    return SimpleNamespace(model=model, engine=engine)

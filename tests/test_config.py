@@ -48,22 +48,26 @@ def test_fp32_zero0_clips_in_the_trainer_not_in_deepspeed():
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "override, world, message",
     [
-        ("model.n_heads=3", "not divisible by model.n_heads"),
-        ("model.attention=gqa", "model.n_kv_heads"),
-        ("engine.offload_param=cpu", "engine.offload_param needs engine.zero_stage=3"),
-        ("trainer.stop_at=1000", "trainer.stop_at=1000"),
-        (
-            "model=moe engine=zero2 engine.expert_parallel=2",
-            "engine.expert_parallel=2 runs with engine=zero0 and precision=fp32",
-        ),
-        ("data.train_files=[/nonexistent/x.jsonl]", "file not found: /nonexistent/x.jsonl"),
+        ("model.n_heads=3", 1, "not divisible by model.n_heads"),
+        ("model.attention=gqa", 1, "model.n_kv_heads"),
+        ("engine.offload_param=cpu", 1, "engine.offload_param needs engine.zero_stage=3"),
+        ("trainer.stop_at=1000", 1, "trainer.stop_at=1000"),
+        ("model=moe engine=zero3 engine.expert_parallel=2", 2, "expert_parallel=2 runs with engine.zero_stage 0-2"),
+        ("model=moe engine.expert_parallel=2", 3, "engine.expert_parallel=2 does not divide the 3 data-parallel"),
+        ("engine.pipeline_stages=2", 3, "engine.pipeline_stages=2 does not divide the number of ranks (3)"),
+        ("engine=zero2 engine.pipeline_stages=2", 2, "refuses ZeRO-2"),
+        ("precision=bf16 engine.pipeline_stages=2", 2, "needs engine=zero1"),
+        ("engine.pipeline_stages=8", 8, "more than the 6 layers of the pipeline's layer list"),
+        ("trainer.global_batch_size=6 trainer.micro_batch_size=4", 1, "global_batch_size=6 is not divisible"),
+        ("trainer.global_batch_size=8 trainer.grad_accum_steps=2", 1, "not both"),
+        ("data.train_files=[/nonexistent/x.jsonl]", 1, "file not found: /nonexistent/x.jsonl"),
     ],
 )
-def test_validation_errors_name_the_key(override, message):
+def test_validation_errors_name_the_key(override, world, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(composed(*override.split()))
+        validate(composed(*override.split()), world=world)
 
 
 def test_schedules():

@@ -2,7 +2,6 @@
 loss, the DeepSeek-V3 settings of the mHC presets, init with LayerNorm Scaling, and the spike rules."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from stabletrain.config import ModelConfig
 from stabletrain.models import Transformer
 from stabletrain.models.moe import AuxFreeRouter
 from stabletrain.monitoring.gains import GainMonitor
-from tests.helpers import composed, moe_config, residual_config
+from tests.helpers import composed, moe_config, one_rank_trainer, residual_config
 
 
 @pytest.mark.parametrize("kind", ["hc", "mhc"])
@@ -38,7 +37,7 @@ def test_all_gains_of_a_step_come_from_its_first_micro_batch():
         for c in model.connections():
             c.W.normal_(std=1.0)
     first, second = (torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
-    trainer = SimpleNamespace(model=model)
+    trainer = one_rank_trainer(model)
     monitor = GainMonitor(interval=1)
     monitor.on_step_begin(trainer, 1)
     model(first).sum().backward()

@@ -71,8 +71,13 @@ def _two_rank_update(rank: int, init_file: str, results: str) -> None:
     r = router(bias_update_rate=1e-3)
     torch.manual_seed(100 + rank)  # each rank routes different tokens
     r(torch.randn(4, 9, C))
-    trainer = SimpleNamespace(world=2, model=SimpleNamespace(routers=lambda: [r]))
-    loads = global_loads(trainer)
+
+    def dp_all_reduce(t):
+        dist.all_reduce(t)
+        return t
+
+    trainer = SimpleNamespace(engine=SimpleNamespace(dp_all_reduce=dp_all_reduce))
+    loads = global_loads(trainer, {0: r})
     update_router_biases([r], loads)
     torch.save({"bias": r.bias.clone(), "loads": loads}, f"{results}.{rank}")
     dist.destroy_process_group()

@@ -1,7 +1,6 @@
 """Invariants of the residual-stream family (docs/methods.md §1, §2, §3, §6) and the gain diagnostics."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from stabletrain.models.layers import rope_tables
 from stabletrain.models.residual.base import PropagationScalar
 from stabletrain.models.residual.manifold import ManifoldConnection
 from stabletrain.monitoring.gains import GainMonitor, GainProbe, amax_gains
-from tests.helpers import residual_config
+from tests.helpers import one_rank_trainer, residual_config
 
 V = 101
 
@@ -346,7 +345,7 @@ def test_mhc_fused_kernel_matches_eager_reference():
     metrics = {}
     for kernel, model in models.items():
         model.train()
-        monitor, trainer = GainMonitor(1), SimpleNamespace(model=model)
+        monitor, trainer = GainMonitor(1), one_rank_trainer(model)
         monitor.on_step_begin(trainer, 1)
         model(ids).float().square().mean().backward()
         monitor.on_step_end(trainer, 1, metrics.setdefault(kernel, {}))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.helpers import read_jsonl, train, val_rows
+from tests.helpers import read_jsonl, train, train_jobs, val_rows
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +43,21 @@ def test_variant_trains_single_process(tmp_path, name):
         assert rows[0]["bslo/alpha_min"] == 1.0 and rows[-1]["bslo/alpha_min"] != 1.0
 
 
-@pytest.mark.parametrize("name", ["hc", "mhc", "lns", "bslo"])
-def test_variant_trains_on_two_ranks_zero2(tmp_path, name):
-    run = tmp_path / name
-    train(
-        run,
-        *VARIANTS[name],
-        "engine=zero2",
-        "trainer.micro_batch_size=4",
-        "trainer.max_steps=12",
-        "trainer.eval_interval=6",
-        "logging=none",
-        nproc=2,
-    )
-    vals = val_rows(run)
+TWO_RANK = ["hc", "mhc", "lns", "bslo"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Each variant on 2 ranks under ZeRO-2, in one torchrun launch."""
+    root = tmp_path_factory.mktemp("variants")
+    common = ["engine=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=12", "trainer.eval_interval=6",
+              "logging=none"]  # fmt: skip
+    status = train_jobs([(root / n, [*VARIANTS[n], *common]) for n in TWO_RANK], nproc=2)
+    assert set(status.values()) == {0}, status
+    return root
+
+
+@pytest.mark.parametrize("name", TWO_RANK)
+def test_variant_trains_on_two_ranks_zero2(two_rank_runs, name):
+    vals = val_rows(two_rank_runs / name)
     assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.2

@@ -3,6 +3,14 @@ composition helpers (compose.py)."""
 
 from stabletrain.config.compose import check_overrides, one_line, register, to_container, to_object
 from stabletrain.config.fields import ConfigError, check_ranges
+from stabletrain.config.layout import (
+    RankLayout,
+    check_layout,
+    checkpoint_segment,
+    data_parallel_size,
+    global_batch_size,
+    grad_accum_steps,
+)
 from stabletrain.config.schema import (
     BSLOConfig,
     Config,
@@ -43,11 +51,17 @@ __all__ = [
     "OptimConfig",
     "PrecisionConfig",
     "PrepareConfig",
+    "RankLayout",
     "ResidualConfig",
     "SourceConfig",
     "TokenizerConfig",
     "TrainerConfig",
+    "check_layout",
     "check_overrides",
+    "checkpoint_segment",
+    "data_parallel_size",
+    "global_batch_size",
+    "grad_accum_steps",
     "check_ranges",
     "check_resume_path",
     "one_line",

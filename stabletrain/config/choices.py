@@ -59,6 +59,17 @@ class Backend(Choice):
     gloo = "gloo"
 
 
+class PipelinePartition(Choice):  # how DeepSpeed's PipelineModule splits the layer list into stages
+    parameters = "parameters"  # balance trainable parameters per stage
+    uniform = "uniform"  # balance the number of layers per stage
+
+
+class ActivationCheckpointing(Choice):
+    none = "none"
+    block = "block"  # recompute whole blocks (segments of engine.activation_checkpointing_blocks blocks)
+    selective = "selective"  # keep the matmul and attention outputs, recompute the rest (norms, activations, mixing)
+
+
 class DType(Choice):
     fp32 = "fp32"
     bf16 = "bf16"

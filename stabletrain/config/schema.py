@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from stabletrain.config.choices import (
+    ActivationCheckpointing,
     Attention,
     Backend,
     DataFormat,
@@ -21,6 +22,7 @@ from stabletrain.config.choices import (
     InjectKind,
     NonfiniteResponse,
     Offload,
+    PipelinePartition,
     ResidualInit,
     Response,
     Schedule,
@@ -231,6 +233,12 @@ class EngineConfig:
     offload_param: Offload = Offload.none  # ZeRO-3 only
     backend: Backend = Backend.auto  # auto: nccl with CUDA, gloo otherwise
     expert_parallel: int = at_least(1, 1)  # ranks per expert-parallel group (experts sharded, all-to-all dispatch)
+    pipeline_stages: int = at_least(1, 1)  # pipeline stages (DeepSpeed PipelineModule); ranks / stages = data parallel
+    pipeline_partition: PipelinePartition = PipelinePartition.parameters  # how layers are split into stages
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none  # recompute in backward
+    # block mode: consecutive blocks recomputed as one segment, of which only the input stream is kept; 0: the mHC
+    # paper's optimum sqrt(n L / (n + 2)) for n residual streams and L blocks (per pipeline stage)
+    activation_checkpointing_blocks: int = at_least(0, 1)
     ds_config: Dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
 
 
@@ -273,11 +281,25 @@ class LoggingConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The planner's roofline of one GPU and its node (defaults: an H100 SXM node, datasheet numbers)."""
+
+    peak_tflops: float = positive(989.0)  # dense bf16 matmul peak
+    hbm_gbps: float = positive(3350.0)  # memory bandwidth
+    intra_node_gbps: float = positive(450.0)  # per GPU, one direction (NVLink 4)
+    inter_node_gbps: float = positive(50.0)  # per GPU, one direction (400 Gb/s InfiniBand per GPU)
+    gpus_per_node: int = at_least(1, 8)
+    efficiency: float = between(0, 1, 0.6, lo_open=True)  # sustained fraction of peak for large matmuls
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = at_least(1, 200)  # optimizer steps of the run
     stop_at: Optional[int] = at_least(1, None)  # stop (with a checkpoint) at this step, as an interruption would
     micro_batch_size: int = at_least(1, 8)  # sequences per rank per micro-batch
-    grad_accum_steps: int = at_least(1, 1)  # micro-batches per optimizer step
+    # sequences per optimizer step over all ranks; gradient accumulation = global / (micro x data-parallel ranks)
+    global_batch_size: Optional[int] = at_least(1, None)
+    grad_accum_steps: Optional[int] = at_least(1, None)  # instead of global_batch_size; null: derived (or 1)
     eval_interval: int = at_least(0, 50)  # 0: evaluate only at the end
     eval_batches: int = at_least(1, 4)  # validation batches per evaluation
     ckpt_interval: int = at_least(0, 100)  # 0: only at the end
@@ -291,6 +313,8 @@ class TrainerConfig:
     compile: bool = False  # torch.compile each transformer block (torchtitan-style); the first steps pay the compile
     plan: bool = False  # print parameters, FLOPs and per-GPU memory for the configured run, then exit
     plan_world_size: Optional[int] = at_least(1, None)  # plan for this many GPUs (None: WORLD_SIZE or 1)
+    plan_gpu_mem_gib: float = positive(80.0)  # memory per GPU a planned layout must fit in
+    plan_hardware: HardwareConfig = field(default_factory=lambda: HardwareConfig())  # the planner's roofline
     # Registered callbacks, in order; each applies only where it makes sense (moe_balance: MoE layers, ...).
     callbacks: List[str] = field(
         default_factory=lambda: ["console", "metrics", "wandb", "gains", "moe_balance", "signal_sync", "forensics"]

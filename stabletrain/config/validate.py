@@ -13,17 +13,20 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from stabletrain.config.fields import ConfigError, check_ranges
+from stabletrain.config.layout import check_layout, launched_world_size
 from stabletrain.config.schema import Config, DataConfig, FFNConfig, ResidualConfig
 
 CHECKPOINT_TAG = re.compile(r"^step_(\d+)$")
 
 
-def validate(cfg: Config) -> list[str]:
-    """Raise ConfigError on the first problem; return warnings (one line each) for the caller to print."""
+def validate(cfg: Config, world: int | None = None) -> list[str]:
+    """Raise ConfigError on the first problem; return warnings (one line each) for the caller to print. `world`:
+    the number of ranks (default: trainer.plan_world_size when planning, else the launcher's WORLD_SIZE)."""
     for group in ("model", "data", "engine", "precision", "optim", "logging", "trainer", "monitor"):
         check_ranges(getattr(cfg, group), group)
     _model(cfg)
     _engine(cfg)
+    check_layout(cfg, world or launched_world_size(cfg))
     warnings = _training(cfg)
     validate_data(cfg.data)
     if cfg.data.doc_mask and cfg.model.attention == "mla":
@@ -89,12 +92,10 @@ def _engine(cfg: Config) -> None:
             raise ConfigError(
                 f"model.ffn.n_routed={cfg.model.ffn.n_routed} is not divisible by engine.expert_parallel={ep}"
             )
-        if e.zero_stage != 0 or cfg.precision.dtype != "fp32":
-            # ZeRO-1/2 and DeepSpeed's bf16 optimizer reduce gradients inside DeepSpeed, which would average
-            # different experts together; only DeepSpeed's own MoE layer class gets expert groups there.
+        if e.zero_stage == 3:
             raise ConfigError(
-                f"engine.expert_parallel={ep} runs with engine=zero0 and precision=fp32 for now "
-                f"(got zero_stage={e.zero_stage}, dtype={cfg.precision.dtype})"
+                f"engine.expert_parallel={ep} runs with engine.zero_stage 0-2 (ZeRO-3 would gather every expert on "
+                "every rank, which is what expert parallelism avoids)"
             )
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"

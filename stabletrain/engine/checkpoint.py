@@ -116,9 +116,11 @@ def _gather(obj) -> list:
 
 
 # ---------------------------------------------------------------- save
-def save(engine, root: Path, step: int, client_state: dict, keep: int, rank_state: dict | None = None) -> Path:
+def save(engine, root: Path, step: int, client_state: dict, keep: int, rank_state: dict | None = None,
+         layout: dict | None = None) -> Path:  # fmt: skip
     """Collective: every rank calls it. Rank 0 writes the manifest after all ranks finished writing and hashing.
-    `rank_state` is this rank's own state that DeepSpeed does not save (e.g. its expert-parallel experts)."""
+    `rank_state` is this rank's own state that DeepSpeed does not save (e.g. its expert-parallel experts);
+    `layout` (ranks, pipeline stages, ZeRO stage, ...) goes into the manifest, readable before any loading."""
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     tag_dir = root / tag
@@ -137,6 +139,7 @@ def save(engine, root: Path, step: int, client_state: dict, keep: int, rank_stat
         manifest = {
             "step": step,
             "world_size": dist_utils.world_size(),
+            "layout": layout,
             "digest": DIGEST,
             "files": dict(sorted(files.items())),
         }
@@ -172,6 +175,14 @@ def _manifest_files(tag_dir: Path) -> tuple[dict | None, Rejection | None]:
         return {rel: e if isinstance(e, dict) else {"bytes": int(e)} for rel, e in files.items()}, None
     except (ValueError, KeyError, TypeError) as e:
         return None, Rejection(MANIFEST, f"unreadable manifest ({type(e).__name__}: {e})")
+
+
+def layout_of(tag_dir: Path) -> dict | None:
+    """The layout recorded in a checkpoint's manifest (None: not recorded, or no readable manifest)."""
+    try:
+        return json.loads((tag_dir / MANIFEST).read_text()).get("layout")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check(tag_dir: Path) -> Rejection | None:

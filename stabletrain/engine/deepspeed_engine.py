@@ -1,8 +1,14 @@
-"""The data-parallel engine: DeepSpeed ZeRO 0-3 in fp32 or bf16, with expert parallelism applied from outside.
+"""The data-parallel engine: DeepSpeed ZeRO 0-3 in fp32 or bf16, with expert parallelism and activation
+checkpointing applied from outside the model. The pipeline engine (stabletrain.engine.pipeline) extends it.
 
-All contact with DeepSpeed's engine and its internals lives here: the generated DeepSpeed config, initialisation,
-the gradient-reduction switch, clipping (ours for fp32 ZeRO-0, DeepSpeed's otherwise), the update veto inside
-the optimizer, the LR-schedule rewind after a veto, checkpoints and reading weights for forensics.
+All contact with DeepSpeed's engine and its internals lives here and in pipeline.py: the generated DeepSpeed
+config, initialisation, the gradient-reduction switch, clipping, the update veto inside the optimizer, the
+LR-schedule rewind after a veto, checkpoints and reading weights for forensics.
+
+Clipping: DeepSpeed's ZeRO/bf16 optimizers clip with the global norm they compute. Where that norm is not the whole
+story it is done inside the gated optimizer step instead, after every reduction and before any update: fp32 ZeRO-0
+(DeepSpeed does not report the norm there), pipelines in fp32 (the norm spans the stages) and expert parallelism
+(the experts are ours, so the norm adds theirs to DeepSpeed's).
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from typing import Any, Callable
 
 import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.utils import groups as ds_groups
 from omegaconf import OmegaConf
 
-from stabletrain.config import Config
+from stabletrain import StableTrainError
+from stabletrain.config import Config, RankLayout, grad_accum_steps
 from stabletrain.engine import checkpoint, safe_load
-from stabletrain.engine.base import Engine, StepOutcome
+from stabletrain.engine.base import Engine, LossHook, ModelKwargs, StepOutcome
 from stabletrain.engine.expert_parallel import ExpertParallel
 from stabletrain.engine.optim import (
     GatedAdamW,
@@ -27,11 +36,12 @@ from stabletrain.engine.optim import (
     param_groups,
     rewind_scheduler,
 )
+from stabletrain.engine.recompute import apply_activation_checkpointing
 
 
-def clips_in_engine(cfg: Config) -> bool:
-    """DeepSpeed reports the pre-clip norm only for its ZeRO/bf16 optimizers; plain fp32 ZeRO-0 we clip ourselves."""
-    return cfg.engine.zero_stage > 0 or cfg.precision.dtype != "fp32"
+def deepspeed_clips(cfg: Config) -> bool:
+    """DeepSpeed clips (and reports the pre-clip norm) in its ZeRO/bf16 optimizers, unless experts are ours."""
+    return (cfg.engine.zero_stage > 0 or cfg.precision.dtype != "fp32") and cfg.engine.expert_parallel == 1
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -41,11 +51,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": e.offload_optimizer}
     if e.offload_param != "none":
         zero["offload_param"] = {"device": e.offload_param}
+    accum, dp = grad_accum_steps(cfg, world_size), world_size // e.pipeline_stages
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
-        "gradient_clipping": cfg.optim.grad_clip if clips_in_engine(cfg) else 0.0,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * dp,
+        "gradient_clipping": cfg.optim.grad_clip if deepspeed_clips(cfg) else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision.dtype == "bf16"},
         "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer: no C++ build
@@ -58,65 +69,123 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, cfg: Config, model: torch.nn.Module, world: int, rank: int):
-        self.cfg, self.model, self.world = cfg, model, world
-        ep = cfg.engine.expert_parallel
-        self.expert_parallel = ExpertParallel(model, ep, world, rank) if ep > 1 else None
-        o = cfg.optim
+    pipe_group = None  # the stages of this rank's pipeline (pipeline engine only)
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, layout: RankLayout):
+        self.cfg, self.model, self.layout = cfg, model, layout
+        apply_activation_checkpointing(model, cfg)
+        module = self._wrap(model)  # what DeepSpeed trains: the model, or this rank's pipeline stage
+        o, e = cfg.optim, cfg.engine
+        self.experts = None
+        if e.expert_parallel > 1:
+            dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
+            self.experts = ExpertParallel(model, e.expert_parallel, layout, self.stage_blocks(), self._device(),
+                                          dtype, o.weight_decay, tuple(o.betas), o.eps)  # fmt: skip
         # AdamW with a veto on the update (the spike responses): DeepSpeed wraps it as its client optimizer.
-        self.optimizer = GatedAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = GatedAdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_multiplier, cfg=cfg))
+        if e.pipeline_stages == 1:
+            ds_groups.mpu = None  # a pipeline engine built earlier in this process leaves its grid there
         self.ds, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
+            model=module, optimizer=self.optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, layout.world)
         )
-        if cfg.engine.zero_stage == 0 and (world == 1 or self.expert_parallel is not None):
+        if e.zero_stage == 0 and layout.world == 1:
             # One rank has nothing to reduce, but ZeRO-0 would still flatten, "all-reduce" and copy back every
-            # gradient. With expert parallelism the reduction is ours (ExpertParallel.reduce_gradients).
+            # gradient.
             self.ds.enable_backward_allreduce = False
-        if self.expert_parallel is not None:
-            self.expert_parallel.restore_experts()
         safe_load.install(self.ds)  # checkpoints are loaded with weights_only=True
         self.device = self.ds.device
+        self._after_initialize()
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module DeepSpeed trains (the pipeline engine: this rank's stage)."""
+        return model
+
+    def _after_initialize(self) -> None: ...
+
+    @staticmethod
+    def _device() -> torch.device:
+        return torch.device(deepspeed.get_accelerator().current_device_name())
 
     # ---------------------------------------------------------------- the step
-    def forward(self, inputs, targets, **model_kwargs) -> torch.Tensor:
-        return self.ds(inputs, targets, **model_kwargs)
+    def forward_backward(self, batches: list[torch.Tensor], model_kwargs: ModelKwargs, loss_hook: LossHook):
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device, non_blocking=True)
+            loss = loss_hook(self.ds(batch[:, :-1], batch[:, 1:], **model_kwargs(batch)))
+            self.ds.backward(loss)
+            loss_sum += loss.detach().float()
+            if i < len(batches) - 1:
+                self.ds.step()  # not an accumulation boundary: DeepSpeed only counts it
+        return loss_sum / len(batches)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)
+    def eval_loss(self, batch: torch.Tensor, model_kwargs: ModelKwargs) -> torch.Tensor:
+        batch = batch.to(self.device)
+        return self.ds(batch[:, :-1], batch[:, 1:], **model_kwargs(batch)).float()
 
-    def micro_step(self) -> None:
-        self.ds.step()  # not an accumulation boundary: DeepSpeed only counts it
+    def _optimizer_step(self) -> None:
+        self.ds.step()
 
     def step(self, step: int, judge: Callable[[float | None], bool]) -> StepOutcome:
-        """Clip, then let `judge(grad_norm)` veto the update from inside the optimizer, where DeepSpeed has the
-        global gradient norm (ZeRO-1/2/3, bf16) and nothing has changed yet."""
+        """Clip, then let `judge(grad_norm)` veto the update from inside the optimizer, where every gradient is
+        reduced and nothing has changed yet."""
         clip = clip_threshold(self.cfg, step)
-        grad_norm = None
-        if clips_in_engine(self.cfg):
-            if self.cfg.optim.grad_clip_warmup_steps:
-                self.ds.optimizer.clip_grad = clip  # DeepSpeed's ZeRO/bf16 optimizers read it every step
-        elif self.expert_parallel is not None:
-            self.expert_parallel.reduce_gradients()
-            grad_norm = float(self.expert_parallel.clip_grad_norm_(clip))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if deepspeed_clips(self.cfg) and self.cfg.optim.grad_clip_warmup_steps:
+            self.ds.optimizer.clip_grad = clip  # DeepSpeed's ZeRO/bf16 optimizers read it every step
         epoch_before = self.ds.lr_scheduler.last_epoch
         seen: list[float | None] = []
 
         def gate() -> bool:
-            gn = grad_norm if grad_norm is not None else getattr(self.ds.optimizer, "_global_grad_norm", None)
-            seen.append(None if gn is None else float(gn))
-            return judge(seen[0])
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler advances after the step)
+            seen.append(self._norm_and_clip(clip))
+            applied = judge(seen[0])
+            if applied and self.experts is not None:
+                self.experts.apply(lr)
+            return applied
 
         self.optimizer.gate = gate
-        self.ds.step()
-        answer = self.optimizer.reset_gate()
+        try:
+            self._optimizer_step()
+        finally:
+            answer = self.optimizer.reset_gate()
+            if self.experts is not None:
+                self.experts.zero_grad()
         if answer is None:  # the optimizer never ran: DeepSpeed skipped the step itself (non-finite gradients)
             return StepOutcome(self._global_grad_norm(), None)
         if not answer:  # vetoed: DeepSpeed still stepped the LR schedule, which must not advance
             rewind_scheduler(self.ds.lr_scheduler, epoch_before)
         return StepOutcome(seen[0], answer)
+
+    def _norm_and_clip(self, clip: float) -> float | None:
+        """The global pre-clip gradient norm (replicated parameters and every expert once); clips where DeepSpeed
+        does not."""
+        # DeepSpeed's ZeRO/bf16 optimizers computed the global norm of their parameters before calling ours (the
+        # engine's copy of it is updated only after the step).
+        ds_norm = getattr(self.ds.optimizer, "_global_grad_norm", None)
+        if deepspeed_clips(self.cfg):
+            return None if ds_norm is None else float(ds_norm)
+        if self.cfg.engine.zero_stage > 0 or self.cfg.precision.dtype != "fp32":
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            sq = torch.tensor(float(ds_norm) ** 2 if ds_norm is not None else float("nan"), dtype=torch.float64)
+        else:  # fp32 ZeRO-0: the optimizer's parameters are the module's (in module order, as clip_grad_norm_)
+            params = [p for p in self.ds.module.parameters() if p.grad is not None]
+            counted = [p.grad for p in params if not getattr(p, "ds_pipe_replicated", False)]
+            local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros(())
+            if self.pipe_group is None and self.experts is None:
+                torch.nn.utils.clip_grads_with_norm_(params, clip, local)  # as clip_grad_norm_ (golden values)
+                return float(local)
+            sq = local.double().pow(2).reshape(1)
+            if self.pipe_group is not None:
+                dist.all_reduce(sq, group=self.pipe_group)  # stages hold different parameters
+            sq = sq[0]
+        if self.experts is not None:
+            sq = sq + self.experts.reduce_gradients().double()
+        norm = sq.sqrt().float()
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+        if self.experts is not None:
+            self.experts.scale_gradients((clip / (norm + 1e-6)).clamp(max=1.0))
+        return float(norm)
 
     def _global_grad_norm(self) -> float | None:
         gn = self.ds.get_global_grad_norm()
@@ -134,32 +203,51 @@ class DeepSpeedEngine(Engine):
 
     # ---------------------------------------------------------------- state
     def save(self, root: Path, step: int, client_state: dict, keep: int) -> Path:
-        rank_state = (
-            {"local_experts": self.expert_parallel.local_state(self.optimizer)}
-            if self.expert_parallel is not None
-            else None
-        )
-        return checkpoint.save(self.ds, root, step, client_state, keep, rank_state)
+        rank_state = {"local_experts": self.experts.local_state()} if self.experts is not None else None
+        return checkpoint.save(self.ds, root, step, client_state, keep, rank_state, self._layout_record())
 
     def load(self, tag_dir: Path) -> dict:
+        self._check_layout(checkpoint.layout_of(tag_dir))
         state = checkpoint.load(self.ds, tag_dir)
-        if self.expert_parallel is not None:
-            self.expert_parallel.load_local_state(checkpoint.load_rank_state(tag_dir)["local_experts"], self.optimizer)
+        if self.experts is not None:
+            self.experts.load_local_state(checkpoint.load_rank_state(tag_dir)["local_experts"])
         return state
 
+    def _layout_record(self) -> dict:
+        e = self.cfg.engine
+        return {"world": self.layout.world, "pipeline_stages": e.pipeline_stages, "zero_stage": e.zero_stage,
+                "expert_parallel": e.expert_parallel, "dtype": str(self.cfg.precision.dtype)}  # fmt: skip
+
+    def _check_layout(self, saved: dict | None) -> None:
+        """Before DeepSpeed reads anything: a layout it cannot resume from is one line, not a KeyError deep inside.
+        fp32 ZeRO-0 without pipeline stages resumes on any number of ranks (trainer.global_batch_size keeps the
+        batch); everything else needs the layout it was saved with."""
+        now = self._layout_record()
+        if saved is None or saved == now:
+            return
+        movable = {k: v for k, v in now.items() if k != "world"} == {k: v for k, v in saved.items() if k != "world"}
+        if movable and now["zero_stage"] == 0 and now["dtype"] == "fp32" and now["pipeline_stages"] == 1:
+            return
+        diff = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+        raise StableTrainError(
+            f"the checkpoint's layout differs ({diff}); resume with the layout it was saved with (only fp32 ZeRO-0 "
+            "data parallelism resumes on another number of ranks)"
+        )
+
     def first_nonfinite(self) -> str | None:
-        return first_nonfinite(self.model, self.optimizer)
+        where = first_nonfinite(self.ds.module, self.optimizer)
+        return where or (self.experts.first_nonfinite() if self.experts is not None else None)
 
     def full_weights(self) -> dict[str, torch.Tensor] | None:
-        """fp32 copies of all weights, or None where ranks hold shards (ZeRO-3, expert parallelism)."""
-        if self.cfg.engine.zero_stage == 3 or self.expert_parallel is not None:
+        """fp32 copies of all weights, or None where ranks hold shards (ZeRO-3, experts, pipeline stages)."""
+        if self.cfg.engine.zero_stage == 3 or self.experts is not None or self.cfg.engine.pipeline_stages > 1:
             return None
         return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def adam_state(self) -> dict[str, dict] | None:
-        """name -> Adam moments and hyper-parameters, where they are per parameter (ZeRO-0; ZeRO-1/2 keep flat
-        partitions)."""
-        if self.cfg.engine.zero_stage != 0:
+        """name -> Adam moments and hyper-parameters, where they are per parameter (ZeRO-0 data parallel; ZeRO-1/2
+        keep flat partitions)."""
+        if self.cfg.engine.zero_stage != 0 or self.cfg.engine.pipeline_stages > 1:
             return None
         name_of = {id(p): n for n, p in self.model.named_parameters()}
         out = {}
@@ -176,7 +264,3 @@ class DeepSpeedEngine(Engine):
                         "eps": group["eps"],
                     }
         return out
-
-
-def build_engine(cfg: Config, model: torch.nn.Module, world: int, rank: int) -> Engine:
-    return DeepSpeedEngine(cfg, model, world, rank)

@@ -1,24 +1,34 @@
 """Expert parallelism, applied from outside the model: each rank of an expert-parallel (EP) group keeps
 n_routed / ep of every MoE layer's routed experts, and tokens travel to their experts' rank by all-to-all.
 
-    ranks 0..W-1 form W/ep EP groups of ep consecutive ranks; rank r holds experts
-    [(r % ep)·E/ep, (r % ep + 1)·E/ep) and shares them with the ranks r' ≡ r (mod ep): its expert-data-parallel group
+    the data-parallel ranks of each pipeline stage form groups of ep consecutive ranks (the EP groups); data-parallel
+    index d holds experts [(d % ep)·E/ep, (d % ep + 1)·E/ep) and shares them with the indices d' ≡ d (mod ep):
+    its expert-data-parallel group
 
-The router, the shared experts and everything else stay replicated. Gradients: DeepSpeed's own all-reduce
-would average different experts together, so it is switched off and `reduce_gradients` averages the
-replicated parameters over all ranks and the local experts over their expert-data-parallel group (both divided
-by W: an expert's gradient already sums the losses of its whole EP group through the all-to-all backward).
-DeepSpeed writes the model and optimizer state from rank 0 only, so every rank also saves its own experts and
-their optimizer state (`local_state` / `load_local_state`).
+The router, the shared experts and everything else stay replicated and belong to DeepSpeed. The routed experts
+are taken out of the module tree DeepSpeed sees and are owned here, so that DeepSpeed's reductions (ZeRO-0/1/2,
+its bf16 optimizer, the pipeline's) can never average different experts together:
+
+- gradients: the all-to-all backward already sums each expert's gradient over its EP group's tokens; the
+  expert-data-parallel groups sum the replicas, and the result is divided by the data-parallel size, as
+  DeepSpeed divides the replicated parameters' gradients;
+- the update: an AdamW of our own over fp32 master weights (bf16 runs keep bf16 working copies, accumulating
+  gradients in fp32 as DeepSpeed's bf16 optimizer does), applied inside the engine's gated step, with the
+  engine's learning rate, only when the step is applied;
+- the gradient norm for clipping and the spike detectors covers replicated parameters and every expert once;
+- checkpoints: every rank writes its own experts and their optimizer state (`local_state`).
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from stabletrain import StableTrainError
+from stabletrain.config import RankLayout
 from stabletrain.models.moe import MoE
 
 
@@ -44,13 +54,13 @@ class _AllToAll(torch.autograd.Function):
 class AllToAllDispatch:
     """Replaces MoE's local expert loop: send each (token, expert) slot to the expert's rank, run, send back."""
 
-    def __init__(self, n_routed: int, ep: int, ep_rank: int, group):
-        self.ep, self.ep_rank, self.group = ep, ep_rank, group
+    def __init__(self, n_routed: int, ep: int, group, experts: nn.ModuleList):
+        self.ep, self.group, self.experts = ep, group, experts  # the local experts: not a submodule of the model
         self.per_rank = n_routed // ep
 
     def __call__(
         self,
-        experts: nn.ModuleList,
+        _unused: nn.ModuleList,  # MoE passes its (now empty) expert list
         flat: torch.Tensor,
         idx: torch.Tensor,
         gates: torch.Tensor,
@@ -69,7 +79,7 @@ class AllToAllDispatch:
         by_expert = local_expert.argsort(stable=True)
         per_expert = torch.bincount(local_expert, minlength=self.per_rank).tolist()
         # Experts with no tokens still run on an empty batch, so every rank has a gradient for every local expert.
-        ran = torch.cat([expert(received[rows]) for expert, rows in zip(experts, by_expert.split(per_expert))])
+        ran = torch.cat([expert(received[rows]) for expert, rows in zip(self.experts, by_expert.split(per_expert))])
         outputs = torch.empty_like(received).index_copy(0, by_expert, ran)
         returned = _AllToAll.apply(outputs, recv, send, self.group)
         out = torch.zeros_like(flat)
@@ -77,94 +87,131 @@ class AllToAllDispatch:
 
 
 class ExpertParallel:
-    """Builds the process groups, shards the experts of every MoE layer, and reduces and saves their state."""
+    """Builds the process groups, takes this rank's experts out of the model, and reduces, clips, updates and
+    saves them."""
 
-    def __init__(self, model: nn.Module, ep: int, world: int, rank: int):
-        if world % ep:
-            raise StableTrainError(f"engine.expert_parallel={ep} must divide the number of ranks ({world})")
-        self.ep, self.world = ep, world
-        self.ep_rank = rank % ep
+    def __init__(self, model: nn.Module, ep: int, layout: RankLayout, blocks: Iterable[int], device, dtype,
+                 weight_decay: float, betas: tuple[float, float], eps: float):  # fmt: skip
+        dp = layout.data_parallel
+        if dp % ep:
+            raise StableTrainError(f"engine.expert_parallel={ep} must divide the {dp} data-parallel rank(s)")
+        self.ep, self.layout, self.replicas = ep, layout, dp // ep
+        self.ep_rank = layout.dp_rank % ep
         # Every rank creates every group, in the same order (new_group is collective).
         self.ep_group = self.expert_dp_group = None
-        for g in range(world // ep):
-            group = dist.new_group(list(range(g * ep, (g + 1) * ep)))
-            if rank // ep == g:
-                self.ep_group = group
-        for j in range(ep):
-            group = dist.new_group(list(range(j, world, ep)))
-            if self.ep_rank == j:
-                self.expert_dp_group = group
-        self.expert_params: dict[str, nn.Parameter] = {}
-        for name, moe in model.named_modules():
+        for stage in range(layout.stages):
+            ranks = layout.stage_ranks(stage)
+            for g in range(dp // ep):
+                group = dist.new_group(ranks[g * ep : (g + 1) * ep])
+                if layout.rank in ranks[g * ep : (g + 1) * ep]:
+                    self.ep_group = group
+            for j in range(ep):
+                group = dist.new_group(ranks[j::ep])
+                if layout.rank in ranks[j::ep]:
+                    self.expert_dp_group = group
+        self.live: dict[str, nn.Parameter] = {}  # name (as in the unsharded model) -> this rank's working weight
+        for i in blocks:
+            moe = model.blocks[i].mlp
             if not isinstance(moe, MoE):
                 continue
             n_routed = len(moe.experts)
-            if n_routed % ep:
-                raise StableTrainError(f"model.ffn.n_routed={n_routed} is not divisible by engine.expert_parallel={ep}")
             per_rank = n_routed // ep
-            # All ranks built the full model from one seed, so the kept experts equal the unsharded model's.
-            moe.experts = nn.ModuleList(list(moe.experts)[self.ep_rank * per_rank : (self.ep_rank + 1) * per_rank])
-            moe.dispatch = AllToAllDispatch(n_routed, ep, self.ep_rank, self.ep_group)
-            for pname, p in moe.experts.named_parameters():
-                self.expert_params[f"{name}.experts.{pname}"] = p
-        if not self.expert_params:
+            first = self.ep_rank * per_rank
+            # Every rank built the full model from one seed, so the kept experts equal the unsharded model's.
+            local = nn.ModuleList(list(moe.experts)[first : first + per_rank]).to(device=device, dtype=dtype)
+            moe.experts = nn.ModuleList()  # out of the module tree: DeepSpeed never sees these parameters
+            moe.dispatch = AllToAllDispatch(n_routed, ep, self.ep_group, local)
+            for j, expert in enumerate(local):
+                for pname, p in expert.named_parameters():
+                    self.live[f"blocks.{i}.mlp.experts.{first + j}.{pname}"] = p
+        if not self.live and not any(isinstance(m, MoE) for m in model.modules()):
             raise StableTrainError(f"engine.expert_parallel={ep} needs a model with MoE layers (model/ffn=moe)")
-        # DeepSpeed broadcasts every parameter from rank 0 when it builds the engine, experts included.
-        self._initial = {n: p.detach().clone() for n, p in self.expert_params.items()}
-        expert_ids = {id(p) for p in self.expert_params.values()}
-        self.replicated = [p for p in model.parameters() if p.requires_grad and id(p) not in expert_ids]
+        # fp32 master weights: the working weights themselves in fp32 runs, copies in bf16 runs.
+        self.master = {
+            n: p if p.dtype == torch.float32 else nn.Parameter(p.detach().float()) for n, p in self.live.items()
+        }
+        for n, p in self.live.items():
+            if self.master[n] is not p:
+                p.register_post_accumulate_grad_hook(lambda p, m=self.master[n]: self._accumulate(p, m))
+        masters = list(self.master.values())
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [m for m in masters if m.ndim >= 2], "weight_decay": weight_decay},
+             {"params": [m for m in masters if m.ndim < 2], "weight_decay": 0.0}],
+            lr=0.0, betas=betas, eps=eps,
+        )  # fmt: skip
 
-    def restore_experts(self) -> None:
-        """Undo DeepSpeed's initial broadcast for the experts (call once, right after building the engine)."""
+    @staticmethod
+    def _accumulate(p: torch.Tensor, master: torch.Tensor) -> None:
+        """bf16 working weight -> fp32 gradient accumulator on the master (as DeepSpeed's bf16 optimizer does)."""
+        g = p.grad.float()
+        master.grad = g if master.grad is None else master.grad.add_(g)
+        p.grad = None
+
+    def reduce_gradients(self) -> torch.Tensor:
+        """Average the experts' gradients over their replicas; returns the squared norm of every expert of every
+        stage, counted once (collective over all ranks)."""
+        grads = [m.grad if m.grad is not None else torch.zeros_like(m) for m in self.master.values()]
+        flat = torch.cat([g.flatten() for g in grads]) if grads else torch.zeros(0)
+        if self.replicas > 1:
+            dist.all_reduce(flat, group=self.expert_dp_group)
+        flat /= self.layout.data_parallel
+        for m, g in zip(self.master.values(), flat.split([g.numel() for g in grads])):
+            m.grad = g.view_as(m)
+        sq = flat.double().pow(2).sum().reshape(1)
+        if self.layout.world > 1:
+            dist.all_reduce(sq)  # every expert is held by `replicas` ranks
+        return (sq / self.replicas).float()[0]
+
+    def scale_gradients(self, coef: torch.Tensor) -> None:
+        for m in self.master.values():
+            m.grad.mul_(coef.to(m.grad.dtype))
+
+    def apply(self, lr: float) -> None:
+        """The AdamW update at the engine's learning rate; bf16 working weights follow their masters."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
         with torch.no_grad():
-            for n, p in self.expert_params.items():
-                p.copy_(self._initial[n])
-        self._initial = {}
+            for n, p in self.live.items():
+                if self.master[n] is not p:
+                    p.copy_(self.master[n])
 
-    def reduce_gradients(self) -> None:
-        """Average gradients: replicated parameters over all ranks, local experts over their expert-DP group."""
-        for params, group in ((self.replicated, None), (list(self.expert_params.values()), self.expert_dp_group)):
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.flatten() for g in grads])
-            if group is None or self.world // self.ep > 1:
-                dist.all_reduce(flat, group=group)
-            flat /= self.world
-            for p, g in zip(params, flat.split([g.numel() for g in grads])):
-                p.grad = g.view_as(p)
+    def zero_grad(self) -> None:
+        for n, p in self.live.items():
+            p.grad = None
+            self.master[n].grad = None
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global pre-clip norm over all experts of all ranks plus the replicated parameters; clips in place."""
-        experts = list(self.expert_params.values())
-        sq_experts = torch.stack([p.grad.float().pow(2).sum() for p in experts]).sum()
-        dist.all_reduce(sq_experts, group=self.ep_group)  # the EP group together holds every expert once
-        sq_rest = torch.stack([p.grad.float().pow(2).sum() for p in self.replicated]).sum()
-        norm = (sq_experts + sq_rest).sqrt()
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in experts + self.replicated:
-            p.grad.mul_(scale.to(p.grad.dtype))
-        return norm
+    def first_nonfinite(self) -> str | None:
+        for n, m in self.master.items():
+            if not bool(torch.isfinite(m.detach()).all()):
+                return f"expert weight {n}"
+            for key, value in self.optimizer.state.get(m, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    return f"optimizer state {key} of expert {n}"
+        return None
 
-    def local_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """This rank's experts and their optimizer state, for a per-rank checkpoint file."""
+    def local_state(self) -> dict:
+        """This rank's experts (fp32 masters) and their optimizer state, for a per-rank checkpoint file."""
         return {
-            "ep": self.ep,
-            "world": self.world,
-            "ep_rank": self.ep_rank,
-            "params": {n: p.detach().clone() for n, p in self.expert_params.items()},
-            "optim": {n: optimizer.state.get(p, {}) for n, p in self.expert_params.items()},
+            "layout": self._layout_key(),
+            "params": {n: m.detach().clone() for n, m in self.master.items()},
+            "optim": self.optimizer.state_dict(),
         }
 
-    def load_local_state(self, state: dict, optimizer: torch.optim.Optimizer) -> None:
-        if (state["ep"], state["world"]) != (self.ep, self.world):
+    def load_local_state(self, state: dict) -> None:
+        if state["layout"] != self._layout_key():
+            saved, now = state["layout"], self._layout_key()
             raise StableTrainError(
-                f"checkpoint was saved with engine.expert_parallel={state['ep']} on "
-                f"{state['world']} ranks; resume with the same layout "
-                f"(now {self.ep} on {self.world})"
+                f"checkpoint was saved with engine.expert_parallel={saved['ep']} on {saved['world']} ranks in "
+                f"{saved['stages']} pipeline stage(s); resume with the same layout (now {now['ep']} on "
+                f"{now['world']} in {now['stages']})"
             )
         with torch.no_grad():
-            for n, p in self.expert_params.items():
-                p.copy_(state["params"][n])
-                if state["optim"][n]:
-                    optimizer.state[p] = {
-                        k: v.clone() if torch.is_tensor(v) else v for k, v in state["optim"][n].items()
-                    }
+            for n, m in self.master.items():
+                m.copy_(state["params"][n])
+                if self.live[n] is not m:
+                    self.live[n].copy_(m)
+        self.optimizer.load_state_dict(state["optim"])
+
+    def _layout_key(self) -> dict:
+        return {"ep": self.ep, "world": self.layout.world, "stages": self.layout.stages}

@@ -8,6 +8,7 @@ the model itself, built on the meta device (no memory), so every variant is coun
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,12 @@ from stabletrain.models.residual import Connection, PropagationScalar, Sublayer,
 def rope_dim(cfg: ModelConfig) -> int:
     """Rotary dimension per head: the decoupled RoPE part for MLA, the whole head otherwise."""
     return cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.d_model // cfg.n_heads
+
+
+class BlockContext(NamedTuple):
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attn_mask: torch.Tensor | None
 
 
 class Block(nn.Module):
@@ -94,30 +101,56 @@ class Transformer(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits [B, T, V], or the mean next-token cross-entropy when targets are given.
-        doc_ids [B, T] (optional): attention stays within each document of a packed sequence."""
+        """Logits [B, T, V], or the mean next-token cross-entropy (plus the routers' auxiliary losses) when targets
+        are given. doc_ids [B, T] (optional): attention stays within each document of a packed sequence.
+
+        The pieces (embed_tokens, run_blocks, logits, loss, aux_loss) are public so that an engine can run the
+        model in parts: pipeline stages, or segments of blocks recomputed in backward."""
+        x = self.run_blocks(self.embed_tokens(idx), 0, len(self.blocks), self.block_context(idx, doc_ids))
+        logits = self.logits(x)
+        if targets is None:
+            return logits
+        loss, aux = self.loss(logits, targets), self.aux_loss()
+        return loss + aux if aux is not None else loss
+
+    def block_context(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> BlockContext:
+        """What every block needs besides the stream: the rotary tables and the document mask."""
         cos, sin = rope_tables(idx.shape[1], rope_dim(self.cfg), self.cfg.rope_theta, idx.device)
         attn_mask = None
         if doc_ids is not None:
             causal = torch.ones(idx.shape[1], idx.shape[1], dtype=torch.bool, device=idx.device).tril()
             attn_mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
-        x = self.stream.expand(self.embed(idx))
-        for i, block in enumerate(self.blocks):
+        return BlockContext(cos, sin, attn_mask)
+
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.stream.expand(self.embed(idx))
+
+    def run_blocks(self, x, start: int, end: int, ctx: BlockContext):
+        """Blocks start..end-1 on the stream (which a fused stream may return pending: see materialize)."""
+        for i in range(start, end):
             if self.probe is not None:  # diagnostics see the stream as a tensor at every block boundary
                 x = self.stream.materialize(x)
                 self.probe.observe(i, x)
-            x = block(x, cos, sin, attn_mask)
-        if self.probe is not None:
+            x = self.blocks[i](x, *ctx)
+        if self.probe is not None and end == len(self.blocks):
             x = self.stream.materialize(x)
-            self.probe.observe(len(self.blocks), x)
-        logits = self.head(self.norm(self.stream.collapse(x)))
-        if targets is None:
-            return logits
+            self.probe.observe(end, x)
+        return x
+
+    def logits(self, x) -> torch.Tensor:
+        return self.head(self.norm(self.stream.collapse(x)))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
         if self.cfg.logit_z_loss:  # pushes log Z towards 0 so the softmax normaliser cannot drift (PaLM)
             loss = loss + self.cfg.logit_z_loss * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-        aux = [r.aux_loss for r in self.routers() if r.aux_loss is not None]
-        return loss + torch.stack(aux).sum() if aux else loss
+        return loss
+
+    def aux_loss(self, start: int = 0, end: int | None = None) -> torch.Tensor | None:
+        """The sum of the auxiliary losses the routers of blocks start..end-1 set in the last training forward."""
+        blocks = self.blocks[start:end]
+        aux = [b.mlp.router.aux_loss for b in blocks if isinstance(b.mlp, MoE) and b.mlp.router.aux_loss is not None]
+        return torch.stack(aux).sum() if aux else None
 
     def routers(self) -> list:
         """The MoE routers, in depth order (empty for dense models)."""

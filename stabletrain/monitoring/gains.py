@@ -40,16 +40,16 @@ class GainProbe:
         self.last = n_blocks
         self.norms: dict[int, float] = {}
         self.grad_norms: dict[int, float] = {}
-        self.closed = False
 
     def observe(self, index: int, x: torch.Tensor) -> None:
-        if self.closed:
+        """The first observation of a boundary wins: the step's first micro-batch (later micro-batches, and a
+        recomputation in backward, pass the same boundary again)."""
+        if index in self.norms:
             return
         with torch.no_grad():
             self.norms[index] = ResidualStream.token_norms(x).mean().item()
         if x.requires_grad:
             x.register_hook(lambda g, i=index: self._grad(i, g))
-        self.closed = index == self.last
 
     def _grad(self, index: int, g: torch.Tensor) -> None:
         if index not in self.grad_norms:
@@ -93,13 +93,23 @@ class GainMonitor(Callback):
         if self.probe is None:
             return
         model = trainer.model
-        metrics.update(self.probe.metrics())
-        mats = [c.last_mix for c in model.connections() if c.last_mix is not None]
+        mixes = {k: c.last_mix for k, c in enumerate(model.connections()) if c.last_mix is not None}
+        # Pipeline stages each saw their own blocks: rank 0 assembles the whole depth.
+        parts = trainer.engine.stage_gather((self.probe.norms, self.probe.grad_norms, mixes))
+        model.probe = self.probe = None
+        for conn in model.connections():
+            conn.record, conn.last_mix = False, None
+        if parts is None:
+            return
+        probe = GainProbe(len(model.blocks))
+        for norms, grad_norms, part_mixes in parts:
+            probe.norms.update(norms)
+            probe.grad_norms.update(grad_norms)
+            mixes.update(part_mixes)
+        metrics.update(probe.metrics())
+        mats = [mixes[k] for k in sorted(mixes)]
         if mats:
             fwd, bwd = amax_gains(mats)
             metrics.update({f"gain/amax_fwd/{k + 1}": v for k, v in enumerate(fwd)})
             metrics.update({f"gain/amax_bwd/{k + 1}": v for k, v in enumerate(bwd)})
             metrics["gain/amax_fwd_max"], metrics["gain/amax_bwd_max"] = max(fwd), max(bwd)
-        model.probe = self.probe = None
-        for conn in model.connections():
-            conn.record, conn.last_mix = False, None

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
-from stabletrain.models.moe import maxvio
+from stabletrain.models.moe import MoE, maxvio
 from stabletrain.models.residual import PropagationScalar
 from stabletrain.registry import Registry
 
@@ -68,6 +67,17 @@ class Callback:
     def close(self) -> None: ...
 
 
+def local_blocks(trainer) -> list:
+    """The blocks this rank runs (a pipeline stage's, or all of them)."""
+    return [trainer.model.blocks[i] for i in trainer.engine.stage_blocks()]
+
+
+def merge_stages(trainer, part: dict) -> dict | None:
+    """Collective: on rank 0, the union of every stage's `part` (keys are per layer); None elsewhere."""
+    parts = trainer.engine.stage_gather(part)
+    return None if parts is None else {k: v for p in parts for k, v in p.items()}
+
+
 @CALLBACKS.register("signal_sync")
 class SignalScalarSync(Callback):
     """Average the BSLO norm EMAs over data-parallel ranks after each step, so every rank applies the same alpha."""
@@ -77,24 +87,30 @@ class SignalScalarSync(Callback):
         return cls() if trainer.cfg.model.signal_scaling == "bslo" else None
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
-        scalars = [m for m in trainer.model.modules() if isinstance(m, PropagationScalar)]
-        if trainer.world > 1:
-            flat = torch.stack([t for m in scalars for t in (m.ema_in, m.ema_out)])
-            dist.all_reduce(flat)
-            flat /= trainer.world
+        scalars = [m for b in local_blocks(trainer) for m in b.modules() if isinstance(m, PropagationScalar)]
+        if trainer.engine.layout.data_parallel > 1 and scalars:
+            flat = trainer.engine.dp_all_reduce(torch.stack([t for m in scalars for t in (m.ema_in, m.ema_out)]))
+            flat /= trainer.engine.layout.data_parallel
             for i, m in enumerate(scalars):
                 m.ema_in.copy_(flat[2 * i])
                 m.ema_out.copy_(flat[2 * i + 1])
-        alphas = torch.stack([m.alpha() for m in scalars])
-        metrics["bslo/alpha_min"], metrics["bslo/alpha_max"] = alphas.min().item(), alphas.max().item()
+        alphas = merge_stages(trainer, {id(m): m.alpha().item() for m in scalars})
+        if alphas:
+            metrics["bslo/alpha_min"], metrics["bslo/alpha_max"] = min(alphas.values()), max(alphas.values())
 
 
-def global_loads(trainer) -> torch.Tensor:
-    """[n_moe_layers, n_routed] tokens routed per expert since the last reset, summed over all ranks."""
-    loads = torch.stack([r.load for r in trainer.model.routers()])
-    if trainer.world > 1:
-        dist.all_reduce(loads)
-    return loads
+def local_routers(trainer) -> dict[int, object]:
+    """block index -> router, for the MoE blocks this rank runs."""
+    return {i: trainer.model.blocks[i].mlp.router for i in trainer.engine.stage_blocks()
+            if isinstance(trainer.model.blocks[i].mlp, MoE)}  # fmt: skip
+
+
+def global_loads(trainer, routers: dict[int, object]) -> torch.Tensor:
+    """[local MoE layers, n_routed] tokens routed per expert since the last reset, summed over the data-parallel
+    replicas of this stage."""
+    if not routers:
+        return torch.zeros(0)
+    return trainer.engine.dp_all_reduce(torch.stack([r.load for r in routers.values()]))
 
 
 def update_router_biases(routers, loads: torch.Tensor) -> None:
@@ -107,38 +123,44 @@ def update_router_biases(routers, loads: torch.Tensor) -> None:
 @CALLBACKS.register("moe_balance")
 class MoEBalance(Callback):
     """After every step: global expert loads -> MaxVio metrics and the routers' balancing update; after
-    evaluation: MaxVio over the whole validation pass (moe/maxvio_global)."""
+    evaluation: MaxVio over the whole validation pass (moe/maxvio_global). Under pipeline stages each stage
+    balances its own layers and rank 0 assembles the metrics."""
 
     @classmethod
     def build(cls, trainer) -> "MoEBalance | None":
         return cls() if trainer.model.routers() else None
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
-        routers = trainer.model.routers()
-        loads = global_loads(trainer)
+        routers = local_routers(trainer)
+        loads = global_loads(trainer, routers)
         if not metrics.get("update_skipped"):  # a vetoed step leaves the balancing state alone too
-            update_router_biases(routers, loads)
-        per_layer = [maxvio(load) for load in loads]
-        metrics["moe/maxvio_batch"] = sum(per_layer) / len(per_layer)
-        first = trainer.cfg.model.ffn.first_dense
-        for i, (v, load) in enumerate(zip(per_layer, loads)):
-            metrics[f"moe/maxvio_batch/{first + i}"] = v
-            metrics[f"moe/load/{first + i}"] = load.long().tolist()
-        aux = [r.aux_loss.item() for r in routers if r.aux_loss is not None]
-        if aux:
-            metrics["moe/aux_loss"] = sum(aux)
-        self._reset(routers)
+            update_router_biases(routers.values(), loads)
+        part = {i: (load, r.aux_loss.item() if r.aux_loss is not None else None)
+                for (i, r), load in zip(routers.items(), loads)}  # fmt: skip
+        layers = merge_stages(trainer, part)
+        if layers:
+            per_layer = {i: maxvio(load) for i, (load, _) in sorted(layers.items())}
+            metrics["moe/maxvio_batch"] = sum(per_layer.values()) / len(per_layer)
+            for i, v in per_layer.items():
+                metrics[f"moe/maxvio_batch/{i}"] = v
+                metrics[f"moe/load/{i}"] = layers[i][0].long().tolist()
+            aux = [a for _, a in layers.values() if a is not None]
+            if aux:
+                metrics["moe/aux_loss"] = sum(aux)
+        self._reset(routers.values())
 
     def on_eval_begin(self, trainer, step: int) -> None:
-        self._reset(trainer.model.routers())
+        self._reset(local_routers(trainer).values())
 
     def on_eval_end(self, trainer, step: int, metrics: dict) -> None:
-        loads = global_loads(trainer)
-        metrics["moe/maxvio_global"] = sum(maxvio(load) for load in loads) / len(loads)
-        self._reset(trainer.model.routers())
+        routers = local_routers(trainer)
+        layers = merge_stages(trainer, dict(zip(routers, (maxvio(l) for l in global_loads(trainer, routers)))))
+        if layers:
+            metrics["moe/maxvio_global"] = sum(layers.values()) / len(layers)
+        self._reset(routers.values())
 
     def on_rewind(self, trainer, step: int) -> None:
-        self._reset(trainer.model.routers())  # the abandoned step's expert loads
+        self._reset(local_routers(trainer).values())  # the abandoned step's expert loads
 
     @staticmethod
     def _reset(routers) -> None:

@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from stabletrain import StableTrainError
 from stabletrain import distributed as dist_utils
-from stabletrain.config import Config
+from stabletrain.config import Config, RankLayout, grad_accum_steps
 from stabletrain.data.dataset import RankLoader
 from stabletrain.data.setup import build_data
 from stabletrain.engine import checkpoint
+from stabletrain.engine.build import build_engine
 from stabletrain.engine.compile import compile_blocks
-from stabletrain.engine.deepspeed_engine import build_engine
 from stabletrain.engine.optim import clip_threshold
 from stabletrain.models import build_model, count_params, model_flops_per_token
 from stabletrain.training.callbacks import CALLBACKS, SpikeContext, build_callbacks
@@ -45,18 +45,20 @@ class Trainer:
             CALLBACKS[name]  # an unknown name fails here, before anything heavy
         self.device = dist_utils.setup_device(t.device, cfg.engine.backend)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.layout = RankLayout(self.world, self.rank, cfg.engine.pipeline_stages)
         self.is_main = self.rank == 0
         self.data = build_data(cfg.data, t.seed, self.is_main)
         self._set_vocab_size()
-        self.loader = RankLoader(self.data.train, self.data.order, t.micro_batch_size, t.grad_accum_steps,
-                                 self.rank, self.world)  # fmt: skip
+        accum = grad_accum_steps(cfg, self.world)
+        self.loader = RankLoader(self.data.train, self.data.order, t.micro_batch_size, accum, self.layout.dp_rank,
+                                 self.layout.data_parallel)  # fmt: skip
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model)
         if t.compile:
             compile_blocks(self.model)
         self.n_params = count_params(self.model)
         self.flops_per_token = model_flops_per_token(self.model, cfg.data.seq_len)
-        self.engine = build_engine(cfg, self.model, self.world, self.rank)
+        self.engine = build_engine(cfg, self.model, self.layout)
         self.guard = SpikeGuard(cfg.monitor, t.skip_batches, cfg.model.vocab_size)
         self.step, self.stop_signal, self.callbacks = 0, None, []
         self._signals = StopSignals(self.say)  # entered by fit(); train_step() alone sees no signal
@@ -113,16 +115,8 @@ class Trainer:
         self.loader.samples_consumed = batch_index * G
         inject = self.guard.injection(step, batch_index)
         batches = self.guard.perturb_batches(inject, self.loader.next_batch())
-        loss_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(batches):
-            batch = batch.to(self.engine.device, non_blocking=True)
-            loss = self.engine.forward(batch[:, :-1], batch[:, 1:], **self.data.model_kwargs(batch))
-            loss = self.guard.perturb_loss(inject, loss)
-            self.engine.backward(loss)
-            loss_sum += loss.detach().float()
-            if i < len(batches) - 1:
-                self.engine.micro_step()
-        loss = self._global_mean_loss(loss_sum / len(batches))
+        perturb = lambda loss: self.guard.perturb_loss(inject, loss)  # noqa: E731
+        loss = self._global_mean_loss(self.engine.forward_backward(batches, self.data.model_kwargs, perturb))
         verdicts: list[Verdict] = []
 
         def judge(grad_norm: float | None) -> bool:  # asked from inside the optimizer, before anything changes
@@ -158,7 +152,7 @@ class Trainer:
     def _evaluate_and_log(self) -> dict:
         t = self.cfg.trainer
         self._hook("on_eval_begin", self.step)
-        val = evaluate(self.engine, self.data, t.micro_batch_size, t.eval_batches, self.rank, self.world)
+        val = evaluate(self.engine, self.data, t.micro_batch_size, t.eval_batches)
         self._hook("on_eval_end", self.step, val)
         self.log({"step": self.step, **val})
         self.say(f"step {self.step}: val_loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})")
@@ -225,7 +219,7 @@ class Trainer:
 
     def _forensics(self, verdict: Verdict, batch_index: int, batches: list[torch.Tensor]) -> None:
         """Collective: every rank's rows of the step go to rank 0, whose forensics callback examines them."""
-        tokens = dist_utils.gather_rows(torch.cat(batches).to(self.device))
+        tokens = dist_utils.gather_rows(torch.cat(batches).to(self.device), self.engine.dp_group)
         positions, monitor = self.loader.batch_positions(batch_index), self.guard.monitor
         ctx = SpikeContext(verdict, batch_index, positions, [int(i) for i in self.data.order(positions)], tokens,
                            self.engine.full_weights() if self.is_main else None,
