@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from stabletrain.cli import setup  # noqa: E402
-from stabletrain.config import to_container, to_object, validate  # noqa: E402
+from stabletrain.config import grad_accum_steps, to_container, to_object, validate  # noqa: E402
 from stabletrain.data.dataset import GlobalOrder, RankLoader  # noqa: E402
 from stabletrain.engine.optim import lr_multiplier, param_groups  # noqa: E402
 from stabletrain.models import build_model, param_count  # noqa: E402
@@ -64,11 +64,11 @@ class BareLoop:
             trainer.data.train,
             GlobalOrder(len(trainer.data.train), t.seed),
             t.micro_batch_size,
-            t.grad_accum_steps,
+            grad_accum_steps(cfg, 1),
             0,
             1,
         )
-        self.accum, self.clip, self.device = t.grad_accum_steps, o.grad_clip or math.inf, trainer.device
+        self.accum, self.clip, self.device = grad_accum_steps(cfg, 1), o.grad_clip or math.inf, trainer.device
 
     def step(self) -> float:
         total = 0.0
@@ -135,7 +135,8 @@ def main() -> None:
             trainer.close()
 
     t = cfg.trainer
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len
+    accum = grad_accum_steps(cfg, 1)
+    tokens_per_step = t.micro_batch_size * accum * cfg.data.seq_len
     fw_tps = [args.steps * tokens_per_step / s for s in fw_s]
     bare_tps = [args.steps * tokens_per_step / s for s in bare_s]
     fw_med, bare_med = statistics.median(fw_tps), statistics.median(bare_tps)
@@ -154,7 +155,7 @@ def main() -> None:
         "params": param_count(cfg.model),
         "seq_len": cfg.data.seq_len,
         "micro_batch": t.micro_batch_size,
-        "grad_accum": t.grad_accum_steps,
+        "grad_accum": accum,
         "precision": cfg.precision.dtype,
         "zero_stage": cfg.engine.zero_stage,
         "steps": args.steps,
@@ -178,7 +179,7 @@ def main() -> None:
         ("n_layers", cfg.model.n_layers),
         ("params", f"{result['params']:,}"),
         ("seq_len", cfg.data.seq_len),
-        ("micro batch", f"{t.micro_batch_size} x accum {t.grad_accum_steps}"),
+        ("micro batch", f"{t.micro_batch_size} x accum {accum}"),
         ("precision", cfg.precision.dtype),
         ("zero stage", cfg.engine.zero_stage),
         ("torch threads", result["torch_threads"]),

@@ -10,6 +10,7 @@ from stabletrain.config.layout import (
     data_parallel_size,
     global_batch_size,
     grad_accum_steps,
+    launched_world_size,
 )
 from stabletrain.config.schema import (
     BSLOConfig,
@@ -62,6 +63,7 @@ __all__ = [
     "data_parallel_size",
     "global_batch_size",
     "grad_accum_steps",
+    "launched_world_size",
     "check_ranges",
     "check_resume_path",
     "one_line",

@@ -75,6 +75,18 @@ class DType(Choice):
     bf16 = "bf16"
 
 
+class FP8Backend(Choice):
+    emulate = "emulate"  # quantize -> dequantize -> fp32 matmul: the reference, runs anywhere
+    scaled_mm = "scaled_mm"  # real E4M3 GEMMs (torch._scaled_mm), fp32 accumulation per 128-wide chunk
+    torchao = "torchao"  # torchao.float8's training linears (pip install -e .[fp8])
+
+
+class FP8Recipe(Choice):
+    blockwise = "blockwise"  # DeepSeek-V3: 1x128 tiles for activations and gradients, 128x128 weight blocks
+    rowwise = "rowwise"  # one scale per row of each operand (along the contracting dimension)
+    tensorwise = "tensorwise"  # one scale per tensor
+
+
 class Schedule(Choice):
     cosine = "cosine"
     wsd = "wsd"

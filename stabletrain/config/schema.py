@@ -19,6 +19,8 @@ from stabletrain.config.choices import (
     DetectorStyle,
     Device,
     DType,
+    FP8Backend,
+    FP8Recipe,
     InjectKind,
     NonfiniteResponse,
     Offload,
@@ -243,9 +245,21 @@ class EngineConfig:
 
 
 @dataclass
+class FP8Config:
+    """DeepSeek-V3-style FP8 GEMMs for the Linears of the blocks (docs/fp8.md)."""
+
+    enabled: bool = False  # run every block Linear's three GEMMs with E4M3 operands (precision=fp8 sets it)
+    backend: FP8Backend = FP8Backend.emulate
+    recipe: FP8Recipe = FP8Recipe.blockwise
+    pow2_scales: bool = False  # round each scale up to a power of two (exact rescaling; DeepSeek-V3 for some)
+    dispatch: bool = False  # expert parallelism sends tokens to their experts in FP8 (combine stays high precision)
+
+
+@dataclass
 class PrecisionConfig:
     name: str = "fp32"  # the option's name (logged, W&B tags)
-    dtype: DType = DType.fp32
+    dtype: DType = DType.fp32  # weights and activations outside the FP8 GEMMs; fp32 master weights always
+    fp8: FP8Config = field(default_factory=lambda: FP8Config())
 
 
 @dataclass
@@ -292,6 +306,9 @@ class HardwareConfig:
     efficiency: float = between(0, 1, 0.6, lo_open=True)  # sustained fraction of peak for large matmuls
 
 
+DEFAULT_CALLBACKS = ["console", "metrics", "wandb", "gains", "fp8", "moe_balance", "signal_sync", "forensics"]
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = at_least(1, 200)  # optimizer steps of the run
@@ -316,9 +333,7 @@ class TrainerConfig:
     plan_gpu_mem_gib: float = positive(80.0)  # memory per GPU a planned layout must fit in
     plan_hardware: HardwareConfig = field(default_factory=lambda: HardwareConfig())  # the planner's roofline
     # Registered callbacks, in order; each applies only where it makes sense (moe_balance: MoE layers, ...).
-    callbacks: List[str] = field(
-        default_factory=lambda: ["console", "metrics", "wandb", "gains", "moe_balance", "signal_sync", "forensics"]
-    )
+    callbacks: List[str] = field(default_factory=lambda: list(DEFAULT_CALLBACKS))
 
 
 @dataclass

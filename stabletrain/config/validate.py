@@ -5,6 +5,7 @@ asked for). Each failure is one ConfigError line naming the key; `validate` retu
 from __future__ import annotations
 
 import glob
+import importlib.util
 import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -78,6 +79,22 @@ def _model(cfg: Config) -> None:
     m.ffn.check(m)
 
 
+def _fp8(cfg: Config) -> None:
+    f = cfg.precision.fp8
+    if f.dispatch and not (f.enabled and cfg.engine.expert_parallel > 1):
+        raise ConfigError("precision.fp8.dispatch=true needs precision=fp8 and engine.expert_parallel > 1")
+    if not f.enabled or f.backend != "torchao":
+        return
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("precision.fp8.backend=torchao needs torchao: pip install -e '.[fp8]'")
+    sm90 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+    if f.recipe == "blockwise" and not (sm90 and cfg.trainer.device != "cpu"):
+        raise ConfigError(
+            "precision.fp8.recipe=blockwise with backend=torchao needs an SM90+ GPU (torchao's blockwise kernels); "
+            "use precision.fp8.backend=scaled_mm or emulate, or recipe=rowwise|tensorwise"
+        )
+
+
 def _engine(cfg: Config) -> None:
     e = cfg.engine
     if e.offload_param != "none" and e.zero_stage != 3:
@@ -97,6 +114,7 @@ def _engine(cfg: Config) -> None:
                 f"engine.expert_parallel={ep} runs with engine.zero_stage 0-2 (ZeRO-3 would gather every expert on "
                 "every rank, which is what expert parallelism avoids)"
             )
+    _fp8(cfg)
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"
         raise ConfigError(f"trainer.device=cuda, but this machine has {build} (use trainer.device=cpu or auto)")

@@ -80,7 +80,8 @@ class DeepSpeedEngine(Engine):
         if e.expert_parallel > 1:
             dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
             self.experts = ExpertParallel(model, e.expert_parallel, layout, self.stage_blocks(), self._device(),
-                                          dtype, o.weight_decay, tuple(o.betas), o.eps)  # fmt: skip
+                                          dtype, o.weight_decay, tuple(o.betas), o.eps,
+                                          fp8_dispatch=cfg.precision.fp8.dispatch)  # fmt: skip
         # AdamW with a veto on the update (the spike responses): DeepSpeed wraps it as its client optimizer.
         self.optimizer = GatedAdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_multiplier, cfg=cfg))

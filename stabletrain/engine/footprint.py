@@ -58,6 +58,31 @@ class _KeptOutputs(TorchDispatchMode):
         return out
 
 
+class _SavedStorages(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the distinct storages autograd saves for backward, less the modules' own parameters and buffers
+    (counted once, as weights, not per token)."""
+
+    def __init__(self, *modules: torch.nn.Module):
+        own = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        self.exclude = {StorageWeakRef(t.untyped_storage()) for t in own}
+        self.storages: dict[StorageWeakRef, int] = {}
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref not in self.exclude:
+            self.storages[ref] = t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self) -> _SavedStorages:
+        super().__enter__()
+        return self
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
 @dataclass
 class BlockFootprint:
     """Bytes per token of one block (one micro-batch): what autograd keeps (`saved`), what selective recomputation
@@ -90,19 +115,13 @@ def block_footprint(cfg: ModelConfig, layer_index: int, seq_len: int, dtype: str
             block.mlp.dispatch = _balanced_dispatch
         x = stream.expand(torch.empty(1, seq_len, cfg.d_model, dtype=dt)).requires_grad_()
         cos, sin = rope_tables(seq_len, rope_dim(cfg), cfg.rope_theta)
-        storages: dict[StorageWeakRef, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storages[StorageWeakRef(t.untyped_storage())] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _SavedStorages(block) as saved:
             stream.materialize(block(x, cos, sin, None))
         kept = _KeptOutputs()
         with torch.no_grad(), kept:
             stream.materialize(block(x, cos, sin, None))
         stream_bytes = x.numel() * x.element_size()
-    return BlockFootprint(sum(storages.values()) / seq_len, (kept.bytes + stream_bytes) / seq_len,
+    return BlockFootprint(saved.bytes / seq_len, (kept.bytes + stream_bytes) / seq_len,
                          stream_bytes / seq_len)  # fmt: skip
 
 
@@ -115,13 +134,7 @@ def head_footprint(cfg: ModelConfig, seq_len: int, dtype: str) -> float:
         head = _cast(torch.nn.Linear(cfg.d_model, cfg.vocab_size, bias=False), dt)
         x = stream.expand(torch.empty(1, seq_len, cfg.d_model, dtype=dt)).requires_grad_()
         targets = torch.zeros(1, seq_len, dtype=torch.long)
-        storages: dict[StorageWeakRef, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storages[StorageWeakRef(t.untyped_storage())] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _SavedStorages(norm, head) as saved:
             logits = head(norm(stream.collapse(x)))
             torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-    return sum(storages.values()) / seq_len
+    return saved.bytes / seq_len

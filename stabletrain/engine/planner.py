@@ -14,7 +14,8 @@ data-parallel ranks of the stage):
     activations  per micro-batch and block, what autograd keeps, measured on our modules at full size
                  (stabletrain.engine.footprint): all of it (none), the matmul and attention outputs (selective),
                  or one residual stream per recomputed segment plus one segment recomputed at a time (block);
-                 plus the head and loss on the last stage. In a pipeline stage s holds min(P - s, m) micro-batches
+                 plus the head and loss on the last stage, whose backward briefly holds the logits' gradient
+                 (the larger of the two transients counts). In a pipeline stage s holds min(P - s, m) micro-batches
                  in flight (1F1B), m = accumulation steps
     pipeline     2 streams per micro-batch in flight (DeepSpeed's received inputs and sent outputs)
 
@@ -155,7 +156,9 @@ def _stage_memory(profile: ModelProfile, layout: Layout, dp: int, accum: int, bl
                         default=0.0)  # fmt: skip
     else:
         per_micro, transient = sum(fp.selective if mode == "selective" else fp.saved for fp in fps), 0.0
-    per_micro += profile.head_bytes if last else 0
+    if last:  # the head's backward holds the fp32 logits' gradient and its cast: 4 + w bytes per vocabulary entry
+        per_micro += profile.head_bytes
+        transient = max(transient, (4 + w) * profile.cfg.model.vocab_size)
     mem["activations"] = tokens * (in_flight * per_micro + transient)
     stream = profile.footprint(0).stream if profile.blocks else 0.0
     mem["pipeline"] = 2 * in_flight * tokens * stream if P > 1 else 0.0
@@ -236,9 +239,10 @@ def candidate_layouts(profile: ModelProfile, world: int) -> list[Layout]:
     return out
 
 
-def search(cfg: Config, world: int, gpu_mem_gib: float, global_batch: int) -> tuple[list[Estimate], int]:
+def search(cfg: Config, world: int, gpu_mem_gib: float, global_batch: int,
+           profile: ModelProfile | None = None) -> tuple[list[Estimate], int]:  # fmt: skip
     """Feasible layouts, fastest first, and how many were considered."""
-    profile = ModelProfile(cfg)
+    profile = profile or ModelProfile(cfg)
     estimates = [e for e in (estimate(profile, lay, world, global_batch) for lay in candidate_layouts(profile, world))
                  if e is not None]  # fmt: skip
     feasible = [e for e in estimates if e.total_gib <= HEADROOM * gpu_mem_gib]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 
 import torch
@@ -32,3 +33,16 @@ def peak_flops(device: torch.device, dtype: str, override_tflops: float | None =
                 return (bf16 if dtype == "bf16" else fp32) * 1e12, f"{key} datasheet"
         return float("nan"), f"unknown GPU {name!r}: set trainer.peak_tflops"
     return measured_cpu_peak(), "measured fp32 matmul peak of this CPU"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far: allocated device memory on a GPU, the resident set's high-water mark
+    (VmHWM) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kib / 1024**2
+    except (OSError, StopIteration):  # not Linux: ru_maxrss is bytes on macOS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**3

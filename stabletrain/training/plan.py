@@ -1,85 +1,106 @@
-"""`trainer.plan=true`: size a run without hardware. Builds the model on the meta device (no memory), then
-prints total and active parameters, training FLOPs per token and a per-GPU memory estimate for the configured
-ZeRO stage, precision, offload and world size.
-
-Memory model (bytes per parameter, before sharding): weights 2 (bf16) or 4 (fp32); gradients the same; optimizer
-12 (fp32 master weights when bf16 + Adam m and v) or 8 (fp32). ZeRO-1 shards the optimizer over the data-parallel
-ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; expert parallelism keeps 1/ep of the routed experts
-per rank; offload moves the optimizer (and with offload_param
-the weights) to CPU memory. Activations, per sequence and block without recomputation, follow Korthikanti et al.
-(2022) with a fused attention kernel: 34·T·d bytes in 16-bit (×2 in fp32), plus 4·(n-1)·T·d for the extra
-residual streams of HC/mHC and expert activations scaled by (top_k + shared) / dense width; the fp32 logits add
-8·T·V. It is an estimate: allocator fragmentation and communication buffers come on top.
+"""`trainer.plan=true`: size a run without hardware. Prints the model's parameters and FLOPs, the memory per GPU of
+the configured layout, then searches every layout (pipeline stages x expert parallelism x ZeRO stage x activation
+checkpointing x micro-batch) for `trainer.plan_world_size` GPUs of `trainer.plan_gpu_mem_gib` at the run's global
+batch, and prints the ones that fit, fastest first, each with the command line that runs it. The memory and time
+model is stabletrain.engine.planner's (docs/engine.md).
 """
 
 from __future__ import annotations
 
-import os
+import shlex
 
-from stabletrain.config import Config
-from stabletrain.models import count_params, meta_model, model_flops_per_token
-from stabletrain.models.moe import MoE
+from hydra.core.hydra_config import HydraConfig
 
-GiB = 1024**3
+from stabletrain.config import Config, checkpoint_segment, global_batch_size, launched_world_size
+from stabletrain.engine.planner import Estimate, GiB, Layout, ModelProfile, estimate, layout_overrides, search
+
+SHOWN = 10  # layouts printed
+# Overrides the printed layouts set themselves (or that only concern planning), dropped from the user's command.
+OWN_KEYS = ("engine", "engine.zero_stage", "engine.pipeline_stages", "engine.expert_parallel",
+            "engine.activation_checkpointing", "engine.activation_checkpointing_blocks", "trainer.micro_batch_size",
+            "trainer.grad_accum_steps", "trainer.global_batch_size", "trainer.plan", "trainer.plan_world_size",
+            "trainer.plan_gpu_mem_gib")  # fmt: skip
+
+
+def configured_layout(cfg: Config) -> Layout:
+    e = cfg.engine
+    return Layout(e.pipeline_stages, e.expert_parallel, e.zero_stage, str(e.activation_checkpointing),
+                  cfg.trainer.micro_batch_size, checkpoint_segment(cfg))  # fmt: skip
 
 
 def plan(cfg: Config) -> dict:
-    m, t, e = cfg.model, cfg.trainer, cfg.engine
-    if m.vocab_size is None:
-        m.vocab_size = cfg.data.tokenizer.vocab_size
-    model = meta_model(m)
-    total = sum(p.numel() for p in model.parameters())
-    routed = sum(p.numel() for mod in model.modules() if isinstance(mod, MoE) for p in mod.experts.parameters())
-    held = total - routed * (1 - 1 / e.expert_parallel)  # expert parallelism: each rank holds 1/ep of the experts
-    active = count_params(model, active=True)
-    world = t.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
-    bf16 = cfg.precision.dtype == "bf16"
-    w_bytes, opt_bytes = (2, 12) if bf16 else (4, 8)
-    shard = lambda stage: world if e.zero_stage >= stage else 1  # noqa: E731
-    weights = held * w_bytes / shard(3) * (0 if e.offload_param != "none" else 1)
-    grads = held * w_bytes / shard(2)
-    optimizer = held * opt_bytes / shard(1) * (0 if e.offload_optimizer != "none" else 1)
-    T, d, B = cfg.data.seq_len, m.d_model, t.micro_batch_size
-    act_scale = 1 if bf16 else 2
-    per_block = []
-    for block in model.blocks:
-        ffn_ratio = 1.0
-        if isinstance(block.mlp, MoE):
-            ffn_ratio = (m.ffn.top_k + m.ffn.n_shared) * m.ffn.expert_hidden / m.ffn_dim
-        # 34·T·d: about 10 T·d for attention and norms, 24 T·d for the dense SwiGLU part (scaled for experts).
-        per_block.append((10 + 24 * ffn_ratio) * T * d * act_scale + 4 * (m.residual.streams - 1) * T * d)
-    activations = B * (sum(per_block) + 8 * T * m.vocab_size)
+    """The configured layout's estimate and the feasible layouts for the planned world size."""
+    world = launched_world_size(cfg)
+    batch = global_batch_size(cfg, world)
+    profile = ModelProfile(cfg)
+    configured = estimate(profile, configured_layout(cfg), world, batch)
+    feasible, considered = search(cfg, world, cfg.trainer.plan_gpu_mem_gib, batch, profile=profile)
     return {
-        "total_params": total,
-        "active_params": active,
-        "flops_per_token": model_flops_per_token(model, T),
+        "total_params": profile.total_params,
+        "active_params": profile.active_params,
+        "flops_per_token": profile.flops_per_token,
         "world_size": world,
-        "memory_gib": {
-            "weights": weights / GiB,
-            "gradients": grads / GiB,
-            "optimizer": optimizer / GiB,
-            "activations": activations / GiB,
-            "total": (weights + grads + optimizer + activations) / GiB,
-        },
+        "global_batch_size": batch,
+        "configured": configured,
+        "memory_gib": {k: v / GiB for k, v in configured.memory.items()} | {"total": configured.total_gib},
+        "layouts": feasible,
+        "considered": considered,
     }
 
 
-def print_plan(cfg: Config) -> dict:
+def launch_command(overrides: list[str], est: Estimate, world: int, batch: int, gpus_per_node: int) -> str:
+    """The torchrun line that runs a planned layout on `world` GPUs."""
+    own = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in OWN_KEYS]
+    nodes = max(1, world // gpus_per_node)
+    per_node = world // nodes
+    launcher = f"torchrun --nnodes {nodes} --nproc_per_node {per_node}" + (
+        " --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500" if nodes > 1 else ""
+    )
+    args = [*own, *layout_overrides(est.layout), f"trainer.global_batch_size={batch}"]
+    return f"{launcher} train.py {' '.join(shlex.quote(a) for a in args)}"
+
+
+def _user_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def describe(est: Estimate) -> str:
+    lay = est.layout
+    mem = " ".join(f"{k}={v / GiB:.1f}" for k, v in est.memory.items())
+    seg = f" segment={lay.segment}" if lay.activation_checkpointing == "block" else ""
+    return (
+        f"layout: pp={lay.pipeline_stages} ep={lay.expert_parallel} zero={lay.zero_stage} "
+        f"ac={lay.activation_checkpointing}{seg} micro={lay.micro_batch_size} accum={est.accum} "
+        f"mem_per_gpu_gib={est.total_gib:.1f} ({mem}) step_s={est.step_s:.2f} mfu={est.mfu:.2f}"
+    )
+
+
+def print_plan(cfg: Config, overrides: list[str] | None = None) -> dict:
     p = plan(cfg)
-    e, mem = cfg.engine, p["memory_gib"]
+    e, mem, world = cfg.engine, p["memory_gib"], p["world_size"]
     print(f"model={cfg.model.name}")
     print(f"total_params={p['total_params']}")
     print(f"active_params={p['active_params']}")
     print(f"flops_per_token={p['flops_per_token']:.4e}")
-    offload = ", ".join(
-        f"{k} offload to {v}"
-        for k, v in (("optimizer", e.offload_optimizer), ("param", e.offload_param))
-        if v != "none"
-    )
+    offloads = (("optimizer", e.offload_optimizer), ("param", e.offload_param))
+    offload = ", ".join(f"{k} offload to {v}" for k, v in offloads if v != "none")
     ep = f", expert parallel {e.expert_parallel}" if e.expert_parallel > 1 else ""
+    pp = f", {e.pipeline_stages} pipeline stages" if e.pipeline_stages > 1 else ""
     print(
-        f"memory per GPU (ZeRO-{e.zero_stage}{ep}, {cfg.precision.dtype}, {p['world_size']} GPU(s), micro batch "
+        f"memory per GPU (ZeRO-{e.zero_stage}{pp}{ep}, {cfg.precision.dtype}, {world} GPU(s), micro batch "
         f"{cfg.trainer.micro_batch_size} x {cfg.data.seq_len} tokens{', ' + offload if offload else ''}): "
         + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items())
     )
+    budget = cfg.trainer.plan_gpu_mem_gib
+    print(
+        f"searched {p['considered']} layouts for {world} GPU(s) of {budget:g} GiB at global batch "
+        f"{p['global_batch_size']} x {cfg.data.seq_len} tokens: {len(p['layouts'])} fit"
+    )
+    overrides = _user_overrides() if overrides is None else overrides
+    gpn = cfg.trainer.plan_hardware.gpus_per_node
+    for est in p["layouts"][:SHOWN]:
+        print(describe(est))
+        print(f"  {launch_command(overrides, est, world, p['global_batch_size'], gpn)}")
+    if not p["layouts"]:
+        print("no layout fits: raise trainer.plan_world_size, shorten data.seq_len or enable engine.offload_optimizer")
     return p

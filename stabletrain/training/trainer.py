@@ -26,11 +26,12 @@ from stabletrain.data.setup import build_data
 from stabletrain.engine import checkpoint
 from stabletrain.engine.build import build_engine
 from stabletrain.engine.compile import compile_blocks
+from stabletrain.engine.fp8 import apply_fp8
 from stabletrain.engine.optim import clip_threshold
 from stabletrain.models import build_model, count_params, model_flops_per_token
 from stabletrain.training.callbacks import CALLBACKS, SpikeContext, build_callbacks
 from stabletrain.training.evaluation import evaluate
-from stabletrain.training.perf import peak_flops
+from stabletrain.training.perf import peak_flops, peak_memory_gib
 from stabletrain.training.resume import resume
 from stabletrain.training.signals import StopSignals
 from stabletrain.training.spike_guard import Decision, SpikeGuard
@@ -54,6 +55,10 @@ class Trainer:
                                  self.layout.data_parallel)  # fmt: skip
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model)
+        fallbacks = apply_fp8(self.model, cfg)  # before compilation and the engine: both see the FP8 Linears
+        if fallbacks and self.is_main:
+            print(f"stabletrain: fp8: {len(fallbacks)} Linear(s) stay in {cfg.precision.dtype} (shape not taken by "
+                  f"{cfg.precision.fp8.backend}): {', '.join(fallbacks)}", file=sys.stderr)  # fmt: skip
         if t.compile:
             compile_blocks(self.model)
         self.n_params = count_params(self.model)
@@ -130,7 +135,7 @@ class Trainer:
         row = {"step": step, "tokens": samples * self.cfg.data.seq_len, "samples": samples,
                **self.data.source_tokens(samples), "loss": loss, "lr": lr, "grad_norm": outcome.grad_norm,
                "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.peak * self.world),
-               "step_time_s": elapsed}  # fmt: skip
+               "step_time_s": elapsed, "mem/peak_gib": peak_memory_gib(self.device)}  # fmt: skip
         if self.cfg.optim.grad_clip_warmup_steps:
             row["grad_clip"] = clip_threshold(self.cfg, step)
         if not verdict.applied:
