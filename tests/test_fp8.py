@@ -61,6 +61,20 @@ def test_scales_are_positive_and_powers_of_two_when_asked():
             assert torch.equal(torch.log2(scales), torch.log2(scales).round())
 
 
+def test_tiny_tiles_stay_finite_with_denormals_flushed():
+    torch.set_flush_denormal(True)
+    try:
+        x = torch.zeros(4, 256)
+        x[0, :3] = torch.tensor([1e-39, -3e-38, 2e-37])  # below (and near) fp32's smallest normal
+        x[1, 5] = 1e-30
+        for pow2 in (False, True):
+            q = quantize(x, Block(1, 128), pow2)
+            assert torch.isfinite(q.dequantize()).all() and torch.all(q.scales > 0)
+            assert (q.dequantize() - x).abs().max() <= 2e-31
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def _linear(n_in, n_out, recipe, backend, seed=0):
     torch.manual_seed(seed)
     lin = nn.Linear(n_in, n_out, bias=False)

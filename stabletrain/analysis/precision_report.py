@@ -21,7 +21,11 @@ def load(run_dir: Path) -> dict:
     if (run_dir / "config.yaml").is_file():
         p = yaml.safe_load((run_dir / "config.yaml").read_text())["precision"]
         name = p["name"] if not p.get("fp8", {}).get("enabled") else f"fp8 ({p['fp8']['backend']})"
-    return {"name": name, "vals": [r for r in rows if "val_loss" in r], "fp8": [r for r in rows if "fp8/scale_max" in r]}
+    return {
+        "name": name,
+        "vals": [r for r in rows if "val_loss" in r],
+        "fp8": [r for r in rows if "fp8/scale_max" in r],
+    }
 
 
 def _mean(rows: list[dict], key: str) -> float | None:

@@ -249,11 +249,45 @@ def load_rank_state(tag_dir: Path) -> dict:
 
 
 def model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint, read safely (ZeRO-3 shards are consolidated by DeepSpeed's
-    zero_to_fp32 under forced weights-only loading)."""
-    states = sorted(tag_dir.glob("*model_states.pt"))
-    if states and states[0].name.startswith("mp_rank_"):
-        module = safe_load.load(states[0], map_location="cpu")["module"]
-        return {k: v.float() for k, v in module.items()}
-    with safe_load.weights_only_loading():
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    """The full fp32 weights of a checkpoint of any layout, read safely, under the unsharded model's names:
+
+    - ZeRO-0/1/2: the module state DeepSpeed saved from rank 0 (bf16 runs on ZeRO-1/2: the fp32 master weights,
+      consolidated by DeepSpeed's zero_to_fp32); ZeRO-3: zero_to_fp32 over every rank's shards;
+    - pipeline stages: each layer file of DeepSpeed's layer list, renamed from the layer's blocks to the model's;
+    - expert parallelism: every rank's own experts (fp32 masters) from its state_rank<r>.pt.
+    zero_to_fp32 runs under forced weights-only loading."""
+    layout = layout_of(tag_dir) or {}
+    if layout.get("pipeline_stages", 1) > 1:
+        weights = _pipeline_weights(tag_dir, layout["pipeline_layers"])
+    else:
+        states = sorted(tag_dir.glob("*model_states.pt"))
+        masters = layout.get("dtype") == "bf16" and layout.get("zero_stage", 0) >= 1
+        if states and states[0].name.startswith("mp_rank_") and not masters:
+            module = safe_load.load(states[0], map_location="cpu")["module"]
+            weights = {k: v.float() for k, v in module.items()}
+        else:
+            with safe_load.weights_only_loading():
+                weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    for path in sorted(tag_dir.glob("state_rank*.pt")):  # expert-parallel ranks (replicas hold equal copies)
+        experts = safe_load.load(path).get("local_experts")
+        if experts:
+            weights.update({k: v.float() for k, v in experts["params"].items()})
+    return weights
+
+
+def _pipeline_weights(tag_dir: Path, layer_names: list[str]) -> dict[str, torch.Tensor]:
+    """Layer files layer_XX-model_states.pt back to model names ("blocks 4-5": its blocks.0 is the model's 4)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(layer_names):
+        if name == "tied embedding":
+            continue  # the first layer's embedding, used again by the last stage
+        path = tag_dir / f"layer_{i:02d}-model_states.pt"
+        for key, value in safe_load.load(path, map_location="cpu").items():
+            if name.startswith("blocks "):
+                first = int(name.split()[1].split("-")[0])
+                _, j, rest = key.split(".", 2)
+                key = f"blocks.{first + int(j)}.{rest}"
+            out[key] = value.float()
+    if "tied embedding" in layer_names:
+        out["head.weight"] = out["embed.weight"]
+    return out

@@ -33,6 +33,7 @@ from torch import nn
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 TILE = 128
+MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,9 @@ def quantize(x: torch.Tensor, block: Block, pow2: bool = False, kind: str | None
     padded = torch.nn.functional.pad(x.float(), (0, Kp - K, 0, Rp - R))
     tiles = padded.view(Rp // rows, rows, Kp // cols, cols)
     amax = tiles.abs().amax(dim=(1, 3))
-    scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # A scale never below the smallest normal fp32: with denormals flushed (as training on CPU sets them), a tile
+    # of tiny values would otherwise get s = 0 and turn into inf and NaN. Such values underflow to 0, as they would.
+    scales = torch.where(amax > 0, (amax / E4M3_MAX).clamp_min(MIN_SCALE), torch.ones_like(amax))
     if pow2:
         scales = torch.exp2(torch.ceil(torch.log2(scales)))
     scaled = tiles / scales[:, None, :, None]

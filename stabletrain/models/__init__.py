@@ -5,6 +5,7 @@ from stabletrain.models import moe  # noqa: F401  (registers model/ffn=moe and t
 from stabletrain.models.feedforward import FEED_FORWARDS
 from stabletrain.models.moe import ROUTERS
 from stabletrain.models.residual import RESIDUAL_STREAMS
+from stabletrain.models.saved import model_config_from_dict
 from stabletrain.models.transformer import (
     Transformer,
     count_params,
@@ -24,6 +25,7 @@ __all__ = [
     "model_flops_per_token",
     "flops_per_token",
     "meta_model",
+    "model_config_from_dict",
     "param_count",
 ]
 

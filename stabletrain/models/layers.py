@@ -50,6 +50,7 @@ class CausalSelfAttention(nn.Module):
         # QK-norm (Dehghani et al. 2023; OLMo 2): bounds the attention logits, which otherwise grow and spike.
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.kv_cache = None  # set by generation (stabletrain.interop.generate); training never uses it
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None
@@ -62,8 +63,11 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:  # generation: earlier positions' keys and values, then these
+            k, v = self.kv_cache.extend(k, v)
+        causal = attn_mask is None and q.shape[2] == k.shape[2]  # one new query attends to every cached position
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

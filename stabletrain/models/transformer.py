@@ -113,14 +113,21 @@ class Transformer(nn.Module):
         loss, aux = self.loss(logits, targets), self.aux_loss()
         return loss + aux if aux is not None else loss
 
-    def block_context(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> BlockContext:
-        """What every block needs besides the stream: the rotary tables and the document mask."""
-        cos, sin = rope_tables(idx.shape[1], rope_dim(self.cfg), self.cfg.rope_theta, idx.device)
+    def block_context(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None, offset: int = 0) -> BlockContext:
+        """What every block needs besides the stream: the rotary tables (of positions offset.., for generation with
+        a KV cache) and the document mask."""
+        cos, sin = rope_tables(offset + idx.shape[1], rope_dim(self.cfg), self.cfg.rope_theta, idx.device)
+        cos, sin = cos[offset:], sin[offset:]
         attn_mask = None
         if doc_ids is not None:
             causal = torch.ones(idx.shape[1], idx.shape[1], dtype=torch.bool, device=idx.device).tril()
             attn_mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
         return BlockContext(cos, sin, attn_mask)
+
+    def decode(self, idx: torch.Tensor, offset: int) -> torch.Tensor:
+        """Logits of tokens at positions offset.. when the attention layers hold a KV cache of the earlier ones."""
+        x = self.run_blocks(self.embed_tokens(idx), 0, len(self.blocks), self.block_context(idx, offset=offset))
+        return self.logits(x)
 
     def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         return self.stream.expand(self.embed(idx))

@@ -1,0 +1,88 @@
+"""A trained run, read back: its typed config, the consolidated fp32 weights of one complete checkpoint, and its
+tokenizer. Works on any layout the engine writes (stabletrain.engine.checkpoint.model_weights)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from stabletrain import StableTrainError
+from stabletrain.config import DataConfig, ModelConfig
+from stabletrain.data.setup import tokenizer_path
+from stabletrain.engine import checkpoint
+from stabletrain.models import Transformer, build_model, model_config_from_dict
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    tag_dir: Path
+    step: int
+    model_cfg: ModelConfig
+    data_cfg: DataConfig
+    saved: dict  # the run's config.yaml as a plain dict
+    weights: dict[str, torch.Tensor]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return tokenizer_path(self.data_cfg)
+
+    def model(self) -> Transformer:
+        """The unsharded model in fp32 with the checkpoint's weights, in eval mode."""
+        torch.manual_seed(0)
+        model = build_model(self.model_cfg)
+        missing, unexpected = model.load_state_dict(self.weights, strict=False)
+        if missing or unexpected:
+            raise StableTrainError(
+                f"{self.tag_dir}: the weights do not fit the run's model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]})"
+            )
+        return model.eval()
+
+
+def data_config(saved: dict) -> DataConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved))
+
+
+def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
+    """The newest complete checkpoint of a run (or the one of `step`), verified; one-line errors otherwise."""
+    root = run_dir / "checkpoints"
+    tags = checkpoint.tags_newest_first(root)
+    if step is not None:
+        tags = [t for t in tags if checkpoint.step_of(t) == step]
+        if not tags:
+            raise StableTrainError(f"{run_dir} has no checkpoint of step {step}")
+    for tag_dir in tags:
+        if checkpoint.verify(tag_dir) is None:
+            return tag_dir
+    raise StableTrainError(f"{run_dir} holds no complete checkpoint (checkpoints/step_*/ with a manifest)")
+
+
+def load_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise StableTrainError(f"{run_dir} is not a run directory (no config.yaml)")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tag_dir = find_checkpoint(run_dir, step)
+    model_cfg = model_config_from_dict(saved["model"])
+    weights = checkpoint.model_weights(tag_dir)
+    if model_cfg.vocab_size is None:  # the run took it from its tokenizer
+        model_cfg.vocab_size = weights["embed.weight"].shape[0]
+    return TrainedRun(run_dir, tag_dir, checkpoint.step_of(tag_dir), model_cfg, data_config(saved["data"]), saved,
+                      weights)  # fmt: skip
+
+
+def model_from_export(export_dir: Path) -> Transformer:
+    """The model of a `format=safetensors` export (config.yaml and model*.safetensors), in fp32, in eval mode."""
+    saved = yaml.safe_load((export_dir / "config.yaml").read_text())
+    weights = {k: v.float() for f in sorted(export_dir.glob("model*.safetensors")) for k, v in load_file(f).items()}
+    cfg = model_config_from_dict(saved["model"])
+    cfg.vocab_size = weights["embed.weight"].shape[0]
+    model = build_model(cfg)
+    model.load_state_dict(weights)
+    return model.eval()
