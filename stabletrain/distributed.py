@@ -16,10 +16,11 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 
 RUN_STAMP_ENV = "STABLETRAIN_RUN_STAMP"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # in the order of precedence when ranks disagree
+# In the order of precedence when ranks disagree. SIGUSR1: SLURM's advance warning (--signal=USR1@<seconds>).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -55,12 +56,23 @@ def init_process_group(backend: str) -> None:
     if not is_launched():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if backend == "gloo":
         # DeepSpeed JIT-compiles a shared-memory op (35-50 s) used only by inference all-reduce; skip it on CPU.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one store across restarts of the group: the keys of the previous attempt
+            # would send gloo to ports of dead processes (a hang). Each attempt gets its own key space.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                                  timeout=timeout)  # fmt: skip
+            store = dist.PrefixStore(f"stabletrain/attempt_{attempt}", agent)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend)
 
 

@@ -112,6 +112,7 @@ def test_commands_that_do_not_run_here_still_match_the_code(doc, command):
     args = _train_args(argv)
     if args is not None:
         if "-m" in args:  # a sweep: compose its first point
+            args = [a for a in args if "(" not in a]  # sweeper search spaces (interval(...), choice(...))
             args = [a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0] if "=" in a else a for a in args]
             args = [a for a in args if a != "-m" and not a.startswith("hydra.sweep")]
         assert check_overrides(args, REPO / "conf") is None, check_overrides(args, REPO / "conf")
@@ -144,7 +145,8 @@ def _run(command: str, root: Path, n: int) -> subprocess.CompletedProcess:
     if args is not None:
         run_dir = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir=run{n}"]
         short = [] if "trainer.plan=true" in args else SHORT
-        args = [*args, *short, *run_dir] + ([f"hydra.sweep.dir=sweep{n}"] if "-m" in args else [])
+        sweep_dir = "-m" in args and not any(a.startswith("hydra.sweep.dir=") for a in args)
+        args = [*args, *short, *run_dir] + ([f"hydra.sweep.dir=sweep{n}"] if sweep_dir else [])
     if argv[0] == "source":
         return subprocess.CompletedProcess(argv, 0, "", "")  # the venv is this interpreter's already
     if argv[0] == "make":

@@ -152,6 +152,25 @@ def test_excluded_modules_stay_in_high_precision():
     assert len({n for n, _ in seen}) > 10
 
 
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_torchao_backend_converts_the_same_linears_and_stays_close(recipe):
+    cfg = composed("model.d_model=64", "model.n_heads=2", "model.n_layers=2", "precision=fp8",
+                   "precision.fp8.backend=torchao", f"precision.fp8.recipe={recipe}")  # fmt: skip
+    cfg.model.vocab_size = 256
+    torch.manual_seed(0)
+    ref = build_model(cfg.model)
+    model = build_model(cfg.model)
+    model.load_state_dict(ref.state_dict())
+    assert apply_fp8(model, cfg) == []  # every block Linear's shape is a multiple of 16
+    converted = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
+    assert len(converted) == len(fp8.fp8_linears(ref)) == 2 * 7
+    idx = torch.randint(0, 256, (2, 32))
+    loss, ref_loss = model(idx, targets=idx), ref(idx, targets=idx)
+    loss.backward()
+    assert abs(float(loss) - float(ref_loss)) / float(ref_loss) < 0.01
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 TINY_FP8 = ["trainer.max_steps=300", "trainer.eval_interval=300", "logging=none", "monitor.gain_interval=100"]
 
 

@@ -11,7 +11,8 @@ from tests.helpers import REPO, TINY, read_jsonl, train_rows
 
 PACKAGE = REPO / "stabletrain"
 # Heavy dependencies only some runs need may be imported where they are used.
-LAZY_OK = {"matplotlib", "wandb", "datasets", "torchao", "transformers", "lm_eval"}  # optional or heavy: top level
+# Optional or heavy packages, imported where used (by top-level package name).
+LAZY_OK = {"matplotlib", "wandb", "datasets", "torchao", "transformers", "lm_eval", "submitit"}
 
 
 def _sources():

@@ -59,6 +59,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "RANK" not in os.environ:
+        # hydra/launcher=submitit_slurm with one task per GPU: the ranks come from SLURM's environment.
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export()
     return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

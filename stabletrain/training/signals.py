@@ -1,14 +1,19 @@
-"""Stopping on a signal: SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) ask the run to stop at the end of
-the current step, after a checkpoint; a second Ctrl-C aborts at once (KeyboardInterrupt)."""
+"""Stopping on a signal: SIGTERM (a scheduler's preemption), SIGUSR1 (SLURM's warning before the time limit or a
+preemption, `--signal=USR1@<seconds>`) and SIGINT (Ctrl-C) ask the run to stop at the end of the current step,
+after a checkpoint; a second Ctrl-C aborts at once (KeyboardInterrupt). A file PREEMPT_FILE in the run directory
+does what SIGUSR1 does, for launchers whose agents stand between the scheduler's signal and the ranks (a batch
+script traps the signal and creates it)."""
 
 from __future__ import annotations
 
 import signal
 from typing import Callable
 
+PREEMPT_FILE = "PREEMPT"
+
 
 class StopSignals:
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self, say: Callable[[str], None]):
         self.say = say

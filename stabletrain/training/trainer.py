@@ -9,6 +9,8 @@ stop signals, and the configured callbacks.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ from stabletrain.training.callbacks import CALLBACKS, SpikeContext, build_callba
 from stabletrain.training.evaluation import evaluate
 from stabletrain.training.perf import peak_flops, peak_memory_gib
 from stabletrain.training.resume import resume
-from stabletrain.training.signals import StopSignals
+from stabletrain.training.signals import PREEMPT_FILE, StopSignals
 from stabletrain.training.spike_guard import Decision, SpikeGuard
 from stabletrain.training.spikes import Verdict
 
@@ -73,8 +75,13 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         self.callbacks = build_callbacks(t.callbacks, self, self.is_main)
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # torchrun's agent restarted the group
+        if restarts:
+            self.event("restart", self.step, count=restarts, resumed_from=self.resumed_step)
         for kind, fields in events:
             self.event(kind, self.step, **fields)
+        if self.is_main:
+            (run_dir / PREEMPT_FILE).unlink(missing_ok=True)  # a requeued job starts afresh
         self.peak, self.peak_source = peak_flops(self.device, cfg.precision.dtype, t.peak_tflops)
 
     def _set_vocab_size(self) -> None:
@@ -108,6 +115,8 @@ class Trainer:
                 if (t.ckpt_interval and self.step % t.ckpt_interval == 0) or self.step == last or self.stop_signal:
                     self.save()
         if self.stop_signal:
+            if self.stop_signal != signal.SIGINT:  # a scheduler's preemption or time limit: requeue and resume
+                self.event("preempted", self.step, signal=dist_utils.signal_name(self.stop_signal))
             self.say(f"stopped by {dist_utils.signal_name(self.stop_signal)} at step {self.step}; checkpoint "
                      f"{checkpoint.tag_for(self.step)} saved (continue with trainer.resume=auto)")  # fmt: skip
             return float("nan")
@@ -144,6 +153,8 @@ class Trainer:
 
     def _global_mean_loss(self, local_mean: torch.Tensor) -> float:
         """Mean loss over ranks; the same all-reduce carries any rank's stop signal (SIGINT wins over SIGTERM)."""
+        if self.is_main and self._signals.requested is None and (self.run_dir / PREEMPT_FILE).exists():
+            self._signals.requested = signal.SIGUSR1  # the batch script's word for SLURM's signal
         flags = [float(self._signals.requested == s) for s in dist_utils.STOP_SIGNALS]
         packed = torch.cat([local_mean.reshape(1), torch.tensor(flags, device=local_mean.device)])
         if self.world > 1:

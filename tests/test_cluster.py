@@ -1,0 +1,154 @@
+"""Cluster behaviour on one machine: two torchrun agents on loopback form one job; torchrun's elastic agent restarts a
+group whose rank was killed and the run continues from its newest checkpoint; a preemption checkpoints and
+resumes exactly."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from stabletrain.distributed import free_port
+from tests.helpers import PYTHON, REPO, TINY, env, read_jsonl, train, train_rows
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["trainer.eval_interval=0", "logging=none", "trainer.micro_batch_size=4"]
+
+
+def _torchrun(*launcher: str, run_dir, overrides) -> subprocess.Popen:
+    cmd = [PYTHON, "-m", "torch.distributed.run", *launcher, str(REPO / "train.py"), *TINY, *COMMON, *overrides,
+           f"hydra.run.dir={run_dir}"]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in train_rows(run_dir)}  # the last row of each step
+
+
+def test_two_agents_on_loopback_form_one_job(tmp_path):
+    steps = ["trainer.max_steps=4"]
+    train(tmp_path / "one_agent", *COMMON, *steps, nproc=2)
+    port = free_port()
+    agents = [
+        _torchrun(
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={n}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            run_dir=tmp_path / "two_agents",
+            overrides=steps,
+        )  # fmt: skip
+        for n in (0, 1)
+    ]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+    assert _losses(tmp_path / "two_agents") == _losses(tmp_path / "one_agent")
+
+
+STEPS = ["trainer.max_steps=60", "trainer.ckpt_interval=5", "trainer.keep_checkpoints=20"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted 2-rank run the interrupted ones must reproduce."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    train(run, *COMMON, *STEPS, nproc=2)
+    return run
+
+
+def _workers(agent_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_killed_rank_is_restarted_and_the_run_continues_exactly(tmp_path, whole):
+    steps = STEPS
+    run = tmp_path / "elastic"
+    agent = _torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=1", run_dir=run,
+                      overrides=[*steps, "trainer.resume=auto"])  # fmt: skip
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_00000010" / "COMPLETE.json").exists():
+        assert time.time() < deadline and agent.poll() is None, "the run ended before the kill"
+        time.sleep(0.05)
+    workers = _workers(agent.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = agent.communicate(timeout=300)
+    assert agent.returncode == 0, err[-3000:]
+    events = read_jsonl(run / "events.jsonl")
+    restarts = [e for e in events if e["kind"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["count"] == 1 and restarts[0]["resumed_from"] >= 10
+    assert _losses(run) == _losses(whole)
+
+
+def test_a_sweep_launches_torchrun_jobs_and_summarizes_them(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [PYTHON, str(REPO / "train.py"), "-m", "hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=2", *TINY,
+           *COMMON, "trainer.max_steps=4", "trainer.eval_interval=2", "optim.lr=1e-3,3e-3,-1",
+           f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (sweep / job / "exit_status").read_text() == "0"
+        assert (sweep / job / "checkpoints" / "latest").is_file() and (sweep / job / "config.yaml").is_file()
+        assert read_jsonl(sweep / job / "metrics.jsonl")[-1]["val_loss"] > 0
+        assert {r["rank"] for r in read_jsonl(sweep / job / "events.jsonl") if "rank" in r} <= {0}
+    assert (sweep / "2" / "exit_status").read_text() != "0"  # lr=-1: a config error, and the sweep went on
+    proc = subprocess.run([PYTHON, "-m", "stabletrain.analysis.sweep", str(sweep)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[1].split(",")[2] == "ok" and rows[2].split(",")[2] == "ok"
+    assert "failed" in rows[3] and "optim.lr=-1.0 must be > 0" in rows[3] and (sweep / "val_loss.png").is_file()
+
+
+def test_slurm_preemption_checkpoints_requeues_and_resumes_exactly(tmp_path, whole):
+    """launch/slurm.sbatch under stub sbatch/srun/scontrol (tests/slurm_stub): 2 nodes of 1 rank on this machine."""
+    steps = STEPS
+    stub, run = tmp_path / "slurm", tmp_path / "run"
+    environ = {**env(), "SLURM_STUB_DIR": str(stub), "SLURM_STUB_JOB_ID": "77", "RUN_DIR": str(run),
+               "NPROC_PER_NODE": "1", "MASTER_PORT": str(free_port()),
+               "PATH": f"{REPO / 'tests/slurm_stub'}:{REPO / '.venv/bin'}:{os.environ['PATH']}"}  # fmt: skip
+    sbatch = subprocess.run(["sbatch", "--nodes", "2", "launch/slurm.sbatch", *TINY, *COMMON, *steps], cwd=REPO,
+                            env=environ, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert sbatch.stdout.strip() == "Submitted batch job 77", sbatch.stderr
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step_00000010" / "COMPLETE.json").exists():
+        assert time.time() < deadline, (stub / "slurm-77.out").read_text()[-3000:]
+        time.sleep(0.05)
+    os.kill(int((stub / "job-77.pid").read_text()), signal.SIGUSR1)  # SLURM's --signal=B:USR1@<seconds>
+    while not (stub / "job-77.status").exists() or len((stub / "job-77.status").read_text().split()) < 2:
+        assert time.time() < deadline + 300, (stub / "slurm-77.out").read_text()[-3000:]
+        time.sleep(0.2)
+    assert (stub / "job-77.status").read_text().split()[-1] == "0", (stub / "slurm-77.out").read_text()[-3000:]
+    assert (stub / "scontrol.log").read_text() == "requeue 77\n"
+    kinds = [e["kind"] for e in read_jsonl(run / "events.jsonl")]
+    assert kinds.count("preempted") == 1 and kinds.count("resume") == 2
+    assert _losses(run) == _losses(whole)
+
+
+def _sweep(tmp_path, *args):
+    cmd = [PYTHON, str(REPO / "train.py"), "-m", *TINY, *COMMON, "trainer.max_steps=3", "trainer.eval_interval=3",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", *args]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / "sweep"
+
+
+def test_submitit_local_launcher_gives_each_job_its_run_directory(tmp_path):
+    sweep = _sweep(tmp_path, "hydra/launcher=submitit_local", "optim.lr=1e-3,3e-3")
+    for job in ("0", "1"):
+        assert (sweep / job / "config.yaml").is_file() and (sweep / job / "checkpoints" / "latest").is_file()
+        assert read_jsonl(sweep / job / "metrics.jsonl")[-1]["val_loss"] > 0
+
+
+def test_optuna_sweeper_minimizes_the_validation_loss(tmp_path):
+    sweep = _sweep(tmp_path, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=minimize",
+                   "hydra.sweeper.sampler.seed=0", "optim.lr=interval(1e-3,3e-3)")  # fmt: skip
+    best = (sweep / "optimization_results.yaml").read_text()
+    losses = [read_jsonl(sweep / j / "metrics.jsonl")[-1]["val_loss"] for j in ("0", "1")]
+    assert f"best_value: {min(losses)}" in best
