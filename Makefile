@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 WORKERS ?= 2
 
-.PHONY: setup train test test-fast lint bench clean
+.PHONY: setup train test test-fast lint bench reproduce clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ test: lint
 
 test-fast: setup
 	$(PY) -m pytest -q -n $(WORKERS) tests -m "not slow" $(ARGS)
+
+# The papers' claims at small scale (CPU): the repro_* recipes, then docs/reproduction.md.
+reproduce: setup
+	$(PY) train.py -m experiment=repro_lns model/norm=none,lns trainer.seed=0,1,2 \
+	  'hydra.sweep.dir=multirun/repro/lns' 'hydra.sweep.subdir=$${model.norm.depth_scaling}_s$${trainer.seed}'
+	$(PY) -m stabletrain.analysis.reproduce multirun/repro --out docs/reproduction.md
 
 bench: setup
 	$(PY) bench/throughput.py $(ARGS)

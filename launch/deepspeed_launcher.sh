@@ -8,4 +8,10 @@ cd "$(dirname "$0")/.."
 hostfile=$1; shift
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export STABLETRAIN_RUN_STAMP="${STABLETRAIN_RUN_STAMP:-$(date +%Y-%m-%d_%H-%M-%S)}"
+# A hostfile naming only this machine: no ssh (DeepSpeed would insist on passwordless ssh to localhost).
+hosts=$(grep -v '^\s*#' "$hostfile" | awk 'NF {print $1}' | sort -u)
+if [[ $(echo "$hosts" | wc -l) == 1 && $hosts =~ ^(localhost|127\.0\.0\.1|$(hostname))$ ]]; then
+  slots=$(grep -o 'slots=[0-9]*' "$hostfile" | head -n 1 | cut -d= -f2)
+  exec deepspeed --num_nodes 1 --num_gpus "${slots:-1}" --no_local_rank train.py "$@"
+fi
 exec deepspeed --hostfile "$hostfile" --no_local_rank train.py "$@"

@@ -15,6 +15,7 @@ from tests.helpers import PYTHON, REPO, TINY, env, read_jsonl, train, train_rows
 pytestmark = pytest.mark.slow
 
 COMMON = ["trainer.eval_interval=0", "logging=none", "trainer.micro_batch_size=4"]
+MOE_SMALL = ["model/ffn=moe", "model.ffn.n_routed=4", "model.ffn.expert_hidden=32", "model.ffn.top_k=2"]
 
 
 def _torchrun(*launcher: str, run_dir, overrides) -> subprocess.Popen:
@@ -152,3 +153,28 @@ def test_optuna_sweeper_minimizes_the_validation_loss(tmp_path):
     best = (sweep / "optimization_results.yaml").read_text()
     losses = [read_jsonl(sweep / j / "metrics.jsonl")[-1]["val_loss"] for j in ("0", "1")]
     assert f"best_value: {min(losses)}" in best
+
+
+def test_the_wandb_workspace_shows_keys_the_trainer_logs(tmp_path):
+    from stabletrain.analysis import wandb_workspace
+
+    run = tmp_path / "run"
+    train(run, "model=mhc", *MOE_SMALL, "precision=fp8", "trainer.max_steps=3", "trainer.eval_interval=3",
+          "monitor.gain_interval=1", "logging=none")  # fmt: skip
+    logged = {k for r in read_jsonl(run / "metrics.jsonl") for k in r}
+    keys = wandb_workspace.panel_keys(layers=2, moe_layers=[1])
+    conditional = {"update_skipped"}  # logged on a vetoed step only (its own tests: test_spikes_e2e.py)
+    assert {k for k in keys if not k.startswith("events/")} - conditional <= logged
+    workspace = wandb_workspace.build("team", "stabletrain", layers=2, group="sweep1", moe_layers=[1])
+    shown = {y for section in workspace.sections for panel in section.panels for y in panel.y}
+    assert shown == keys and [s.name for s in workspace.sections][0] == "Loss and validation"
+
+
+def test_the_deepspeed_launcher_runs_with_a_hostfile_of_localhost_slots(tmp_path):
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    environ = {**env(), "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
+    cmd = ["bash", "launch/deepspeed_launcher.sh", str(tmp_path / "hostfile"), *TINY, *COMMON, "trainer.max_steps=4",
+           f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and [r["step"] for r in train_rows(tmp_path / "run")] == [1, 2, 3, 4]

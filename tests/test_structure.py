@@ -12,7 +12,8 @@ from tests.helpers import REPO, TINY, read_jsonl, train_rows
 PACKAGE = REPO / "stabletrain"
 # Heavy dependencies only some runs need may be imported where they are used.
 # Optional or heavy packages, imported where used (by top-level package name).
-LAZY_OK = {"matplotlib", "wandb", "datasets", "torchao", "transformers", "lm_eval", "submitit"}
+LAZY_OK = {"matplotlib", "wandb", "datasets", "torchao", "transformers", "lm_eval", "submitit",
+           "wandb_workspaces"}  # fmt: skip
 
 
 def _sources():

@@ -292,6 +292,7 @@ class LoggingConfig:
     group: Optional[str] = None  # W&B group; null: the sweep directory's name under -m
     tags: List[str] = field(default_factory=list)
     progress: bool = True  # console progress bar on rank 0
+    workspace_url: Optional[str] = None  # the W&B dashboard (stabletrain.analysis.wandb_workspace): alerts link it
 
 
 @dataclass

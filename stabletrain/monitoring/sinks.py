@@ -222,6 +222,8 @@ class WandbRun(Callback):
 
     def on_alert(self, trainer, title: str, text: str, wait_s: float) -> None:
         """A W&B alert (email/Slack when the run is online); W&B itself drops repeats within wait_s."""
+        url = trainer.cfg.logging.workspace_url
+        text = f"{text}\ndashboard: {url}" if url else text
         self.run.alert(title=title, text=text, level=self.wandb.AlertLevel.WARN, wait_duration=wait_s)
 
     def close(self) -> None:
