@@ -165,6 +165,13 @@ Claim 3: `conf/experiment/repro_lns.yaml` (12 blocks, d 64, 300 steps, sequence 
 seeds 0, 1, 2. Per-layer variance: the stream after each block on one validation batch of the trained model.
 Pruning: the validation loss over 4 batches of 8 with each block replaced by the identity, minus the full model's.
 Spread: ± one standard deviation over seeds; a verdict is `reproduced` only when the difference exceeds the spreads.
+
+Reading 3b at this scale: after 300 steps the first two blocks carry almost all of the loss a block removal costs,
+in both models, and the deep blocks of either model have learned little yet; the paper measures trained
+billion-parameter models, where the deep layers of a pre-norm model are the ones found redundant. A tiny, briefly
+trained model cannot show that contrast, so a `not reproduced` here says more about the scale than the method.
+Claims 1, 2, 4 and 6 have recipes to come (their single-seed experiments are in docs/residual-streams.md and
+docs/moe.md).
 """
 
 
