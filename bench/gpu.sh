@@ -15,3 +15,7 @@ $py bench/throughput.py --steps 10 --repeats 3 "${common[@]}" model.d_model=2048
 # Residual overhead at the LayerNorm-Scaling paper's 1B shape (24 layers, d=2048), n = 4 streams.
 $py bench/residual_overhead.py --steps 5 --repeats 3 "${common[@]}" model.d_model=2048 model.n_heads=32 \
   model.n_layers=24 model.ffn.hidden=5461 --out "$out/residual_overhead_1b.json" 2>&1 | tee "$out/residual_overhead_1b.log"
+# FP8 against bf16 at ~1B (the goal: fp8 >= 1.3x bf16 tokens/s); torchao's kernels are the fast path on a GPU.
+$py bench/fp8.py --steps 10 --repeats 3 --variants bf16,scaled_mm,torchao_rowwise,torchao_tensorwise \
+  trainer.device=cuda model.d_model=2048 model.n_heads=16 model.n_layers=16 data.seq_len=2048 trainer.micro_batch_size=4 \
+  --out "$out/fp8_1b.json" 2>&1 | tee "$out/fp8_1b.log"
