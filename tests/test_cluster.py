@@ -36,13 +36,13 @@ def test_two_agents_on_loopback_form_one_job(tmp_path):
         _torchrun(
             "--nnodes=2",
             "--nproc_per_node=1",
-            f"--node_rank={n}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={port}",
+            "--rdzv-backend=c10d",  # the launch a cluster uses; each agent's node rank comes from the rendezvous
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=loopback",
             run_dir=tmp_path / "two_agents",
             overrides=steps,
         )  # fmt: skip
-        for n in (0, 1)
+        for _ in (0, 1)
     ]
     for agent in agents:
         _, err = agent.communicate(timeout=300)
