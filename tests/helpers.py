@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from stabletrain.cli import compose_config as compose_typed
@@ -170,3 +171,17 @@ def one_rank_trainer(model):
 
     engine = SimpleNamespace(stage_gather=lambda obj: [obj], stage_blocks=lambda: range(len(model.blocks)))
     return SimpleNamespace(model=model, engine=engine)
+
+
+def tensor_paths(x, prefix: str, out: dict | None = None) -> dict:
+    """Every tensor inside nested dicts/lists/tuples, keyed by its path (prefix/key/index...)."""
+    out = {} if out is None else out
+    if torch.is_tensor(x):
+        out[prefix] = x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            tensor_paths(v, f"{prefix}/{k}", out)
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            tensor_paths(v, f"{prefix}/{i}", out)
+    return out

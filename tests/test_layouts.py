@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import train, train_jobs, train_rows, val_rows
+from tests.helpers import tensor_paths, train, train_jobs, train_rows, val_rows
 
 pytestmark = pytest.mark.slow
 
@@ -90,19 +90,9 @@ def test_an_interrupted_run_resumes_to_identical_losses(runs, name, whole):
 def _all_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
 
-    def walk(prefix, x):
-        if torch.is_tensor(x):
-            out[prefix] = x
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(f"{prefix}/{i}", v)
-
     for f in sorted(tag_dir.glob("*.pt")):
         if not f.name.startswith("rng_rank"):
-            walk(f.name, torch.load(f, map_location="cpu", weights_only=True))
+            tensor_paths(out=out, prefix=f.name, x=torch.load(f, map_location="cpu", weights_only=True))
     return out
 
 

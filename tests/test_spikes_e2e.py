@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stabletrain.analysis.wandb_offline import find_run_files, read_run
-from tests.helpers import read_jsonl, train, train_rows
+from tests.helpers import read_jsonl, tensor_paths, train, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -24,22 +24,13 @@ def engine_state(tag_dir: Path) -> dict:
     """Every tensor DeepSpeed saved (weights, optimizer moments) plus the LR schedule position, by path."""
     out = {}
 
-    def walk(prefix, x):
-        if torch.is_tensor(x):
-            out[prefix] = x
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(f"{prefix}/{i}", v)
-
     for f in sorted(tag_dir.glob("*.pt")):
         if not f.name.startswith(("rng_rank", "state_rank")):
             state = torch.load(f, map_location="cpu", weights_only=False)
-            walk(
-                f.name,
-                {
+            tensor_paths(
+                out=out,
+                prefix=f.name,
+                x={
                     k: v
                     for k, v in state.items()
                     if k
