@@ -32,11 +32,16 @@ test: lint
 test-fast: setup
 	$(PY) -m pytest -q -n $(WORKERS) tests -m "not slow" $(ARGS)
 
-# The papers' claims at small scale (CPU): the repro_* recipes, then docs/reproduction.md.
+# The papers' claims at small scale (CPU, ~45 min on 2 cores): every repro_* recipe, then docs/reproduction.md and
+# docs/reproduction/*.png. trainer.resume=auto: an interrupted `make reproduce` continues, finished runs are kept.
+REPRO_RECIPES := gains residual lns bslo moe moe_u fp8
 reproduce: setup
-	$(PY) train.py -m experiment=repro_lns model/norm=none,lns trainer.seed=0,1,2 \
-	  'hydra.sweep.dir=multirun/repro/lns' 'hydra.sweep.subdir=$${model.norm.depth_scaling}_s$${trainer.seed}'
-	$(PY) -m stabletrain.analysis.reproduce multirun/repro --out docs/reproduction.md
+	for r in $(REPRO_RECIPES); do $(PY) train.py -m experiment=repro_$$r trainer.resume=auto || exit 1; done
+	$(PY) -m stabletrain.analysis.reproduce multirun/repro --out docs
+
+# One recipe alone: make repro-lns, make repro-moe, ...
+repro-%: setup
+	$(PY) train.py -m experiment=repro_$(subst -,_,$*) trainer.resume=auto
 
 bench: setup
 	$(PY) bench/throughput.py $(ARGS)

@@ -45,7 +45,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             trainer.close()
         if trainer.stop_signal:
             sys.exit(128 + trainer.stop_signal)
-        if trainer.is_main:
+        if trainer.is_main and trainer.step == trainer.resumed_step:  # resumed at its last step: nothing to train
+            print(f"already finished at step {trainer.step}; run directory: {run_dir}")
+        elif trainer.is_main:
             print(f"final val_loss {val_loss:.4f}; run directory: {run_dir}")
         return val_loss
     except StableTrainError as e:
