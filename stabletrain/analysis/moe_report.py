@@ -20,7 +20,7 @@ def load(run_dir: Path) -> dict:
     vals = [r for r in rows if "val_loss" in r]
     name = run_dir.name
     if (run_dir / "config.yaml").is_file():
-        name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["moe"]["router"]
+        name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["ffn"]["router"]["kind"]
     return {"name": name, "train": train, "vals": vals}
 
 

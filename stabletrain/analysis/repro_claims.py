@@ -42,7 +42,9 @@ def recipe_line(runs: list[Run]) -> str:
     """The runs' recipe and settings, from their saved configs."""
     groups = sorted({r.group for r in runs})
     cfg = runs[0].cfg
-    m, t, o = cfg["model"], cfg["trainer"], cfg["optim"]
+    m, t, o = dict(cfg["model"]), cfg["trainer"], cfg["optim"]
+    for key in ("d_model", "n_layers"):  # a sweep over sizes: every value
+        m[key] = "/".join(str(v) for v in sorted({r.cfg["model"][key] for r in runs}))
     seeds = ", ".join(str(s) for s in sorted({r.seed for r in runs}))
     commands = " and ".join(f"`python train.py -m experiment={g}`" for g in groups)
     shape = f"{t['max_steps']} steps of {t['micro_batch_size']} x {cfg['data']['seq_len']} tokens"
@@ -85,14 +87,17 @@ def gains(runs: list[Run], figdir: Path) -> Section:
               for (k, L), s in sorted(stat.items())]  # fmt: skip
     peak = {key: [max(f, b) for f, b in zip(s["peak_fwd"], s["peak_bwd"])] for key, s in stat.items()}
     both = [L for L in depths if ("mhc", L) in peak and ("hc", L) in peak]
-    verdicts = [lower_verdict(peak[("mhc", L)], peak[("hc", L)]) for L in both]
+    log_peak = {key: [math.log10(v) for v in vs] for key, vs in peak.items()}  # gains compound: compare on a log scale
+    verdicts = [lower_verdict(log_peak[("mhc", L)], log_peak[("hc", L)]) for L in both]
     near_one = all(mean_sd(peak[("mhc", L)])[0] < 2.0 for L in depths if ("mhc", L) in peak)
     verdict = (REPRODUCED if verdicts and all(v == REPRODUCED for v in verdicts) and near_one
                else NOT_REPRODUCED if NOT_REPRODUCED in verdicts or not near_one else INCONCLUSIVE)  # fmt: skip
-    ours = "; ".join(
-        f"{L} blocks: HC {fmt(peak.get(('hc', L), [math.nan]), 1)}, mHC {fmt(peak.get(('mhc', L), [math.nan]), 3)}"
-        for L in depths
-    )
+
+    def spread(key, digits):
+        vs = peak.get(key, [math.nan])
+        return f"{fmt(vs, digits)} (seeds {min(vs):.{digits}f}–{max(vs):.{digits}f})"
+
+    ours = "; ".join(f"{L} blocks: HC {spread(('hc', L), 1)}, mHC {spread(('mhc', L), 3)}" for L in depths)
     plots.gains(groups, figdir / "gains.png")
     return Section(
         "1. Composite signal gain: HC vs mHC over depth",
