@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shutil
 
 import pytest
 import torch
@@ -45,6 +46,11 @@ def test_maxvio_of_the_whole_set_is_not_the_mean_of_the_batches():
     assert st.maxvio_global(batches) == 0.0
     rows = [{"step": i, "moe/maxvio_batch": float(i)} for i in range(10)] + [{"step": 10, "val_loss": 1.0}]
     assert st.tail_mean(rows, "moe/maxvio_batch", 4) == 7.5
+    rows = [{"step": 1, "moe/load/1": [3, 1], "moe/load/2": [2, 2]},
+            {"step": 2, "moe/load/1": [1, 3], "moe/load/2": [4, 0]}, {"step": 3, "val_loss": 1.0}]  # fmt: skip
+    # layer 1: summed [4, 4] -> 0; layer 2: summed [6, 2] -> 0.5; the mean over layers 0.25; the last step alone 0.75
+    assert st.maxvio_over_steps(rows, 2) == pytest.approx(0.25)
+    assert st.maxvio_over_steps(rows, 1) == pytest.approx((0.5 + 1.0) / 2)
     assert st.count_events([{"kind": "spike"}, {"kind": "skip_step"}, {"kind": "spike"}], "spike") == 2
 
 
@@ -115,7 +121,7 @@ VARIANTS = [("repro_lns", "model/norm=none", "none"), ("repro_lns", "model/norm=
 
 
 @pytest.mark.slow
-def test_the_report_is_built_from_the_runs(tmp_path):
+def test_the_report_is_built_from_the_runs(tmp_path, capsys):
     """Claims 3, 5 and 6 from two seeds of 3 steps each; the numbers in the report are those of the runs."""
     runs = tmp_path / "repro"
     short = ["trainer.max_steps=3", "trainer.eval_batches=1", "trainer.eval_interval=3", "logging=none"]
@@ -135,6 +141,15 @@ def test_the_report_is_built_from_the_runs(tmp_path):
     for png in ("lns_depth.png", "fp8_loss.png", "bslo_depth.png"):
         assert (tmp_path / "docs" / "reproduction" / png).stat().st_size > 10_000
         assert f"(reproduction/{png})" in report
+    # A run whose tokenizer is not where its config says (made in another checkout): an error, never a new one.
+    moved = tmp_path / "moved" / "fp8_s0"
+    shutil.copytree(runs / "fp8_s0", moved)
+    cfg = (moved / "config.yaml").read_text()
+    (moved / "config.yaml").write_text(cfg.replace("vocab_size: 4096", "vocab_size: 4095", 1))
+    with pytest.raises(SystemExit):
+        reproduce_main([str(runs), str(moved.parent), "--out", str(tmp_path / "docs2")])
+    assert "its tokenizer" in capsys.readouterr().err
+    assert not list((REPO / "data" / "shakespeare" / "tokenizer").glob("sp4095-*"))
 
 
 def test_report_without_runs_is_a_one_line_error(tmp_path, capsys):

@@ -18,6 +18,7 @@ from stabletrain.analysis.repro_stats import (
     fmt,
     lower_verdict,
     lowest_verdict,
+    maxvio_over_steps,
     mean_sd,
     paired_relative_gap,
     tail_mean,
@@ -26,6 +27,7 @@ from stabletrain.analysis.repro_stats import (
 
 FP8_BOUND = 0.0025  # DeepSeek-V3: relative loss error of FP8 training below 0.25%
 MAXVIO_TAIL = 50  # training steps averaged for MaxVio per batch
+NORMS = ("pre-norm", "LNS")
 
 
 @dataclass
@@ -57,12 +59,16 @@ def table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
-def split(runs: list[Run], key) -> dict:
-    """label -> runs sorted by seed; labels in first-seen order."""
+def split(runs: list[Run], key, order: tuple = ()) -> dict:
+    """label -> runs sorted by seed; labels in `order`, then the others in first-seen order."""
     out: dict = {}
     for run in sorted(runs, key=lambda r: r.seed):
         out.setdefault(key(run), []).append(run)
-    return out
+    return {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))}
+
+
+def norm_label(run: Run) -> str:
+    return "LNS" if run.cfg["model"]["norm"]["depth_scaling"] == "lns" else "pre-norm"
 
 
 def _both(val: str, held: str) -> str:
@@ -128,7 +134,8 @@ def _loss_table(groups: dict[str, list[Run]], extra=None) -> str:
 def residual(runs: list[Run], figdir: Path) -> Section:
     """Claim 2: final validation and held-out loss, baseline vs HC vs mHC, and the spike monitor's firings."""
     names = {"standard": "baseline", "hc": "HC", "mhc": "mHC"}
-    groups = split(runs, lambda r: names.get(r.cfg["model"]["residual"]["kind"], r.cfg["model"]["residual"]["kind"]))
+    kind = lambda r: r.cfg["model"]["residual"]["kind"]  # noqa: E731
+    groups = split(runs, lambda r: names.get(kind(r), kind(r)), ("baseline", "HC", "mHC"))
     if not {"baseline", "HC", "mHC"} <= set(groups):
         return Section("2. Loss at equal tokens: baseline vs HC vs mHC", [])
     val = {k: [r.final_val for r in rs] for k, rs in groups.items()}
@@ -158,7 +165,7 @@ def residual(runs: list[Run], figdir: Path) -> Section:
 
 def lns(runs: list[Run], figdir: Path) -> Section:
     """Claim 3: per-block variance (a), layer pruning (b), validation and held-out loss (c), pre-norm vs LNS."""
-    groups = split(runs, lambda r: "LNS" if r.cfg["model"]["norm"]["depth_scaling"] == "lns" else "pre-norm")
+    groups = split(runs, norm_label, NORMS)
     if set(groups) != {"pre-norm", "LNS"}:
         return Section("3. Curse of Depth: LayerNorm Scaling", [])
     growth = {k: [r.depth["variance"][-1] / r.depth["variance"][0] for r in rs] for k, rs in groups.items()}
@@ -190,18 +197,20 @@ def lns(runs: list[Run], figdir: Path) -> Section:
 
 def moe(runs: list[Run], u_runs: list[Run], figdir: Path) -> Section:
     """Claim 4: MaxVio (batch, global) and loss per router; MaxVio and loss over the bias update rate u."""
-    groups = split(runs, lambda r: r.cfg["model"]["ffn"]["router"]["kind"])
+    groups = split(runs, lambda r: r.cfg["model"]["ffn"]["router"]["kind"], ("none", "softmax_aux", "aux_free", "bslo"))
     if not {"softmax_aux", "aux_free"} <= set(groups):
         return Section("4. Auxiliary-loss-free load balancing", [])
     glob = {k: [r.vals[-1]["moe/maxvio_global"] for r in rs] for k, rs in groups.items()}
     batch = {k: [tail_mean(r.rows, "moe/maxvio_batch", MAXVIO_TAIL) for r in rs] for k, rs in groups.items()}
+    steps = {k: [maxvio_over_steps(r.rows, MAXVIO_TAIL) for r in rs] for k, rs in groups.items()}
     val = {k: [r.final_val for r in rs] for k, rs in groups.items()}
     held = {k: [r.heldout_loss for r in rs] for k, rs in groups.items()}
     v_vio = lower_verdict(glob["aux_free"], glob["softmax_aux"])
     worse = {name: lower_verdict(losses["softmax_aux"], losses["aux_free"]) == REPRODUCED
              for name, losses in (("val", val), ("held", held))}  # fmt: skip
     verdict = NOT_REPRODUCED if v_vio == NOT_REPRODUCED or worse["val"] else v_vio
-    rows = [[k, fmt(batch[k], 3), fmt(glob[k], 3), fmt(val[k]), fmt(held[k]), str(len(groups[k]))] for k in groups]
+    rows = [[k, fmt(batch[k], 3), fmt(steps[k], 3), fmt(glob[k], 3), fmt(val[k]), fmt(held[k]), str(len(groups[k]))]
+            for k in groups]  # fmt: skip
     u_groups = split(u_runs, lambda r: float(r.cfg["model"]["ffn"]["router"]["bias_update_rate"]))
     u_groups.setdefault(float(groups["aux_free"][0].cfg["model"]["ffn"]["router"]["bias_update_rate"]),
                         groups["aux_free"])  # fmt: skip
@@ -210,7 +219,8 @@ def moe(runs: list[Run], u_runs: list[Run], figdir: Path) -> Section:
     ours = (f"MaxVio global: aux_free {fmt(glob['aux_free'], 3)} vs softmax_aux {fmt(glob['softmax_aux'], 3)}; "
             f"validation loss {fmt(val['aux_free'])} vs {fmt(val['softmax_aux'])}")  # fmt: skip
     plots.moe(groups, u_groups, figdir / "moe_balance.png")
-    detail = table(["router", f"MaxVio batch (last {MAXVIO_TAIL} steps)", "MaxVio global (validation)",
+    detail = table(["router", f"MaxVio per batch (mean of last {MAXVIO_TAIL} steps)",
+                    f"MaxVio of the last {MAXVIO_TAIL} batches together", "MaxVio global (validation)",
                     "validation loss", "held-out loss (KJV)", "seeds"], rows)  # fmt: skip
     detail += "\nBias update rate u of aux_free:\n\n"
     detail += table(["u", "MaxVio global", "validation loss", "seeds"], u_rows)
@@ -223,7 +233,8 @@ def moe(runs: list[Run], u_runs: list[Run], figdir: Path) -> Section:
                 "1B: MaxVio global 0.04 vs 0.72, perplexity 9.50 vs 9.56",
                 ours,
                 verdict,
-            ]
+            ],
+            *u_sensitivity(u_groups),
         ],  # fmt: skip
         detail,
         ["moe_balance.png"],
@@ -231,9 +242,22 @@ def moe(runs: list[Run], u_runs: list[Run], figdir: Path) -> Section:
     )
 
 
+def u_sensitivity(u_groups: dict[float, list[Run]]) -> list[list[str]]:
+    """Claim 4b (Wang et al.'s ablation): u = 1e-4 balances more slowly than the chosen 1e-3 (and 1e-2 oscillates)."""
+    if not {1e-4, 1e-3} <= set(u_groups):
+        return []
+    vio = {u: [r.vals[-1]["moe/maxvio_global"] for r in rs] for u, rs in sorted(u_groups.items())}
+    ours = "MaxVio global by u: " + ", ".join(f"{u:g}: {fmt(v, 3)}" for u, v in vio.items())
+    ours += "; validation loss: " + ", ".join(
+        f"{u:g}: {fmt([r.final_val for r in rs])}" for u, rs in sorted(u_groups.items())
+    )
+    return [["4b. The bias update rate: u = 1e-4 balances more slowly than u = 1e-3", "1B ablation: 1e-4 converges "
+             "slowly, 1e-2 oscillates, 1e-3 chosen", ours, lower_verdict(vio[1e-3], vio[1e-4])]]  # fmt: skip
+
+
 def fp8(runs: list[Run], figdir: Path) -> Section:
     """Claim 5: the paired relative loss gap of fp8 to bf16, per seed, on validation and held-out text."""
-    groups = split(runs, lambda r: r.cfg["precision"]["name"])
+    groups = split(runs, lambda r: r.cfg["precision"]["name"], ("bf16", "fp8"))
     if not {"bf16", "fp8"} <= set(groups):
         return Section("5. FP8 vs bf16", [])
     gap = {name: paired_relative_gap({r.seed: f(r) for r in groups["bf16"]}, {r.seed: f(r) for r in groups["fp8"]})
@@ -262,7 +286,7 @@ def fp8(runs: list[Run], figdir: Path) -> Section:
 
 def bslo(lns_runs: list[Run], bslo_runs: list[Run], figdir: Path) -> Section:
     """Claim 6: BSLO's propagation scalar vs LNS vs pre-norm: variance over depth and loss."""
-    groups = split(lns_runs, lambda r: "LNS" if r.cfg["model"]["norm"]["depth_scaling"] == "lns" else "pre-norm")
+    groups = split(lns_runs, norm_label, NORMS)
     groups["BSLO"] = sorted(bslo_runs, key=lambda r: r.seed)
     if not bslo_runs or set(groups) != {"pre-norm", "LNS", "BSLO"}:
         return Section("6. BSLO (our reading of an article)", [])

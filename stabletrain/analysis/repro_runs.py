@@ -77,7 +77,7 @@ class Run:
     @cached_property
     def depth(self) -> dict:
         """Per-block output variance and the loss increase when each block is removed, on the validation split."""
-        model, batches = self.trained.model(), val_batches(self.trained.data_cfg, EVAL_BATCHES // 4)
+        model, batches = self.trained.model(), val_batches(run_data_config(self.trained), EVAL_BATCHES // 4)
         return {
             "variance": block_output_variance(model, batches[0][:, :-1]),
             "prune_increase": prune_increase(model.blocks, lambda: eval_loss(model, batches)),
@@ -102,11 +102,16 @@ def by_group(runs: list[Run]) -> dict[str, list[Run]]:
     return out
 
 
+def run_data_config(trained: TrainedRun) -> DataConfig:
+    """The run's data settings with its tokenizer pinned (an error if it is missing, never a new one)."""
+    tokenizer = dataclasses.replace(trained.data_cfg.tokenizer, path=str(trained.tokenizer_path))
+    return dataclasses.replace(trained.data_cfg, tokenizer=tokenizer)
+
+
 def heldout_config(trained: TrainedRun) -> DataConfig:
     """The run's data settings on the held-out corpus, tokenized with the run's own tokenizer."""
-    tokenizer = dataclasses.replace(trained.data_cfg.tokenizer, path=str(trained.tokenizer_path))
-    return dataclasses.replace(trained.data_cfg, name="kjv", sources={}, path=None, kind=None, hf_id=None,
-                               train_files=[str(HELDOUT)], val_files=[str(HELDOUT)], tokenizer=tokenizer)  # fmt: skip
+    return dataclasses.replace(run_data_config(trained), name="kjv", sources={}, path=None, kind=None, hf_id=None,
+                               train_files=[str(HELDOUT)], val_files=[str(HELDOUT)])  # fmt: skip
 
 
 def val_batches(cfg: DataConfig, n: int = EVAL_BATCHES) -> list[torch.Tensor]:

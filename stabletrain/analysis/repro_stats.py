@@ -71,6 +71,13 @@ def maxvio_global(loads: Sequence[Sequence[float]]) -> float:
     return maxvio([sum(col) for col in zip(*loads)])
 
 
+def maxvio_over_steps(rows: Sequence[dict], tail: int, prefix: str = "moe/load/") -> float:
+    """MaxVio of each MoE layer's expert loads summed over the last `tail` logged steps (`moe/load/<layer>` rows),
+    averaged over layers: the balance of many batches together, as MaxVio_global is of the validation set."""
+    layers = sorted({k for r in rows for k in r if k.startswith(prefix)})
+    return statistics.fmean(maxvio_global([r[k] for r in rows if k in r][-tail:]) for k in layers)
+
+
 def tail_mean(rows: Sequence[dict], key: str, tail: int) -> float:
     """Mean of `key` over the last `tail` rows that have it."""
     return statistics.fmean([r[key] for r in rows if key in r][-tail:])

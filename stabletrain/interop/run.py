@@ -30,7 +30,15 @@ class TrainedRun:
 
     @property
     def tokenizer_path(self) -> Path:
-        return tokenizer_path(self.data_cfg)
+        """The tokenizer the run trained with. Never trained anew here: a tokenizer trained again on the same text
+        need not assign the same ids, and the weights would be read with the wrong vocabulary."""
+        path = tokenizer_path(self.data_cfg)
+        if not path.exists():
+            raise StableTrainError(
+                f"{self.run_dir}: its tokenizer {path} is missing (a run made in another checkout? set "
+                f"data.tokenizer.path to the run's tokenizer, or analyse it where it was trained)"
+            )
+        return path
 
     def model(self) -> Transformer:
         """The unsharded model in fp32 with the checkpoint's weights, in eval mode."""
