@@ -11,9 +11,16 @@ from stabletrain.monitoring.plots import finite
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl rows; a torn line (a crash mid-write) is skipped and NaN/Inf strings become floats."""
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl or events.jsonl ([] when missing); a torn line (a crash mid-write) is
+    skipped and NaN/Inf strings become floats."""
+    if not path.is_file():
+        return []
     rows = []
-    for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
         except ValueError:
@@ -21,6 +28,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
         if isinstance(row, dict):
             rows.append({k: finite([v])[0] if v in ("nan", "inf", "-inf") else v for k, v in row.items()})
     return rows
+
+
+def count_events(events: list[dict], kind: str) -> int:
+    return sum(1 for e in events if e.get("kind") == kind)
+
+
+def markdown_table(head: list, rows: list[list]) -> str:
+    """A markdown table; a "|" inside a cell is escaped."""
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def report_main(

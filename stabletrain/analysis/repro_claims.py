@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stabletrain.analysis import repro_plots as plots
+from stabletrain.analysis.report import count_events, markdown_table
 from stabletrain.analysis.repro_runs import Run
 from stabletrain.analysis.repro_stats import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
     REPRODUCED,
-    count_events,
     fmt,
     lower_verdict,
     lowest_verdict,
@@ -52,11 +52,6 @@ def recipe_line(runs: list[Run]) -> str:
     shape = f"{t['max_steps']} steps of {t['micro_batch_size']} x {cfg['data']['seq_len']} tokens"
     return (f"Runs: {commands} ({len(runs)} runs): d_model {m['d_model']}, {m['n_layers']} blocks, {shape}, "
             f"lr {o['lr']:g}, seeds {seeds}.\n")  # fmt: skip
-
-
-def table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
 def split(runs: list[Run], key, order: tuple = ()) -> dict:
@@ -115,7 +110,7 @@ def gains(runs: list[Run], figdir: Path) -> Section:
                 verdict,
             ]
         ],  # fmt: skip
-        table(
+        markdown_table(
             ["stream", "blocks", "peak Amax fwd", "peak Amax bwd", "final Amax fwd", "final Amax bwd", "seeds"], detail
         ),  # fmt: skip
         ["gains.png"],
@@ -128,7 +123,7 @@ def _loss_table(groups: dict[str, list[Run]], extra=None) -> str:
         row = [label, fmt([r.final_val for r in rs]), fmt([r.heldout_loss for r in rs])]
         rows.append(row + (extra(rs) if extra else []) + [str(len(rs))])
     head = ["model", "validation loss", "held-out loss (KJV)"] + (["spikes per run"] if extra else []) + ["seeds"]
-    return table(head, rows)
+    return markdown_table(head, rows)
 
 
 def residual(runs: list[Run], figdir: Path) -> Section:
@@ -219,11 +214,11 @@ def moe(runs: list[Run], u_runs: list[Run], figdir: Path) -> Section:
     ours = (f"MaxVio global: aux_free {fmt(glob['aux_free'], 3)} vs softmax_aux {fmt(glob['softmax_aux'], 3)}; "
             f"validation loss {fmt(val['aux_free'])} vs {fmt(val['softmax_aux'])}")  # fmt: skip
     plots.moe(groups, u_groups, figdir / "moe_balance.png")
-    detail = table(["router", f"MaxVio per batch (mean of last {MAXVIO_TAIL} steps)",
+    detail = markdown_table(["router", f"MaxVio per batch (mean of last {MAXVIO_TAIL} steps)",
                     f"MaxVio of the last {MAXVIO_TAIL} batches together", "MaxVio global (validation)",
                     "validation loss", "held-out loss (KJV)", "seeds"], rows)  # fmt: skip
     detail += "\nBias update rate u of aux_free:\n\n"
-    detail += table(["u", "MaxVio global", "validation loss", "seeds"], u_rows)
+    detail += markdown_table(["u", "MaxVio global", "validation loss", "seeds"], u_rows)
     loss_val = lower_verdict(val["aux_free"], val["softmax_aux"])
     return Section(
         "4. Auxiliary-loss-free load balancing",

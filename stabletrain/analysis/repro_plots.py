@@ -6,16 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stabletrain.monitoring.plots import log_scale_if_positive
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from stabletrain.monitoring.plots import log_scale_if_positive, pyplot
 
 
 def _save(fig, axes, path: Path) -> None:
@@ -24,7 +15,7 @@ def _save(fig, axes, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def _curve(runs, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +33,7 @@ def _band(ax, steps, values, label, **kw) -> None:
 
 def gains(groups: dict, path: Path) -> None:
     """Peak composite Amax gain against depth; the Amax gain over training at the greatest depth."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for kind in sorted({k for k, _ in groups}):
         depths = sorted(L for k, L in groups if k == kind)
@@ -63,7 +54,7 @@ def gains(groups: dict, path: Path) -> None:
 
 def loss_curves(groups: dict, path: Path, title: str) -> None:
     """Validation loss over training (mean ± sd over seeds) and the final held-out loss per variant."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     names = list(groups)
     for name in names:
@@ -81,7 +72,7 @@ def loss_curves(groups: dict, path: Path, title: str) -> None:
 
 def depth_profile(groups: dict, path: Path) -> None:
     """Per-block output variance and the loss increase when each block is removed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, runs in groups.items():
         var = np.array([r.depth["variance"] for r in runs])
@@ -96,7 +87,7 @@ def depth_profile(groups: dict, path: Path) -> None:
 
 def moe(groups: dict, u_groups: dict, path: Path) -> None:
     """MaxVio per batch over training per router; MaxVio global and validation loss against u."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, runs in groups.items():
         steps, values = _curve(runs, "moe/maxvio_batch")

@@ -5,7 +5,6 @@ validation split and on the held-out corpus (data/kjv), which no recipe trains o
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 
 from stabletrain import REPO_ROOT
-from stabletrain.analysis.report import read_metrics
+from stabletrain.analysis.report import read_jsonl, read_metrics
 from stabletrain.analysis.repro_stats import block_output_variance, prune_increase
 from stabletrain.config import DataConfig
 from stabletrain.data.setup import build_data
@@ -46,16 +45,7 @@ class Run:
 
     @cached_property
     def events(self) -> list[dict]:
-        path = self.dir / "events.jsonl"
-        if not path.is_file():
-            return []
-        out = []
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a torn last line
-                continue
-        return out
+        return read_jsonl(self.dir / "events.jsonl")
 
     @property
     def vals(self) -> list[dict]:
@@ -70,14 +60,19 @@ class Run:
         return load_run(self.dir)
 
     @cached_property
+    def model(self):
+        """The final weights in fp32, in eval mode."""
+        return self.trained.model()
+
+    @cached_property
     def heldout_loss(self) -> float:
         """Mean next-token loss of the final weights (fp32) on the held-out corpus, with the run's tokenizer."""
-        return eval_loss(self.trained.model(), val_batches(heldout_config(self.trained)))
+        return eval_loss(self.model, val_batches(heldout_config(self.trained)))
 
     @cached_property
     def depth(self) -> dict:
         """Per-block output variance and the loss increase when each block is removed, on the validation split."""
-        model, batches = self.trained.model(), val_batches(run_data_config(self.trained), EVAL_BATCHES // 4)
+        model, batches = self.model, val_batches(run_data_config(self.trained), EVAL_BATCHES // 4)
         return {
             "variance": block_output_variance(model, batches[0][:, :-1]),
             "prune_increase": prune_increase(model.blocks, lambda: eval_loss(model, batches)),

@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from stabletrain.models.moe import maxvio as moe_maxvio
+
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
 
@@ -61,9 +63,8 @@ def within_verdict(gaps: Sequence[float], bound: float) -> str:
 
 
 def maxvio(load: Sequence[float]) -> float:
-    """(max load - mean load) / mean load over experts."""
-    mean = statistics.fmean(load)
-    return (max(load) - mean) / mean
+    """(max load - mean load) / mean load over experts: the definition the MoE metrics use."""
+    return moe_maxvio(torch.tensor(load, dtype=torch.float64))
 
 
 def maxvio_global(loads: Sequence[Sequence[float]]) -> float:
@@ -81,10 +82,6 @@ def maxvio_over_steps(rows: Sequence[dict], tail: int, prefix: str = "moe/load/"
 def tail_mean(rows: Sequence[dict], key: str, tail: int) -> float:
     """Mean of `key` over the last `tail` rows that have it."""
     return statistics.fmean([r[key] for r in rows if key in r][-tail:])
-
-
-def count_events(events: Sequence[dict], kind: str) -> int:
-    return sum(1 for e in events if e.get("kind") == kind)
 
 
 class StreamProbe:

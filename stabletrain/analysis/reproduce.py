@@ -17,7 +17,8 @@ from pathlib import Path
 
 from stabletrain import StableTrainError
 from stabletrain.analysis import repro_claims as claims
-from stabletrain.analysis.repro_claims import Section, recipe_line, table
+from stabletrain.analysis.report import markdown_table
+from stabletrain.analysis.repro_claims import Section, recipe_line
 from stabletrain.analysis.repro_runs import by_group, find_runs
 
 NOT_RUN = {
@@ -68,7 +69,7 @@ def render(sections: list[Section], n_runs: int) -> str:
         "final weights scored on seven books of the King James Bible (`data/kjv`), text no run trained on. A claim "
         "that does not show at this scale is reported as such; docs/reproducing.md describes the recipes and what "
         "this scale can and cannot show.\n",
-        table(["claim", "paper", "ours", "verdict"], rows),
+        markdown_table(["claim", "paper", "ours", "verdict"], rows),
     ]
     for s in sections:
         parts.append(f"## {s.title}\n")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from stabletrain.analysis.report import read_metrics
+from stabletrain.analysis.report import count_events, markdown_table, read_jsonl, read_metrics
+from stabletrain.monitoring.plots import pyplot
 
 
 def job_overrides(job: Path) -> list[str]:
@@ -34,19 +35,17 @@ def _error(job: Path) -> str:
 
 
 def load_job(job: Path) -> dict:
-    rows = read_metrics(job) if (job / "metrics.jsonl").is_file() else []
+    rows = read_metrics(job)
     vals = [r for r in rows if "val_loss" in r]
     steps = [r for r in rows if "loss" in r]
     status = int((job / "exit_status").read_text()) if (job / "exit_status").is_file() else (0 if vals else None)
-    events = [json.loads(ln) for ln in (job / "events.jsonl").read_text().splitlines() if ln.strip()] \
-        if (job / "events.jsonl").is_file() else []  # fmt: skip
     return {
         "job": job.name,
         "overrides": job_overrides(job),
         "status": "ok" if status == 0 else ("running or lost" if status is None else f"failed ({status})"),
         "val_loss": vals[-1]["val_loss"] if vals else math.nan,
         "steps": steps[-1]["step"] if steps else 0,
-        "spikes": sum(e.get("kind") == "spike" for e in events),
+        "spikes": count_events(read_jsonl(job / "events.jsonl"), "spike"),
         "error": _error(job) if status not in (0, None) else "",
         "curve": [(v["step"], v["val_loss"]) for v in vals],
     }
@@ -71,17 +70,10 @@ def write(sweep: Path, jobs: list[dict]) -> None:
     head = ["job", "overrides", "status", "final val_loss", "steps", "spikes", "error"]
     rows = [[j["job"], " ".join(j["varied"]), j["status"], f"{j['val_loss']:.4f}", j["steps"], j["spikes"], j["error"]]
             for j in jobs]  # fmt: skip
-    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    md += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
-    (sweep / "summary.md").write_text(f"# Sweep {sweep.name}\n\n" + "\n".join(md) + "\n")
+    (sweep / "summary.md").write_text(f"# Sweep {sweep.name}\n\n" + markdown_table(head, rows))
     with open(sweep / "summary.csv", "w", newline="") as f:
         csv.writer(f).writerows([head, *rows])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for j in jobs:
         if j["curve"]:
             ax.plot(*zip(*j["curve"]), marker="o", label=f"{j['job']}: {' '.join(j['varied'])[:60]}")

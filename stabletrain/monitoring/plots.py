@@ -16,6 +16,16 @@ def finite(values: Iterable) -> list[float]:
     return out
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def log_scale_if_positive(ax) -> None:
     """Log y-scale when any drawn line or bar has a positive finite value; otherwise leave it linear."""
     values = [float(y) for line in ax.get_lines() for y in line.get_ydata()]

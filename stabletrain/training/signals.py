@@ -7,16 +7,20 @@ script traps the signal and creates it)."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from typing import Callable
+
+from stabletrain.distributed import STOP_SIGNALS
 
 PREEMPT_FILE = "PREEMPT"
 
 
 class StopSignals:
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SIGNALS = STOP_SIGNALS
 
-    def __init__(self, say: Callable[[str], None]):
+    def __init__(self, say: Callable[[str], None], preempt_file: Path | None = None):
         self.say = say
+        self.preempt_file = preempt_file  # watched on rank 0 only: the all-reduce of the stop flags tells the others
         self.requested: int | None = None  # the first signal received
         self._previous: dict = {}
 
@@ -27,6 +31,12 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def poll(self) -> int | None:
+        """The stop requested so far; the preemption file counts as SIGUSR1 (the batch script's word for it)."""
+        if self.requested is None and self.preempt_file is not None and self.preempt_file.exists():
+            self.requested = signal.SIGUSR1
+        return self.requested
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.requested == signal.SIGINT:

@@ -98,7 +98,7 @@ class Trainer:
                  f"rank(s), global batch {self.loader.global_batch_size}×{self.cfg.data.seq_len} tokens; MFU "
                  f"peak: {self.peak / 1e12:.2f} TFLOP/s ({self.peak_source})")  # fmt: skip
         val = None
-        with StopSignals(self.say) as self._signals:
+        with StopSignals(self.say, self.run_dir / PREEMPT_FILE if self.is_main else None) as self._signals:
             if self.step == 0:
                 val = self._evaluate_and_log()
             while self.step < last and self.stop_signal is None:
@@ -153,9 +153,8 @@ class Trainer:
 
     def _global_mean_loss(self, local_mean: torch.Tensor) -> float:
         """Mean loss over ranks; the same all-reduce carries any rank's stop signal (SIGINT wins over SIGTERM)."""
-        if self.is_main and self._signals.requested is None and (self.run_dir / PREEMPT_FILE).exists():
-            self._signals.requested = signal.SIGUSR1  # the batch script's word for SLURM's signal
-        flags = [float(self._signals.requested == s) for s in dist_utils.STOP_SIGNALS]
+        requested = self._signals.poll()
+        flags = [float(requested == s) for s in dist_utils.STOP_SIGNALS]
         packed = torch.cat([local_mean.reshape(1), torch.tensor(flags, device=local_mean.device)])
         if self.world > 1:
             dist.all_reduce(packed)
