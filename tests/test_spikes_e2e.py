@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,9 @@ def test_wandb_run_resumes_under_the_same_id_with_group_and_tags(tmp_path):
     train(run, *common, "trainer.stop_at=2")
     train(run, *common, "trainer.resume=auto")
     files = find_run_files(run)
+    deadline = time.time() + 60  # under load W&B's service may still be writing the offline file after finish()
+    while time.time() < deadline and any(read_run(f).run_id is None for f in files):
+        time.sleep(0.5)
     parts = [read_run(f) for f in files]
     assert len(files) == 2 and parts[0].run_id == parts[1].run_id
     assert parts[1].group == "ablation-7" and "model=baseline" in parts[1].tags

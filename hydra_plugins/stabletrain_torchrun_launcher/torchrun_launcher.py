@@ -9,7 +9,6 @@ its final validation loss, read from its metrics.jsonl (what train.py returns, e
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from stabletrain.analysis.report import read_jsonl
+from stabletrain.distributed import free_port
 
 log = logging.getLogger(__name__)
 REPO_TRAIN = Path(__file__).resolve().parents[2] / "train.py"
@@ -40,18 +42,9 @@ class TorchrunLauncherConf:
 ConfigStore.instance().store(group="hydra/launcher", name="torchrun", node=TorchrunLauncherConf, provider="stabletrain")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def final_val_loss(run_dir: Path) -> float | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    vals = [json.loads(line) for line in path.read_text().splitlines() if '"val_loss"' in line]
-    return float(vals[-1]["val_loss"]) if vals else None
+    vals = [r["val_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r]
+    return float(vals[-1]) if vals else None
 
 
 class TorchrunLauncher(Launcher):
@@ -78,7 +71,7 @@ class TorchrunLauncher(Launcher):
             args.append(f"logging.group={group}")  # the sweep's runs form one W&B group
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={self.nproc}",
                f"--max-restarts={self.max_restarts}", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{_free_port()}", self.script, *args,
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", self.script, *args,
                f"hydra.run.dir={run_dir.resolve()}"]  # fmt: skip
         return sweep_config, run_dir, cmd
 
