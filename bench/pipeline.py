@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.throughput import compose_config  # noqa: E402
 from stabletrain.config import to_object  # noqa: E402
-from stabletrain.engine.planner import GiB, ModelProfile, estimate  # noqa: E402
-from stabletrain.training.plan import configured_layout  # noqa: E402
+from stabletrain.planner.report import configured_layout  # noqa: E402
+from stabletrain.planner.search import GiB, ModelProfile, estimate  # noqa: E402
 
 MODEL = ["model=mhc", "model.d_model=256", "model.n_layers=8", "model.n_heads=4", "data.seq_len=256"]
 COMMON = ["logging=none", "trainer.eval_interval=0", "trainer.ckpt_interval=0", "logging.progress=false"]

@@ -34,8 +34,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from stabletrain.cli import setup  # noqa: E402
 from stabletrain.config import grad_accum_steps, to_container, to_object, validate  # noqa: E402
 from stabletrain.data.dataset import GlobalOrder, RankLoader  # noqa: E402
-from stabletrain.engine.optim import lr_multiplier, param_groups  # noqa: E402
 from stabletrain.models import build_model, param_count  # noqa: E402
+from stabletrain.optim import lr_multiplier, param_groups  # noqa: E402
 from stabletrain.training.trainer import Trainer  # noqa: E402
 
 DEFAULT_OVERRIDES = ["logging=none", "trainer.micro_batch_size=8", "data.seq_len=256", "trainer.eval_interval=0"]

@@ -92,11 +92,14 @@ def _train_here(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["train.py", *args], status, out.getvalue(), err.getvalue())
 
 
-def train_jobs(jobs: list[tuple[Path, list[str]]], nproc: int, timeout: int = 900) -> dict[Path, int]:
+def train_jobs(
+    jobs: list[tuple[Path, list[str]]], nproc: int, timeout: int = 900, dump_init: tuple[Path, ...] = ()
+) -> dict[Path, int]:
     """Train the TINY model in several configurations, one after another, in one torchrun launch of `nproc` ranks
-    (tests/dist_jobs.py); a run directory may appear twice (interrupted, then resumed). Returns each run
+    (tests/dist_jobs.py); a run directory may appear twice (interrupted, then resumed). Run directories in
+    `dump_init` only build the trainer and save each rank's initial weights (init_rank<r>.pt). Returns each run
     directory's last exit status."""
-    spec = [{"run_dir": str(d), "overrides": [*TINY, *o]} for d, o in jobs]
+    spec = [{"run_dir": str(d), "overrides": [*TINY, *o], "dump_init": Path(d) in dump_init} for d, o in jobs]
     first = Path(jobs[0][0])
     first.parent.mkdir(parents=True, exist_ok=True)
     jobs_file = first.parent / f"{first.name}.jobs.json"

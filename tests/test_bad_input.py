@@ -47,7 +47,7 @@ CASES = [
     ("precision.dtype=fp16", "Invalid value 'fp16'"),
     ("optim.schedule=linear", "Invalid value 'linear'"),
     ("trainer.device=tpu", "Invalid value 'tpu'"),
-    ("model=mhc model.residual.kernel=triton", "Invalid value 'triton'"),
+    ("model=mhc model.residual.kernel=cuda", "Invalid value 'cuda'"),
     ("monitor.response=panic", "Invalid value 'panic'"),
     ("monitor.nonfinite.response=log", "Invalid value 'log'"),
     ("data.format=arrow", "Invalid value 'arrow'"),

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stabletrain.engine import checkpoint, safe_load
+from stabletrain import checkpoint
+from stabletrain.checkpoint import safe_load
 from tests.helpers import PYTHON, REPO, TINY, env, read_jsonl, train, train_rows
 
 COMMON = ("trainer.ckpt_interval=2", "logging=none", "trainer.eval_interval=0", "trainer.keep_checkpoints=3")
@@ -179,7 +180,7 @@ def test_nonfinite_state_is_never_checkpointed(zero1_run, tmp_path):
 
 
 def test_first_nonfinite_names_the_tensor():
-    from stabletrain.engine.optim import first_nonfinite
+    from stabletrain.optim import first_nonfinite
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from stabletrain.config import ConfigError, register, validate
 from stabletrain.engine.deepspeed_engine import deepspeed_config
-from stabletrain.engine.optim import lr_multiplier
+from stabletrain.optim import lr_multiplier
 from tests.helpers import PYTHON, REPO, composed, env, train
 
 register()

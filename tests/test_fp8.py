@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from stabletrain.engine import fp8
-from stabletrain.engine.fp8 import RECIPES, Block, FP8Linear, FP8Settings, apply_fp8, quantize
 from stabletrain.models import build_model
+from stabletrain.parallel import fp8
+from stabletrain.parallel.fp8 import RECIPES, Block, FP8Linear, FP8Settings, apply_fp8, quantize
 from tests.helpers import composed, train, train_jobs, train_rows, val_rows
 
 BLOCKS = [Block(1, 128), Block(128, 128), Block(1, None), Block(None, None)]
@@ -111,7 +111,7 @@ def test_excluded_modules_stay_in_high_precision():
     cfg = composed("model=moe", "model/residual=mhc", "precision=fp8")
     cfg.model.vocab_size = cfg.data.tokenizer.vocab_size
     model = build_model(cfg.model)
-    apply_fp8(model, cfg)
+    apply_fp8(model, cfg.precision)
     converted = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert converted and all(".attn." in n or ".mlp." in n for n in converted)
@@ -161,7 +161,7 @@ def test_torchao_backend_converts_the_same_linears_and_stays_close(recipe):
     ref = build_model(cfg.model)
     model = build_model(cfg.model)
     model.load_state_dict(ref.state_dict())
-    assert apply_fp8(model, cfg) == []  # every block Linear's shape is a multiple of 16
+    assert apply_fp8(model, cfg.precision) == []  # every block Linear's shape is a multiple of 16
     converted = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
     assert len(converted) == len(fp8.fp8_linears(ref)) == 2 * 7
     idx = torch.randint(0, 256, (2, 32))

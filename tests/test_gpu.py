@@ -1,5 +1,5 @@
-"""Checks of the CUDA paths (`pytest -m gpu` on a machine with a GPU; skipped without one): the fused mHC stream
-kernel (Triton) against the eager reference, bf16 training, and NCCL on 2 GPUs against 1 GPU."""
+"""Checks of the CUDA paths (`pytest -m gpu` on a machine with a GPU; skipped without one): the fused (torch.compile)
+and triton mHC stream kernels against the eager reference, bf16 training, and NCCL on 2 GPUs against 1 GPU."""
 
 import pytest
 import torch
@@ -13,20 +13,22 @@ pytestmark = pytest.mark.gpu
 CUDA = ("trainer.device=cuda", "trainer.eval_interval=0", "logging=none")
 
 
-def test_fused_mhc_matches_eager_on_cuda():
+@pytest.mark.parametrize("kernel", ["fused", "triton"])
+def test_mhc_kernel_matches_eager_on_cuda(kernel):
+    """kernel=fused (torch.compile) and kernel=triton (compiled, not interpreted) against the eager reference."""
     out = {}
-    for kernel in ("eager", "fused"):
+    for k in ("eager", kernel):
         torch.manual_seed(0)
-        residual = residual_config("mhc", kernel=kernel, init="megatron", phi_std=0.5, gate_init=1.0)
+        residual = residual_config("mhc", kernel=k, init="megatron", phi_std=0.5, gate_init=1.0)
         cfg = ModelConfig(vocab_size=101, d_model=64, n_layers=2, n_heads=4, norm_eps=1e-12, residual=residual)
         model = Transformer(cfg).cuda()
         ids = torch.randint(0, 101, (2, 32), generator=torch.Generator().manual_seed(1)).cuda()
         logits = model(ids)
         logits.float().square().mean().backward()
-        out[kernel] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
-    torch.testing.assert_close(out["fused"][0], out["eager"][0], rtol=1e-4, atol=1e-4)
+        out[k] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(out[kernel][0], out["eager"][0], rtol=1e-4, atol=1e-4)
     for name, grad in out["eager"][1].items():
-        torch.testing.assert_close(out["fused"][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(out[kernel][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_bf16_trains_on_gpu(tmp_path):

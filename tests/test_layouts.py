@@ -3,12 +3,14 @@ the global batch, and resuming. Each rank count is one torchrun launch that trai
 (tests/dist_jobs.py); the single-rank, unpipelined references train in this process. Every run sees the same
 global batch of 8 sequences (micro-batches of 4), so the per-step numbers must agree."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import tensor_paths, train, train_jobs, train_rows, val_rows
+from stabletrain.models import Transformer
+from tests.helpers import TINY, composed, tensor_paths, train, train_jobs, train_rows, val_rows
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +25,11 @@ RESUME = ["trainer.ckpt_interval=2", "trainer.resume=auto"]
 VETO = ["trainer.max_steps=14", "trainer.ckpt_interval=1", "trainer.keep_checkpoints=3", "monitor.warmup_steps=10",
         "monitor.inject.step=14", "monitor.inject.scale=30", "monitor.response=skip_step"]  # fmt: skip
 EP_CASES = [(stage, dtype) for stage in ("zero1", "zero2") for dtype in ("fp32", "bf16")]
+# Initial weights of mHC + an aux-free MoE on every layout, against the single-process build.
+MHC_MOE = [*MOE, "model/residual=mhc"]
+INIT = {"pp2": [*PIPE, "engine=zero1"], "zero3": ["engine=zero3"], "ep2": ["engine=zero1", "engine.expert_parallel=2"]}
+INIT4 = {"pp2_ep2": [*PIPE, "engine=zero1", "engine.expert_parallel=2"],
+         "zero3_4": ["engine=zero3", "trainer.micro_batch_size=2"]}  # fmt: skip
 
 
 def _ep(stage: str, dtype: str, ep: int) -> list[str]:
@@ -41,7 +48,8 @@ def runs(tmp_path_factory) -> Path:
     two += [(root / "pipe_veto", [*COMMON, *PIPE, *VETO])]
     two += [(root / f"ep{ep}/{s}/{d}", _ep(s, d, ep)) for s, d in EP_CASES for ep in (1, 2)]
     two += [(root / "dp/whole", COMMON), (root / "dp/split", [*COMMON, *STOP])]
-    status = train_jobs(two, nproc=2)
+    init2 = [(root / f"init/{name}", [*COMMON, *MHC_MOE, *o]) for name, o in INIT.items()]
+    status = train_jobs(two + init2, nproc=2, dump_init=tuple(d for d, _ in init2))
     four = [(root / f"pipe2x2/{m}", [*COMMON, *MODELS[m], *PIPE]) for m in ("baseline", "mhc", "moe")]
     four += [(root / "pipe2x2/moe_ep", [*COMMON, *MOE, *PIPE, "engine.expert_parallel=2"])]
     four += [
@@ -50,7 +58,8 @@ def runs(tmp_path_factory) -> Path:
             [*COMMON, *MOE, "engine.expert_parallel=2", "trainer.micro_batch_size=2", "trainer.eval_batches=1"],
         )
     ]  # the reference's 8 validation sequences
-    status.update(train_jobs(four, nproc=4))
+    init4 = [(root / f"init/{name}", [*COMMON, *MHC_MOE, *o]) for name, o in INIT4.items()]
+    status.update(train_jobs(four + init4, nproc=4, dump_init=tuple(d for d, _ in init4)))
     assert all(s == 0 for s in status.values()), status
     for m, o in [*MODELS.items(), ("bf16", BF16)]:
         train(root / f"ref/{m}", *COMMON, *o)
@@ -137,3 +146,27 @@ def test_two_ranks_resumed_on_one_keep_the_global_batch(runs, tmp_path):
     assert [r[:2] for r in resumed] == [r[:2] for r in whole] == [(s, 8 * s) for s in range(1, 5)]
     for a, b in zip(whole, resumed):
         assert b[2] == pytest.approx(a[2], rel=1e-5) and b[3] == pytest.approx(a[3], rel=1e-5)
+
+
+@pytest.mark.parametrize("layout, ranks", [*((name, 2) for name in INIT), *((name, 4) for name in INIT4)])
+def test_initial_weights_are_bit_identical_on_every_layout(runs, layout, ranks):
+    """Each rank materializes only its part (its stage, its experts, its ZeRO-3 shard); together they are the
+    single-process model's initial weights, bit for bit, and no rank holds all of them where the layout splits."""
+    cfg = composed(*TINY, *COMMON, *MHC_MOE)
+    cfg.model.vocab_size = cfg.data.tokenizer.vocab_size
+    reference = {n: p.detach() for n, p in Transformer(cfg.model, init_seed=cfg.trainer.seed).named_parameters()}
+    dumps = [torch.load(runs / f"init/{layout}/init_rank{r}.pt", weights_only=True) for r in range(ranks)]
+    union = {n: t for d in dumps for n, t in d.items()}
+    assert union.keys() == reference.keys()
+    assert [n for n in reference if not all(torch.equal(d[n], reference[n]) for d in dumps if n in d)] == []
+    if not layout.startswith("zero3"):
+        assert all(len(d) < len(reference) for d in dumps)
+
+
+def test_each_pipeline_stage_materializes_only_its_part(runs):
+    total = sum(p.numel() for p in Transformer(composed(*TINY, "model.vocab_size=4096").model).parameters())
+    counts = []
+    for r in range(2):
+        log = (runs / "pipe/baseline" / f"stdout_rank{r}.log").read_text()
+        counts += [int(c.replace(",", "")) for c in re.findall(rf"rank {r} materialized ([\d,]+) parameters", log)]
+    assert len(counts) == 2 and all(0 < c < total for c in counts) and sum(counts) == total, (counts, total)

@@ -140,7 +140,7 @@ def test_logit_z_loss_adds_the_squared_log_normaliser():
 
 def test_grad_clip_warmup_ramps_the_threshold():
     from stabletrain.config import Config
-    from stabletrain.engine.optim import clip_threshold
+    from stabletrain.optim import clip_threshold
 
     cfg = Config()
     cfg.optim.grad_clip, cfg.optim.grad_clip_warmup_steps, cfg.optim.grad_clip_warmup_start = 1.0, 4, 0.1

@@ -9,8 +9,8 @@ import shlex
 import pytest
 
 from stabletrain.config import validate
-from stabletrain.engine.planner import GiB, ModelProfile, estimate
-from stabletrain.training.plan import configured_layout, print_plan
+from stabletrain.planner.report import configured_layout, print_plan
+from stabletrain.planner.search import GiB, ModelProfile, estimate
 from tests.helpers import composed, train, train_rows
 
 PAPER_27B = ["experiment=mhc_paper_27b", "precision=bf16", "engine=zero1"]

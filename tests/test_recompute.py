@@ -5,8 +5,8 @@ unchanged."""
 import pytest
 import torch
 
-from stabletrain.engine.recompute import CheckpointedBlocks, apply_activation_checkpointing
 from stabletrain.monitoring.gains import GainMonitor
+from stabletrain.parallel.recompute import CheckpointedBlocks, apply_activation_checkpointing
 from tests.helpers import composed, one_rank_trainer
 
 VARIANTS = {

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stabletrain.config import DetectorConfig, MonitorConfig
-from stabletrain.engine.optim import GatedAdamW, rewind_scheduler
+from stabletrain.optim import GatedAdamW, rewind_scheduler
 from stabletrain.training.spikes import RollingDetector, SkipList, SpikeMonitor
 
 

@@ -91,7 +91,8 @@ def _table(cls: type, prefix: str, skip: set[str] = frozenset()) -> list[str]:
         if dataclasses.is_dataclass(tp):
             nested.append((tp, f"{prefix}.{f.name}"))
             continue
-        rows.append(f"| `{prefix}.{f.name}` | {_cell(_type_name(tp))} | {_default(f)} | {_range(f)} | "
+        shown = f.metadata.get("shown_type") or _type_name(tp)
+        rows.append(f"| `{prefix}.{f.name}` | {_cell(shown)} | {_default(f)} | {_range(f)} | "
                     f"{_cell(notes.get(f.name, ''))} |")  # fmt: skip
     out = rows
     for tp, key in nested:

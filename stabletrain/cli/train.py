@@ -20,25 +20,28 @@ from stabletrain import StableTrainError
 from stabletrain.cli import CONFIG_DIR, setup
 from stabletrain.config import check_overrides, to_container, to_object, validate
 from stabletrain.distributed import agree_on_run_stamp, is_launched
-from stabletrain.training.plan import print_plan
+from stabletrain.planner.report import print_plan
+from stabletrain.training.startup import Startup
 from stabletrain.training.trainer import Trainer
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train from a composed config. Exit statuses: 2 for a user error (one line on stderr), 128 + the signal's
     number after a signal-stopped run (130 SIGINT, 143 SIGTERM: schedulers requeue on it)."""
-    trainer = None
+    trainer, startup = None, Startup(int(os.environ.get("RANK", 0)))
     try:
         typed = to_object(cfg)
         for warning in validate(typed):
-            if int(os.environ.get("RANK", 0)) == 0:
+            if startup.rank == 0:
                 print(f"stabletrain: warning: {warning}", file=sys.stderr)
+        if not typed.trainer.plan:
+            startup.phase("config", f"model={typed.model.name} data={typed.data.name} engine={typed.engine.name}")
         if typed.trainer.plan:
             print_plan(typed)
             return float("nan")
         if typed.logging.group is None and HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
             typed.logging.group = Path(HydraConfig.get().sweep.dir).name  # a sweep's runs form one W&B group
-        trainer = Trainer(typed, run_dir, to_container(cfg))
+        trainer = Trainer(typed, run_dir, to_container(cfg), startup)
         try:
             val_loss = trainer.fit()
         finally:

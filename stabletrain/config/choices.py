@@ -100,6 +100,12 @@ class WandbMode(Choice):
     offline = "offline"
 
 
+class Preflight(Choice):
+    error = "error"  # a layout that does not fit stops the run before anything is allocated
+    warn = "warn"  # says so and starts anyway
+    off = "off"
+
+
 class Device(Choice):
     auto = "auto"
     cpu = "cpu"

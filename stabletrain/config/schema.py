@@ -25,6 +25,7 @@ from stabletrain.config.choices import (
     NonfiniteResponse,
     Offload,
     PipelinePartition,
+    Preflight,
     ResidualInit,
     Response,
     Schedule,
@@ -328,7 +329,10 @@ class TrainerConfig:
     resume: str = "none"  # none | auto | a checkpoint directory (step_*) or a directory of them
     peak_tflops: Optional[float] = positive(None)  # for MFU; None: known GPU table, or a measured CPU matmul peak
     device: Device = Device.auto
-    compile: bool = False  # torch.compile each transformer block (torchtitan-style); the first steps pay the compile
+    # torch.compile each transformer block (torchtitan-style): true | false | auto (on CUDA devices, off on a CPU);
+    # the first steps pay the compile (perf/compile_s)
+    compile: Any = field(default="auto", metadata={"shown_type": "true | false | auto"})
+    preflight: Preflight = Preflight.error  # does the layout fit this rank's memory? error | warn | off
     plan: bool = False  # print parameters, FLOPs and per-GPU memory for the configured run, then exit
     plan_world_size: Optional[int] = at_least(1, None)  # plan for this many GPUs (None: WORLD_SIZE or 1)
     plan_gpu_mem_gib: float = positive(80.0)  # memory per GPU a planned layout must fit in

@@ -125,6 +125,8 @@ def _training(cfg: Config) -> list[str]:
     warnings = []
     if t.stop_at is not None and t.stop_at > t.max_steps:
         raise ConfigError(f"trainer.stop_at={t.stop_at} must lie in 1..trainer.max_steps={t.max_steps}")
+    if str(t.compile).lower() not in ("true", "false", "auto"):
+        raise ConfigError(f"trainer.compile={t.compile} must be true, false or auto")
     if o.grad_clip_warmup_steps and not o.grad_clip:
         raise ConfigError("optim.grad_clip_warmup_steps needs optim.grad_clip > 0")
     if o.schedule == "step" and len(o.step_milestones) != len(o.step_factors):

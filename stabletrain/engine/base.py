@@ -19,6 +19,9 @@
     engine.full_weights() -> dict | None                                  fp32 weights when this rank holds them
     engine.adam_state() -> dict | None                                    per-parameter Adam moments (forensics)
 
+Before the model exists, an engine class says what each rank will hold (`rank_plan`: the blocks it runs and the
+parameters it materializes), so that nothing is allocated that the rank does not own.
+
 Implementations: stabletrain.engine.deepspeed_engine.DeepSpeedEngine (data parallel, ZeRO 0-3) and
 stabletrain.engine.pipeline.PipelineEngine (pipeline stages x data parallel, ZeRO 0-1).
 """
@@ -34,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from stabletrain.config import RankLayout
+from stabletrain.parallel.materialize import Ownership
 
 ModelKwargs = Callable[[torch.Tensor], dict]  # a [B, seq_len+1] batch -> extra model inputs (doc_ids)
 LossHook = Callable[[torch.Tensor], torch.Tensor]  # applied to each micro-batch's loss before backward
@@ -43,6 +47,16 @@ LossHook = Callable[[torch.Tensor], torch.Tensor]  # applied to each micro-batch
 class StepOutcome:
     grad_norm: float | None  # the global pre-clip gradient norm
     applied: bool | None  # whether the update reached the weights; None: the engine skipped it itself (overflow)
+
+
+@dataclass
+class RankPlan:
+    """What one rank holds: the blocks it runs and the parameters it materializes (its layer-list entries
+    `parts[stage]..parts[stage + 1] - 1` in a pipeline)."""
+
+    blocks: range
+    ownership: Ownership
+    parts: list[int] | None = None
 
 
 class Engine(ABC):

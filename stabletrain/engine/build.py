@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
-from stabletrain.config import Config, RankLayout
-from stabletrain.engine.base import Engine
+from stabletrain.config import Config
 from stabletrain.engine.deepspeed_engine import DeepSpeedEngine
 from stabletrain.engine.pipeline import PipelineEngine
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, layout: RankLayout) -> Engine:
-    engine_class = PipelineEngine if cfg.engine.pipeline_stages > 1 else DeepSpeedEngine
-    return engine_class(cfg, model, layout)
+def engine_class(cfg: Config) -> type[DeepSpeedEngine]:
+    return PipelineEngine if cfg.engine.pipeline_stages > 1 else DeepSpeedEngine

@@ -1,5 +1,10 @@
-"""The data-parallel engine: DeepSpeed ZeRO 0-3 in fp32 or bf16, with expert parallelism and activation
-checkpointing applied from outside the model. The pipeline engine (stabletrain.engine.pipeline) extends it.
+"""The data-parallel engine: DeepSpeed ZeRO 0-3 in fp32 or bf16, over a model that stabletrain.parallel has
+already adapted (FP8, recomputation, expert parallelism, compilation) and materialized. The pipeline engine
+(stabletrain.engine.pipeline) extends it.
+
+What a rank holds is the engine's to say (`rank_plan`), before anything is allocated: data parallelism holds every
+parameter, ZeRO-3 its shard of each (partitioned as it is materialized, through DeepSpeed's zero.Init), a pipeline
+stage its layers.
 
 All contact with DeepSpeed's engine and its internals lives here and in pipeline.py: the generated DeepSpeed
 config, initialisation, the gradient-reduction switch, clipping, the update veto inside the optimizer, the
@@ -23,20 +28,13 @@ import torch.distributed as dist
 from deepspeed.utils import groups as ds_groups
 from omegaconf import OmegaConf
 
-from stabletrain import StableTrainError
+from stabletrain import StableTrainError, checkpoint
+from stabletrain.checkpoint import safe_load
 from stabletrain.config import Config, RankLayout, grad_accum_steps
-from stabletrain.engine import checkpoint, safe_load
-from stabletrain.engine.base import Engine, LossHook, ModelKwargs, StepOutcome
-from stabletrain.engine.expert_parallel import ExpertParallel
-from stabletrain.engine.optim import (
-    GatedAdamW,
-    clip_threshold,
-    first_nonfinite,
-    lr_multiplier,
-    param_groups,
-    rewind_scheduler,
-)
-from stabletrain.engine.recompute import apply_activation_checkpointing
+from stabletrain.engine.base import Engine, LossHook, ModelKwargs, RankPlan, StepOutcome
+from stabletrain.optim import GatedAdamW, clip_threshold, first_nonfinite, lr_multiplier, param_groups, rewind_scheduler
+from stabletrain.parallel.materialize import Ownership
+from stabletrain.parallel.parallelize import Parallelized
 
 
 def deepspeed_clips(cfg: Config) -> bool:
@@ -68,20 +66,41 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.merge(ds, overrides))
 
 
+def _zero3_sharder(cfg: Config, world: int) -> Callable[[torch.nn.Parameter], int]:
+    """Partitions one materialized parameter as ZeRO-3 does (DeepSpeed's zero.Init, here not as a context around
+    construction but handed each parameter right after its initialisation); returns the elements this rank keeps."""
+    init = deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world))
+
+    def shard(p: torch.nn.Parameter) -> int:
+        init._convert_to_zero_parameters([p])
+        return p.ds_tensor.numel()
+
+    return shard
+
+
+def train_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
+
+
 class DeepSpeedEngine(Engine):
     pipe_group = None  # the stages of this rank's pipeline (pipeline engine only)
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, layout: RankLayout):
-        self.cfg, self.model, self.layout = cfg, model, layout
-        apply_activation_checkpointing(model, cfg)
-        module = self._wrap(model)  # what DeepSpeed trains: the model, or this rank's pipeline stage
+    @classmethod
+    def rank_plan(cls, model: torch.nn.Module, cfg: Config, layout: RankLayout) -> RankPlan:
+        """Every block; every parameter, or under ZeRO-3 a shard of each, cast to the training dtype first (ZeRO-3
+        partitions in it)."""
+        if cfg.engine.zero_stage == 3:
+            own = Ownership(shard=_zero3_sharder(cfg, layout.world), dtype=train_dtype(cfg))
+            return RankPlan(range(len(model.blocks)), own)
+        return RankPlan(range(len(model.blocks)), Ownership())
+
+    def __init__(self, cfg: Config, parallel: Parallelized, layout: RankLayout, plan: RankPlan):
+        self.cfg, self.model, self.layout, self.plan = cfg, parallel.model, layout, plan
+        module = self._wrap(self.model)  # what DeepSpeed trains: the model, or this rank's pipeline stage
         o, e = cfg.optim, cfg.engine
-        self.experts = None
-        if e.expert_parallel > 1:
-            dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
-            self.experts = ExpertParallel(model, e.expert_parallel, layout, self.stage_blocks(), self._device(),
-                                          dtype, o.weight_decay, tuple(o.betas), o.eps,
-                                          fp8_dispatch=cfg.precision.fp8.dispatch)  # fmt: skip
+        self.experts = parallel.experts
+        if self.experts is not None:
+            self.experts.setup(self._device(), train_dtype(cfg), o.weight_decay, tuple(o.betas), o.eps)
         # AdamW with a veto on the update (the spike responses): DeepSpeed wraps it as its client optimizer.
         self.optimizer = GatedAdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_multiplier, cfg=cfg))

@@ -4,7 +4,9 @@ The plain model is cut into a layer list, outside the model:
 
     EmbedLayer (embedding, stream expansion) | BlockLayer x S (segments of blocks) | HeadLayer (collapse, norm, head)
 
-DeepSpeed partitions the list over the stages (`engine.pipeline_partition`: by parameters or uniformly). A segment
+The list is partitioned over the stages (`engine.pipeline_partition`: by parameters, as DeepSpeed counts them, or
+uniformly) before anything is allocated (`rank_plan`), so that each rank materializes only its stage; DeepSpeed's
+PipelineModule is then handed those boundaries. A segment
 is one block, or the blocks recomputed together under block-mode activation checkpointing, so recompute segments
 never straddle a stage boundary. Between stages travels the residual stream (n streams for HC/mHC) and, where they
 exist, a running sum of the MoE routers' auxiliary losses (added to the loss on the last stage, as the unpipelined
@@ -28,9 +30,11 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
-from stabletrain.config import checkpoint_segment
-from stabletrain.engine.base import LossHook, ModelKwargs
+from stabletrain.config import Config, RankLayout, checkpoint_segment
+from stabletrain.engine.base import LossHook, ModelKwargs, RankPlan
 from stabletrain.engine.deepspeed_engine import DeepSpeedEngine
+from stabletrain.parallel.materialize import Ownership, under
+from stabletrain.planner.search import stage_bounds
 
 
 class Carry:
@@ -111,12 +115,59 @@ class HeadLayer(nn.Module):
         return self.carry.pack(self.head(h) if self.head is not None else h, aux, None)
 
 
+def layer_list(model: nn.Module, cfg: Config) -> list[tuple[str, list[str]]]:
+    """The pipeline's layer list as (name, the model's modules the entry holds): the embedding, one entry per
+    recomputed segment of blocks, the head, and with tied embeddings the embedding's second use on the last stage."""
+    segment, L = checkpoint_segment(cfg), len(model.blocks)
+    entries = [("embedding", ["embed"])]
+    entries += [(f"blocks {s}-{min(s + segment, L) - 1}", [f"blocks.{i}" for i in range(s, min(s + segment, L))])
+                for s in range(0, L, segment)]  # fmt: skip
+    entries.append(("head", ["stream", "norm"] + ([] if cfg.model.tie_embeddings else ["head"])))
+    if cfg.model.tie_embeddings:
+        entries.append(("tied embedding", ["embed"]))
+    return entries
+
+
+def _entry_blocks(name: str) -> range:
+    if not name.startswith("blocks "):
+        return range(0)
+    first, last = (int(b) for b in name.split()[1].split("-"))
+    return range(first, last + 1)
+
+
+class PlannedPipelineModule(PipelineModule):
+    """DeepSpeed's PipelineModule with the stage boundaries decided before the model was materialized: counting
+    parameters again here would miss the experts that expert parallelism took out of the model."""
+
+    def __init__(self, parts: list[int], **kwargs):
+        object.__setattr__(self, "planned_parts", list(parts))
+        super().__init__(**kwargs)
+
+    def _partition_layers(self, method: str = "parameters") -> None:
+        self.parts = list(self.planned_parts)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
 def _hold_optimizer_step(engine, **kwargs) -> None:
     """Stands in for DeepSpeed's OptimizerStep instruction: the step runs after the batch's loss is known."""
 
 
 class PipelineEngine(DeepSpeedEngine):
     """Pipeline stages x data parallelism (ZeRO-0/1, fp32 or bf16, expert parallelism inside each stage)."""
+
+    @classmethod
+    def rank_plan(cls, model: nn.Module, cfg: Config, layout: RankLayout) -> RankPlan:
+        """This rank's stage: its layer-list entries, the blocks in them, and the modules they hold (the tied
+        embedding on the first and the last stage)."""
+        entries = layer_list(model, cfg)
+        weights = [sum(p.numel() for m in mods for p in model.get_submodule(m).parameters() if p.requires_grad)
+                   for _, mods in entries]  # fmt: skip
+        parts = stage_bounds(weights, layout.stages, str(cfg.engine.pipeline_partition))
+        mine = entries[parts[layout.stage] : parts[layout.stage + 1]]
+        blocks = [b for name, _ in mine for b in _entry_blocks(name)]
+        owned = under(m for _, mods in mine for m in mods)
+        return RankPlan(range(blocks[0], blocks[-1] + 1) if blocks else range(0), Ownership(owns=owned), parts)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
@@ -134,8 +185,7 @@ class PipelineEngine(DeepSpeedEngine):
         topology = PipeDataParallelTopology(num_pp=self.layout.stages, num_dp=self.layout.data_parallel)
         self.loss_hook: LossHook = lambda loss: loss
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its partition on rank 0
-            module = PipelineModule(layers=layers, topology=topology, loss_fn=self._loss,
-                                    partition_method=str(cfg.engine.pipeline_partition))  # fmt: skip
+            module = PlannedPipelineModule(self.plan.parts, layers=layers, topology=topology, loss_fn=self._loss)
         self.parts = module.parts  # layer-list boundaries of the stages
         grid = module.mpu()
         self.dp_group, self.pipe_group = grid.get_data_parallel_group(), grid.get_pipe_parallel_group()
@@ -187,6 +237,4 @@ class PipelineEngine(DeepSpeedEngine):
 
     def layer_names(self) -> list[str]:
         """What each layer-list entry holds, for reading a checkpoint's layer files back into model names."""
-        blocks = [f"blocks {s}-{e - 1}" for s, e in self.segments]
-        tail = ["head", "tied embedding"] if self.cfg.model.tie_embeddings else ["head"]
-        return ["embedding", *blocks, *tail]
+        return [name for name, _ in layer_list(self.model, self.cfg)]

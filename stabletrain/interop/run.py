@@ -1,5 +1,5 @@
 """A trained run, read back: its typed config, the consolidated fp32 weights of one complete checkpoint, and its
-tokenizer. Works on any layout the engine writes (stabletrain.engine.checkpoint.model_weights)."""
+tokenizer. Works on any layout the engine writes (stabletrain.checkpoint.model_weights)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from stabletrain import StableTrainError
+from stabletrain import StableTrainError, checkpoint
 from stabletrain.config import DataConfig, ModelConfig
 from stabletrain.data.setup import tokenizer_path
-from stabletrain.engine import checkpoint
 from stabletrain.models import Transformer, build_model, model_config_from_dict
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from stabletrain.config import ConfigError, FFNConfig
 from stabletrain.config.fields import Choice, at_least, positive
 from stabletrain.models.feedforward import FEED_FORWARDS
+from stabletrain.models.init import reset_own_parameters
 from stabletrain.models.layers import SwiGLU
 from stabletrain.registry import Registry
 
@@ -121,9 +122,12 @@ class Router(nn.Module):
         super().__init__()
         self.cfg, self.n_routed, self.top_k = moe.router, moe.n_routed, moe.top_k
         self.weight = nn.Parameter(torch.empty(moe.n_routed, d_model))
-        nn.init.normal_(self.weight, std=0.02)
+        reset_own_parameters(self)
         self.register_buffer("load", torch.zeros(moe.n_routed), persistent=False)  # tokens routed since reset
         self.aux_loss: torch.Tensor | None = None
+
+    def init_parameter(self, name: str, t: torch.Tensor, generator: torch.Generator | None) -> None:
+        t.normal_(0.0, 0.02, generator=generator)  # the gate's affinities start small and near-uniform
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C] -> (expert indices [B, T, K], gates [B, T, K]); sets self.aux_loss in training."""
@@ -226,7 +230,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(d_model, cfg.expert_hidden) for _ in range(cfg.n_routed))
         self.shared = SwiGLU(d_model, cfg.n_shared * cfg.expert_hidden) if cfg.n_shared else None
         self.top_k = cfg.top_k
-        # Expert parallelism (stabletrain.engine.expert_parallel) swaps in an all-to-all dispatch from outside.
+        # Expert parallelism (stabletrain.parallel.expert_parallel) swaps in an all-to-all dispatch from outside.
         self.dispatch = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 
 from stabletrain.config import ModelConfig
 from stabletrain.models.feedforward import build_ffn
+from stabletrain.models.init import init_tensor, named_parameter_owners
 from stabletrain.models.layers import CausalSelfAttention, RMSNorm, rope_tables
 from stabletrain.models.mla import MultiHeadLatentAttention
 from stabletrain.models.moe import MoE
@@ -70,7 +71,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Built on the meta device (`meta_model`), it holds shapes only: stabletrain.parallel.materialize allocates
+    each rank's part and initialises it with `init_tensor`. Built on a real device, it initialises itself: from
+    `init_seed`, or from a seed drawn from the global RNG (so torch.manual_seed still decides the weights)."""
+
+    def __init__(self, cfg: ModelConfig, init_seed: int | None = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
@@ -83,20 +88,15 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.probe = None  # diagnostics attach an object with observe(index, x) here; None costs nothing
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:
+            self.init_weights(int(torch.randint(2**62, (), device="cpu")) if init_seed is None else init_seed)
 
-    def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.out_proj_init == "scaled" else std
-        out_std *= self.cfg.residual.out_init_mult
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_out = name.endswith(("o_proj", "w_down"))
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+    def init_weights(self, seed: int) -> None:
+        """Every parameter from its own generator, seeded from `seed` and its name (stabletrain.models.init)."""
+        for name, module, _, p in named_parameter_owners(self.named_modules()):
+            init_tensor(self.cfg, name, module, p.data, seed)
+        for b in self.buffers():
+            b.zero_()
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None

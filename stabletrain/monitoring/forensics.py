@@ -25,8 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from stabletrain import StableTrainError
-from stabletrain.engine import checkpoint
+from stabletrain import StableTrainError, checkpoint
 from stabletrain.models import build_model
 from stabletrain.models.moe import maxvio
 from stabletrain.monitoring.plots import finite, log_scale_if_positive
@@ -138,13 +137,15 @@ def _previous_weights(checkpoints: Path, step: int) -> tuple[Path, dict] | None:
     return None
 
 
-def _classify(verdict, metric: str, now_value: float, old_value: float | None, mu: float) -> tuple[str, str]:
+def _classify(metric: str, now_value: float, old_value: float | None, mu: float, fires) -> tuple[str, str]:
+    """`data` when the same batch on the previous checkpoint's weights would have fired the same detector too
+    (the batch spikes from an earlier state as well), `state` when it would not."""
     if old_value is None:
         return "unclassified", "no earlier checkpoint to re-run the batch on"
     if not math.isfinite(now_value):
         cause = "data" if not math.isfinite(old_value) else "state"
         return cause, f"{metric} is {now_value} now and {old_value:.4g} on the previous checkpoint"
-    cause = "data" if old_value - mu >= 0.5 * (now_value - mu) else "state"
+    cause = "data" if fires(metric, old_value) else "state"
     return cause, (
         f"{metric}: {now_value:.4g} at the spike, {old_value:.4g} for the same batch on the previous "
         f"checkpoint, window mean {mu:.4g}: the old state {'spikes too' if cause == 'data' else 'does not spike'}"
@@ -166,7 +167,7 @@ def _analyse(f: Forensics, ctx: SpikeContext) -> dict:
         old = _examine(f, _plain_model(f, previous[1]), tokens)
     mu = ctx.window_mean(metric)
     observed = verdict.loss if metric == "loss" else verdict.grad_norm
-    cause, why = _classify(verdict, metric, observed, None if old is None else old[metric], mu)
+    cause, why = _classify(metric, observed, None if old is None else old[metric], mu, ctx.would_fire)
     batch = {
         "step": verdict.step,
         "batch_index": ctx.batch_index,

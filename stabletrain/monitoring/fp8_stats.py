@@ -5,7 +5,7 @@ GEMM against the same product in bf16 (relative Frobenius error)."""
 
 from __future__ import annotations
 
-from stabletrain.engine import fp8
+from stabletrain.parallel import fp8
 from stabletrain.training.callbacks import CALLBACKS, Callback
 
 

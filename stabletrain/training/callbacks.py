@@ -34,6 +34,7 @@ class SpikeContext:
     adam_state: dict[str, dict] | None  # per-parameter Adam moments (None where they are partitioned)
     checkpoints: Path
     window_mean: Callable[[str], float]  # the detector window's mean for a metric
+    would_fire: Callable[[str, float], bool]  # whether a metric's detector would fire on a value (nothing recorded)
     history: list[tuple]  # (step, loss, grad_norm, fired) of recent steps
 
 

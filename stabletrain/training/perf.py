@@ -35,14 +35,28 @@ def peak_flops(device: torch.device, dtype: str, override_tflops: float | None =
     return measured_cpu_peak(), "measured fp32 matmul peak of this CPU"
 
 
+GiB = 1024**3
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def resident_gib() -> float:
+    """This process's resident set now (VmRSS), in GiB (its high-water mark where /proc is missing)."""
+    try:
+        return _proc_status_kib("VmRSS:") / 1024**2
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / GiB
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """This process's peak memory so far: allocated device memory on a GPU, the resident set's high-water mark
     (VmHWM) on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
     try:
-        with open("/proc/self/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        return kib / 1024**2
+        return _proc_status_kib("VmHWM:") / 1024**2
     except (OSError, StopIteration):  # not Linux: ru_maxrss is bytes on macOS
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**3

@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from stabletrain import StableTrainError
-from stabletrain.engine import checkpoint
-from stabletrain.engine.checkpoint import Rejection
+from stabletrain import StableTrainError, checkpoint
+from stabletrain.checkpoint import Rejection
 
 Events = list[tuple[str, dict]]
 

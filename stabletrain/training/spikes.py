@@ -8,7 +8,7 @@ Per step, before the update is applied, the detectors see the global mean loss a
     non-finite        NaN/Inf loss or gradient norm: the update never reaches the weights
 
 A firing picks a response (the most severe of the firing detectors'): log < skip_step < rollback < stop.
-Every response but `log` vetoes the update. The veto sits inside the optimizer (stabletrain.engine.optim.GatedAdamW),
+Every response but `log` vetoes the update. The veto sits inside the optimizer (stabletrain.optim.GatedAdamW),
 the one place every DeepSpeed path (ZeRO 0-3, bf16) passes after it has the global gradient norm and before the weights
 or the Adam moments change. Values of steps that fired are not added to the windows, so a spike does not
 widen the band that would catch the next one.

@@ -20,17 +20,16 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from stabletrain import StableTrainError
+from stabletrain import StableTrainError, checkpoint
 from stabletrain import distributed as dist_utils
 from stabletrain.config import Config, RankLayout, grad_accum_steps
 from stabletrain.data.dataset import RankLoader
 from stabletrain.data.setup import build_data
-from stabletrain.engine import checkpoint
-from stabletrain.engine.build import build_engine
-from stabletrain.engine.compile import compile_blocks
-from stabletrain.engine.fp8 import apply_fp8
-from stabletrain.engine.optim import clip_threshold
-from stabletrain.models import build_model, count_params, model_flops_per_token
+from stabletrain.engine.build import engine_class
+from stabletrain.models import count_params, meta_model, model_flops_per_token
+from stabletrain.optim import clip_threshold
+from stabletrain.parallel.materialize import materialize
+from stabletrain.parallel.parallelize import parallelize
 from stabletrain.training.callbacks import CALLBACKS, SpikeContext, build_callbacks
 from stabletrain.training.evaluation import evaluate
 from stabletrain.training.perf import peak_flops, peak_memory_gib
@@ -38,34 +37,32 @@ from stabletrain.training.resume import resume
 from stabletrain.training.signals import PREEMPT_FILE, StopSignals
 from stabletrain.training.spike_guard import Decision, SpikeGuard
 from stabletrain.training.spikes import Verdict
+from stabletrain.training.startup import Startup, set_vocab_size
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resolved: dict):
+    """Start-up: config (frozen) -> pre-flight (does the layout fit this rank?) -> data -> the model on the meta
+    device -> parallelize -> each rank materializes what it owns -> the engine adapter. Each phase prints a line."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resolved: dict, startup: Startup | None = None):
         self.cfg, self.run_dir, self.resolved = cfg, run_dir, resolved
         t = cfg.trainer
         for name in t.callbacks:
             CALLBACKS[name]  # an unknown name fails here, before anything heavy
         self.device = dist_utils.setup_device(t.device, cfg.engine.backend)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.startup = startup or Startup(self.rank)
+        self.startup.rank = self.rank
         self.layout = RankLayout(self.world, self.rank, cfg.engine.pipeline_stages)
         self.is_main = self.rank == 0
+        self.startup.preflight(cfg, self.world, self.device)
         self.data = build_data(cfg.data, t.seed, self.is_main)
-        self._set_vocab_size()
+        set_vocab_size(cfg.model, self.data.tokenizer.vocab_size)
         accum = grad_accum_steps(cfg, self.world)
         self.loader = RankLoader(self.data.train, self.data.order, t.micro_batch_size, accum, self.layout.dp_rank,
                                  self.layout.data_parallel)  # fmt: skip
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg.model)
-        fallbacks = apply_fp8(self.model, cfg)  # before compilation and the engine: both see the FP8 Linears
-        if fallbacks and self.is_main:
-            print(f"stabletrain: fp8: {len(fallbacks)} Linear(s) stay in {cfg.precision.dtype} (shape not taken by "
-                  f"{cfg.precision.fp8.backend}): {', '.join(fallbacks)}", file=sys.stderr)  # fmt: skip
-        if t.compile:
-            compile_blocks(self.model)
-        self.n_params = count_params(self.model)
-        self.flops_per_token = model_flops_per_token(self.model, cfg.data.seq_len)
-        self.engine = build_engine(cfg, self.model, self.layout)
+        self.startup.phase("data", f"{cfg.data.name}, vocabulary {cfg.model.vocab_size}")
+        self._build_model()
         self.guard = SpikeGuard(cfg.monitor, t.skip_batches, cfg.model.vocab_size)
         self.step, self.stop_signal, self.callbacks = 0, None, []
         self._signals = StopSignals(self.say)  # entered by fit(); train_step() alone sees no signal
@@ -84,11 +81,23 @@ class Trainer:
             (run_dir / PREEMPT_FILE).unlink(missing_ok=True)  # a requeued job starts afresh
         self.peak, self.peak_source = peak_flops(self.device, cfg.precision.dtype, t.peak_tflops)
 
-    def _set_vocab_size(self) -> None:
-        m, vocab = self.cfg.model, self.data.tokenizer.vocab_size
-        if m.vocab_size is not None and m.vocab_size < vocab:
-            raise StableTrainError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab}")
-        m.vocab_size = m.vocab_size or vocab
+    def _build_model(self) -> None:
+        """The model on the meta device, adapted to the hardware, then this rank's part allocated and initialised
+        on its device (layout-independent values), then wrapped by the engine."""
+        cfg, t = self.cfg, self.cfg.trainer
+        torch.manual_seed(t.seed)
+        self.model = meta_model(cfg.model)
+        self.n_params = count_params(self.model)
+        self.flops_per_token = model_flops_per_token(self.model, cfg.data.seq_len)
+        self.startup.phase("meta build", f"{self.n_params:,} parameters")
+        engine_cls = engine_class(cfg)
+        plan = engine_cls.rank_plan(self.model, cfg, self.layout)
+        self.parallel = parallelize(self.model, cfg, self.layout, plan.blocks, self.device)
+        self.startup.phase("parallelize", self.parallel.describe(cfg, plan.blocks))
+        self.materialized = materialize(self.model, self.device, t.seed, plan.ownership, self.parallel.extra_modules())
+        self.startup.phase("materialize", self.materialized.describe(self.rank, self.device), self.device, True)
+        self.engine = engine_cls(cfg, self.parallel, self.layout, plan)
+        self.startup.phase("engine", f"DeepSpeed ZeRO-{cfg.engine.zero_stage} ready", self.device)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> float:
@@ -104,6 +113,7 @@ class Trainer:
             while self.step < last and self.stop_signal is None:
                 self._hook("on_step_begin", self.step + 1)
                 metrics, verdict, batch_index, batches = self.train_step()
+                self.startup.first_steps(metrics, self.step, self.parallel.compiled, self.device)
                 if not verdict.applied or verdict.fired:
                     if self._respond(verdict, batch_index, batches) == "rollback":
                         continue
@@ -239,7 +249,9 @@ class Trainer:
         ctx = SpikeContext(verdict, batch_index, positions, [int(i) for i in self.data.order(positions)], tokens,
                            self.engine.full_weights() if self.is_main else None,
                            self.engine.adam_state() if self.is_main else None, self.run_dir / "checkpoints",
-                           lambda metric: monitor.detectors[metric].mean(), list(monitor.history))  # fmt: skip
+                           lambda metric: monitor.detectors[metric].mean(),
+                           lambda metric, value: monitor.detectors[metric].check(value) is not None,
+                           list(monitor.history))  # fmt: skip
         for report in filter(None, self._hook("on_spike", ctx)):
             self.event("forensics", verdict.step, report=str(report["path"]), cause=report["cause"])
             self.say(f"step {verdict.step}: {verdict.firings[0]['kind']} ({report['cause']}); "

@@ -40,21 +40,19 @@ class PropagationScalar(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     def alpha(self) -> torch.Tensor:
-        if self.updates.item() < self.cfg.warmup_steps:
-            return torch.ones((), device=self.ema_in.device)
-        ratio = self.ema_in / (self.ema_out + self.cfg.eps)
-        return ratio.clamp(self.cfg.clamp_min, self.cfg.clamp_max)
+        # Branch-free on the device (no host sync per sublayer; the planner measures it on fake tensors).
+        ratio = (self.ema_in / (self.ema_out + self.cfg.eps)).clamp(self.cfg.clamp_min, self.cfg.clamp_max)
+        return torch.where(self.updates < self.cfg.warmup_steps, torch.ones_like(ratio), ratio)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.alpha()
         if self.training:
             with torch.no_grad():
-                m = self.cfg.momentum
-                first = self.updates.item() == 0
+                m, first = self.cfg.momentum, self.updates == 0
                 n_in = h.float().norm(dim=-1).mean()
                 n_out = (h.float() + y.float()).norm(dim=-1).mean()
-                self.ema_in.copy_(n_in if first else m * self.ema_in + (1 - m) * n_in)
-                self.ema_out.copy_(n_out if first else m * self.ema_out + (1 - m) * n_out)
+                self.ema_in.copy_(torch.where(first, n_in, m * self.ema_in + (1 - m) * n_in))
+                self.ema_out.copy_(torch.where(first, n_out, m * self.ema_out + (1 - m) * n_out))
                 self.updates += 1
         return y * a.to(y.dtype)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from stabletrain.config import ResidualConfig
 from stabletrain.config.fields import at_least
+from stabletrain.models.init import reset_own_parameters
 from stabletrain.models.layers import RMSNorm
 from stabletrain.models.residual.base import RESIDUAL_STREAMS, Connection, PropagationScalar, ResidualStream
 
@@ -48,15 +49,27 @@ class HyperConnection(Connection):
     ):
         super().__init__(depth_scale, signal)
         self.n, self.dynamic, self.use_tanh = n, cfg.dynamic, cfg.tanh
-        self.B = _static(torch.ones(n))
-        self.A_m = _static(nn.functional.one_hot(torch.tensor(sublayer_index % n), n).float())
-        self.A_r = _static(torch.eye(n))
+        self.sublayer_index, self.gate_init = sublayer_index, cfg.gate_init
+        self.B = _static(torch.empty(n))
+        self.A_m = _static(torch.empty(n))
+        self.A_r = _static(torch.empty(n, n))
         if self.dynamic:
             self.norm = RMSNorm(d_model, norm_eps)
             # [W_beta | W_m | W_r] in one matrix: one matmul per sublayer instead of three.
-            self.W = nn.Parameter(torch.zeros(d_model, n + 2))
-            self.s_alpha = nn.Parameter(torch.full((1,), cfg.gate_init))  # 1-d: DeepSpeed cannot flatten 0-d params
-            self.s_beta = nn.Parameter(torch.full((1,), cfg.gate_init))
+            self.W = nn.Parameter(torch.empty(d_model, n + 2))
+            self.s_alpha = nn.Parameter(torch.empty(1))  # 1-d: DeepSpeed cannot flatten 0-d params
+            self.s_beta = nn.Parameter(torch.empty(1))
+        reset_own_parameters(self)
+
+    def init_parameter(self, name: str, t: torch.Tensor, generator: torch.Generator | None) -> None:
+        """The paper's init, which makes the network equal to pre-norm at step 0: B = 1, A_m = e_(k mod n),
+        A_r = I, W = 0, the gates s_alpha = s_beta = gate_init."""
+        if name == "A_m":
+            t.zero_()[self.sublayer_index % self.n] = 1.0
+        elif name == "A_r":
+            t.copy_(torch.eye(self.n))
+        else:
+            t.fill_({"B": 1.0, "W": 0.0, "s_alpha": self.gate_init, "s_beta": self.gate_init}[name])
 
     def _act(self, t: torch.Tensor) -> torch.Tensor:
         return torch.tanh(t) if self.use_tanh else t

@@ -19,6 +19,8 @@ from torch import nn
 
 from stabletrain.config import ResidualConfig
 from stabletrain.config.fields import Choice, at_least, finite, positive
+from stabletrain.models.init import reset_own_parameters
+from stabletrain.models.residual import mhc_triton_autograd as triton_stream
 from stabletrain.models.residual.base import RESIDUAL_STREAMS, Connection, PropagationScalar, ResidualStream
 from stabletrain.models.residual.sinkhorn import sinkhorn, sinkhorn_reference
 
@@ -41,6 +43,7 @@ class Collapse(Choice):
 class Kernel(Choice):
     eager = "eager"  # the PyTorch reference
     fused = "fused"  # torch.compile'd stream passes (C++ on CPU, Triton on GPU)
+    triton = "triton"  # hand-written Triton kernels, stream recomputed in backward (CUDA; CPU: TRITON_INTERPRET=1)
 
 
 @dataclass
@@ -61,11 +64,11 @@ class MHCConfig(ResidualConfig):
     kernel: Kernel = Kernel.eager
 
 
-def _init_phi(phi: torch.Tensor, cfg: MHCConfig) -> None:
+def _init_phi(phi: torch.Tensor, cfg: MHCConfig, generator: torch.Generator | None = None) -> None:
     if cfg.phi_init == "xavier":
-        nn.init.xavier_uniform_(phi)
+        nn.init.xavier_uniform_(phi, generator=generator)
     else:
-        nn.init.normal_(phi, std=cfg.phi_std)
+        nn.init.normal_(phi, std=cfg.phi_std, generator=generator)
 
 
 def mhc_logits(
@@ -137,19 +140,29 @@ class ManifoldConnection(Connection):
         super().__init__(depth_scale, signal)
         self.n, self.iters, self.eps = n, cfg.sinkhorn_iters, cfg.norm_eps
         self.fused = cfg.kernel == "fused"
+        self.kernel = cfg.kernel
+        self.sublayer_index, self.cfg = sublayer_index, cfg
         self.phi = nn.Parameter(torch.empty(n * d_model, n * n + 2 * n))
-        self.bias = nn.Parameter(torch.zeros(n * n + 2 * n))
-        self.alpha = nn.Parameter(torch.full((3,), cfg.gate_init))  # alpha_pre, alpha_post, alpha_res
+        self.bias = nn.Parameter(torch.empty(n * n + 2 * n))
+        self.alpha = nn.Parameter(torch.empty(3))  # alpha_pre, alpha_post, alpha_res
         self.alpha.no_weight_decay = True
-        _init_phi(self.phi.data, cfg)
-        if cfg.init == "hc":
-            # HC-faithful: soft one-hot read of stream k mod n, near-identity mixing; b_post = 0 (H_post = 1).
-            with torch.no_grad():
-                self.bias[:n] = -cfg.pre_logit
-                self.bias[sublayer_index % n] = cfg.pre_logit
-                self.bias[2 * n :] = (cfg.res_logit * torch.eye(n)).flatten()
-        # init == "megatron": all biases 0 (pre = 0.5, res = J/n). phi is random either way: with phi = 0 and
-        # permutation-symmetric biases every gradient is symmetric and the streams would never separate.
+        reset_own_parameters(self)
+
+    def init_parameter(self, name: str, t: torch.Tensor, generator: torch.Generator | None) -> None:
+        cfg, n = self.cfg, self.n
+        if name == "phi":
+            # Random under either bias init: with phi = 0 and permutation-symmetric biases every gradient is
+            # symmetric and the streams would never separate.
+            _init_phi(t, cfg, generator)
+        elif name == "alpha":
+            t.fill_(cfg.gate_init)
+        elif cfg.init == "hc":  # the bias, HC-faithful: soft one-hot read of stream k mod n, near-identity mixing;
+            t.zero_()  # b_post = 0 (H_post = 1)
+            t[:n] = -cfg.pre_logit
+            t[self.sublayer_index % n] = cfg.pre_logit
+            t[2 * n :] = (cfg.res_logit * torch.eye(n, device=t.device)).flatten()
+        else:  # init == "megatron": all biases 0 (pre = 0.5, res = J/n)
+            t.zero_()
 
     def logits(self, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
         return mhc_logits(x, self.phi, self.bias, self.alpha, self.n, self.eps, fused)
@@ -158,6 +171,9 @@ class ManifoldConnection(Connection):
         return mhc_coefficients(x, self.phi, self.bias, self.alpha, self.n, self.eps, self.iters)
 
     def read(self, x: torch.Tensor):
+        if self.kernel == "triton":
+            _, h, post, res = triton_stream.read(x, None, None, None, self, x)
+            return h, (post, res)
         if self.fused:
             h, post, res = _compiled(_fused_read)(x, self.phi, self.bias, self.alpha, self.n, self.eps, self.iters)
             return h, (post, res)
@@ -172,6 +188,8 @@ class ManifoldConnection(Connection):
     def write(self, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
         post, res = ctx
         self.observe(res)
+        if self.kernel == "triton":
+            return triton_stream.write(x, y, post, res)
         if self.fused:
             return _compiled(_fused_write)(x, y, post, res)
         mixed = torch.einsum("...ij,...jc->...ic", res.to(x.dtype), x)
@@ -188,9 +206,16 @@ class ManifoldStream(ResidualStream):
         if cfg.collapse == "head":
             n = cfg.streams
             self.head_phi = nn.Parameter(torch.empty(n * d_model, n))
-            _init_phi(self.head_phi.data, cfg)
-            self.head_bias = nn.Parameter(torch.zeros(n))
-            self.head_alpha = nn.Parameter(torch.full((1,), cfg.gate_init))
+            self.head_bias = nn.Parameter(torch.empty(n))
+            self.head_alpha = nn.Parameter(torch.empty(1))
+            reset_own_parameters(self)
+
+    def init_parameter(self, name: str, t: torch.Tensor, generator: torch.Generator | None) -> None:
+        """The collapse head: phi as the connections' phi, bias 0, alpha = gate_init."""
+        if name == "head_phi":
+            _init_phi(t, self.cfg, generator)
+        else:
+            t.fill_(self.cfg.gate_init if name == "head_alpha" else 0.0)
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         return h.unsqueeze(-2).expand(*h.shape[:-1], self.streams, h.shape[-1]).contiguous()
@@ -198,6 +223,8 @@ class ManifoldStream(ResidualStream):
     def block(self, x, sublayers):
         """kernel=fused: each sublayer's write is left pending and computed in one compiled pass with the next
         read, inside the block and across block boundaries; eager: the per-sublayer reference."""
+        if self.cfg.kernel == "triton":  # the same fusion, and the stream inside the block recomputed in backward
+            return triton_stream.block(x, sublayers)
         if self.cfg.kernel != "fused":
             return super().block(self.materialize(x), sublayers)
         for s in sublayers:
@@ -211,6 +238,8 @@ class ManifoldStream(ResidualStream):
         return x
 
     def materialize(self, x):
+        if isinstance(x, triton_stream.Pending):
+            return triton_stream.materialize(x)
         return _compiled(_fused_write)(*x) if isinstance(x, PendingWrite) else x
 
     def collapse(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 the configured layout, then searches every layout (pipeline stages x expert parallelism x ZeRO stage x activation
 checkpointing x micro-batch) for `trainer.plan_world_size` GPUs of `trainer.plan_gpu_mem_gib` at the run's global
 batch, and prints the ones that fit, fastest first, each with the command line that runs it. The memory and time
-model is stabletrain.engine.planner's (docs/engine.md).
+model is stabletrain.planner.search's (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import shlex
 from hydra.core.hydra_config import HydraConfig
 
 from stabletrain.config import Config, checkpoint_segment, global_batch_size, launched_world_size
-from stabletrain.engine.planner import Estimate, GiB, Layout, ModelProfile, estimate, layout_overrides, search
+from stabletrain.planner.search import Estimate, GiB, Layout, ModelProfile, estimate, layout_overrides, search
 
 SHOWN = 10  # layouts printed
 # Overrides the printed layouts set themselves (or that only concern planning), dropped from the user's command.
 OWN_KEYS = ("engine", "engine.zero_stage", "engine.pipeline_stages", "engine.expert_parallel",
             "engine.activation_checkpointing", "engine.activation_checkpointing_blocks", "trainer.micro_batch_size",
             "trainer.grad_accum_steps", "trainer.global_batch_size", "trainer.plan", "trainer.plan_world_size",
-            "trainer.plan_gpu_mem_gib")  # fmt: skip
+            "trainer.plan_gpu_mem_gib", "trainer.preflight")  # fmt: skip
 
 
 def configured_layout(cfg: Config) -> Layout:
@@ -60,7 +60,7 @@ def launch_command(overrides: list[str], est: Estimate, world: int, batch: int, 
     return f"{launcher} train.py {' '.join(shlex.quote(a) for a in args)}"
 
 
-def _user_overrides() -> list[str]:
+def user_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
@@ -96,7 +96,7 @@ def print_plan(cfg: Config, overrides: list[str] | None = None) -> dict:
         f"searched {p['considered']} layouts for {world} GPU(s) of {budget:g} GiB at global batch "
         f"{p['global_batch_size']} x {cfg.data.seq_len} tokens: {len(p['layouts'])} fit"
     )
-    overrides = _user_overrides() if overrides is None else overrides
+    overrides = user_overrides() if overrides is None else overrides
     gpn = cfg.trainer.plan_hardware.gpus_per_node
     for est in p["layouts"][:SHOWN]:
         print(describe(est))

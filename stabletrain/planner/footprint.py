@@ -3,7 +3,7 @@
 One block (and the head) runs under torch's FakeTensorMode: every tensor has its real shape and dtype but no
 storage, so a 27B model's block at 4096 tokens costs milliseconds. A saved-tensor hook counts the distinct storages
 autograd keeps; a dispatch hook counts the outputs selective recomputation keeps (the ops it must save, from
-stabletrain.engine.recompute). The planner multiplies these per-token numbers out; nothing is a formula that a new
+stabletrain.parallel.recompute). The planner multiplies these per-token numbers out; nothing is a formula that a new
 residual stream or feed-forward would have to extend.
 
 MoE layers route data-dependently; here every expert receives the same share of the tokens (a balanced router),
@@ -22,11 +22,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stabletrain.config import ModelConfig
-from stabletrain.engine.recompute import KEPT_BY_SELECTIVE
 from stabletrain.models.layers import RMSNorm, rope_tables
 from stabletrain.models.moe import MoE
 from stabletrain.models.residual import build_stream
 from stabletrain.models.transformer import Block, rope_dim
+from stabletrain.parallel.recompute import KEPT_BY_SELECTIVE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -223,10 +223,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), leaf, module)
 
 
-def apply_fp8(model: nn.Module, cfg) -> list[str]:
+def apply_fp8(model: nn.Module, precision) -> list[str]:
     """Convert the blocks' Linears for precision.fp8 (a no-op when it is off); returns the names of the Linears left
     in high precision because the backend cannot take their shape (to be listed once at start-up)."""
-    f = cfg.precision.fp8
+    f = precision.fp8
     if not f.enabled:
         return []
     recipe, backend = str(f.recipe), str(f.backend)

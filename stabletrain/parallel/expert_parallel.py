@@ -29,8 +29,8 @@ from torch import nn
 
 from stabletrain import StableTrainError
 from stabletrain.config import RankLayout
-from stabletrain.engine import fp8
 from stabletrain.models.moe import MoE
+from stabletrain.parallel import fp8
 
 
 class _AllToAll(torch.autograd.Function):
@@ -75,8 +75,9 @@ class _FP8AllToAll(torch.autograd.Function):
 class AllToAllDispatch:
     """Replaces MoE's local expert loop: send each (token, expert) slot to the expert's rank, run, send back."""
 
-    def __init__(self, n_routed: int, ep: int, group, experts: nn.ModuleList, fp8_dispatch: bool = False):
-        self.ep, self.group, self.experts = ep, group, experts  # the local experts: not a submodule of the model
+    def __init__(self, n_routed: int, ep: int, experts: nn.ModuleList, fp8_dispatch: bool = False):
+        self.ep, self.experts = ep, experts  # the local experts: not a submodule of the model
+        self.group = None  # the expert-parallel group, set once the process groups exist (ExpertParallel.setup)
         self.send_tokens = _FP8AllToAll.apply if fp8_dispatch else _AllToAll.apply
         self.per_rank = n_routed // ep
 
@@ -112,14 +113,47 @@ class ExpertParallel:
     """Builds the process groups, takes this rank's experts out of the model, and reduces, clips, updates and
     saves them."""
 
-    def __init__(self, model: nn.Module, ep: int, layout: RankLayout, blocks: Iterable[int], device, dtype,
-                 weight_decay: float, betas: tuple[float, float], eps: float, fp8_dispatch: bool = False):  # fmt: skip
+    def __init__(
+        self, model: nn.Module, ep: int, layout: RankLayout, blocks: Iterable[int], fp8_dispatch: bool = False
+    ):
         dp = layout.data_parallel
         if dp % ep:
             raise StableTrainError(f"engine.expert_parallel={ep} must divide the {dp} data-parallel rank(s)")
         self.ep, self.layout, self.replicas = ep, layout, dp // ep
         self.ep_rank = layout.dp_rank % ep
-        # Every rank creates every group, in the same order (new_group is collective).
+        self.local: dict[int, tuple[int, nn.ModuleList]] = {}  # block -> (first expert id, this rank's experts)
+        self.dispatches: list[AllToAllDispatch] = []
+        for i in blocks:
+            moe = model.blocks[i].mlp
+            if not isinstance(moe, MoE):
+                continue
+            n_routed = len(moe.experts)
+            per_rank = n_routed // ep
+            first = self.ep_rank * per_rank
+            # Taken out of the module tree before anything is allocated: DeepSpeed never sees them, and the others
+            # are never materialized on this rank.
+            local = nn.ModuleList(list(moe.experts)[first : first + per_rank])
+            moe.experts = nn.ModuleList()
+            moe.dispatch = AllToAllDispatch(n_routed, ep, local, fp8_dispatch)  # its group comes with setup()
+            self.dispatches.append(moe.dispatch)
+            self.local[i] = (first, local)
+        if not self.local and not any(isinstance(m, MoE) for m in model.modules()):
+            raise StableTrainError(f"engine.expert_parallel={ep} needs a model with MoE layers (model/ffn=moe)")
+
+    def named_local_experts(self) -> list[tuple[str, nn.Module]]:
+        """This rank's experts under their names in the unsharded model (blocks.<i>.mlp.experts.<e>), each module
+        of their trees."""
+        return [
+            (f"blocks.{i}.mlp.experts.{first + j}" + (f".{sub}" if sub else ""), module)
+            for i, (first, local) in self.local.items()
+            for j, expert in enumerate(local)
+            for sub, module in expert.named_modules()
+        ]
+
+    def _create_groups(self) -> None:
+        """The expert-parallel and expert-data-parallel process groups. Every rank creates every group, in the
+        same order (new_group is collective)."""
+        layout, ep, dp = self.layout, self.ep, self.layout.data_parallel
         self.ep_group = self.expert_dp_group = None
         for stage in range(layout.stages):
             ranks = layout.stage_ranks(stage)
@@ -131,23 +165,19 @@ class ExpertParallel:
                 group = dist.new_group(ranks[j::ep])
                 if layout.rank in ranks[j::ep]:
                     self.expert_dp_group = group
+
+    def setup(self, device, dtype, weight_decay: float, betas: tuple[float, float], eps: float) -> None:
+        """After materialization (collective): the process groups, working weights in the training dtype, fp32
+        masters and their AdamW."""
+        self._create_groups()
+        for dispatch in self.dispatches:
+            dispatch.group = self.ep_group
         self.live: dict[str, nn.Parameter] = {}  # name (as in the unsharded model) -> this rank's working weight
-        for i in blocks:
-            moe = model.blocks[i].mlp
-            if not isinstance(moe, MoE):
-                continue
-            n_routed = len(moe.experts)
-            per_rank = n_routed // ep
-            first = self.ep_rank * per_rank
-            # Every rank built the full model from one seed, so the kept experts equal the unsharded model's.
-            local = nn.ModuleList(list(moe.experts)[first : first + per_rank]).to(device=device, dtype=dtype)
-            moe.experts = nn.ModuleList()  # out of the module tree: DeepSpeed never sees these parameters
-            moe.dispatch = AllToAllDispatch(n_routed, ep, self.ep_group, local, fp8_dispatch)
+        for i, (first, local) in self.local.items():
+            local.to(device=device, dtype=dtype)
             for j, expert in enumerate(local):
                 for pname, p in expert.named_parameters():
                     self.live[f"blocks.{i}.mlp.experts.{first + j}.{pname}"] = p
-        if not self.live and not any(isinstance(m, MoE) for m in model.modules()):
-            raise StableTrainError(f"engine.expert_parallel={ep} needs a model with MoE layers (model/ffn=moe)")
         # fp32 master weights: the working weights themselves in fp32 runs, copies in bf16 runs.
         self.master = {
             n: p if p.dtype == torch.float32 else nn.Parameter(p.detach().float()) for n, p in self.live.items()

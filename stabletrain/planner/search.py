@@ -12,7 +12,7 @@ data-parallel ranks of the stage):
     experts      under expert parallelism each rank holds 1/ep of the routed experts with their own fp32 master,
                  gradients and moments (w + w + 8, plus 4 + 4 in bf16), not partitioned further
     activations  per micro-batch and block, what autograd keeps, measured on our modules at full size
-                 (stabletrain.engine.footprint): all of it (none), the matmul and attention outputs (selective),
+                 (stabletrain.planner.footprint): all of it (none), the matmul and attention outputs (selective),
                  or one residual stream per recomputed segment plus one segment recomputed at a time (block);
                  plus the head and loss on the last stage, whose backward briefly holds the logits' gradient
                  (the larger of the two transients counts). In a pipeline stage s holds min(P - s, m) micro-batches
@@ -39,6 +39,7 @@ MFU = model FLOPs per step / (step time x GPUs x peak).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -46,9 +47,9 @@ from dataclasses import dataclass, field
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
 from stabletrain.config import Config
-from stabletrain.engine.footprint import BlockFootprint, block_footprint, head_footprint
 from stabletrain.models import count_params, meta_model, model_flops_per_token
 from stabletrain.models.moe import MoE
+from stabletrain.planner.footprint import BlockFootprint, block_footprint, head_footprint
 
 GiB = 1024**3
 HEADROOM = 0.9
@@ -85,10 +86,10 @@ class ModelProfile:
 
     def __init__(self, cfg: Config):
         m = cfg.model
-        if m.vocab_size is None:
-            m.vocab_size = cfg.data.tokenizer.vocab_size
+        if m.vocab_size is None:  # not yet taken from the tokenizer: its configured size
+            m = dataclasses.replace(m, vocab_size=cfg.data.tokenizer.vocab_size)
         model = meta_model(m)
-        self.cfg, self.seq_len, self.dtype = cfg, cfg.data.seq_len, str(cfg.precision.dtype)
+        self.cfg, self.model_cfg, self.seq_len, self.dtype = cfg, m, cfg.data.seq_len, str(cfg.precision.dtype)
         self.total_params, self.active_params = count_params(model), count_params(model, active=True)
         self.flops_per_token = model_flops_per_token(model, self.seq_len)
         self.head_flops_per_token = 6.0 * m.d_model * m.vocab_size
@@ -106,45 +107,61 @@ class ModelProfile:
     def footprint(self, block: int) -> BlockFootprint:
         moe = block in self.moe_layers
         if moe not in self._footprints:
-            self._footprints[moe] = block_footprint(self.cfg.model, block, self.seq_len, self.dtype)
+            self._footprints[moe] = block_footprint(self.model_cfg, block, self.seq_len, self.dtype)
         return self._footprints[moe]
 
 
+def stage_bounds(weights: list[int], stages: int, method: str) -> list[int]:
+    """Layer-list boundaries of the pipeline stages (stage s holds entries parts[s]..parts[s+1]-1), computed as
+    DeepSpeed's PipelineModule does from the entries' parameter counts ("parameters") or their number ("uniform").
+    The pipeline engine and the planner both partition with it."""
+    if stages == 1:
+        return [0, len(weights)]
+    parts = partition_uniform(len(weights), stages) if method == "uniform" else partition_balanced(weights, stages)
+    return [int(p) for p in parts]
+
+
 def stage_partition(profile: ModelProfile, stages: int, segment: int, method: str) -> list[tuple[range, bool, bool]]:
-    """(blocks, has embedding, has head) per stage, partitioned as DeepSpeed's PipelineModule does."""
+    """(blocks, has embedding, has head) per stage, partitioned as the pipeline engine does."""
     L = len(profile.blocks)
     segments = [range(s, min(s + segment, L)) for s in range(0, L, segment)]
     weights = [profile.embed] + [sum(sum(profile.blocks[b]) for b in seg) for seg in segments] + [profile.head]
-    if profile.cfg.model.tie_embeddings and stages > 1:
-        weights.append(0)  # the tied embedding's second use on the last stage (its own layer-list entry)
+    if profile.cfg.model.tie_embeddings:
+        weights.append(profile.embed)  # the tied embedding's second use on the last stage (its own layer-list entry)
     if stages == 1:
         return [(range(L), True, True)]
-    parts = partition_uniform(len(weights), stages) if method == "uniform" else partition_balanced(weights, stages)
+    parts = stage_bounds(weights, stages, method)
     out = []
     for s in range(stages):
         first, end = int(parts[s]), int(parts[s + 1])
         segs = [segments[i - 1] for i in range(first, end) if 1 <= i <= len(segments)]
         blocks = range(segs[0].start, segs[-1].stop) if segs else range(0)
-        out.append((blocks, first == 0, end >= len(segments) + 1))
+        out.append((blocks, first == 0, first <= len(segments) + 1 < end))  # entry S + 1 is the head
     return out
+
+
+def stage_params(profile: ModelProfile, layout: Layout, blocks: range, first: bool, last: bool) -> tuple[int, float]:
+    """(replicated parameters, this rank's routed-expert parameters) of one rank of a stage, before ZeRO
+    partitions anything: what it materializes outside ZeRO-3."""
+    P, ep = layout.pipeline_stages, layout.expert_parallel
+    replicated = sum(profile.blocks[b][0] for b in blocks) + (profile.embed if first else 0)
+    replicated += profile.head + (profile.embed if profile.cfg.model.tie_embeddings and P > 1 else 0) if last else 0
+    routed = sum(profile.blocks[b][1] for b in blocks)
+    return (replicated + routed, 0.0) if ep == 1 else (replicated, routed / ep)
 
 
 def _stage_memory(profile: ModelProfile, layout: Layout, dp: int, accum: int, blocks: range, first: bool,
                   last: bool, stage: int) -> dict[str, float]:  # fmt: skip
-    P, ep, z = layout.pipeline_stages, layout.expert_parallel, layout.zero_stage
+    P, z = layout.pipeline_stages, layout.zero_stage
     bf16 = profile.dtype == "bf16"
     w = 2 if bf16 else 4
-    replicated = sum(profile.blocks[b][0] for b in blocks) + (profile.embed if first else 0)
-    replicated += profile.head + (profile.embed if profile.cfg.model.tie_embeddings and P > 1 else 0) if last else 0
-    routed = sum(profile.blocks[b][1] for b in blocks)
-    if ep == 1:
-        replicated, routed = replicated + routed, 0
+    replicated, routed = stage_params(profile, layout, blocks, first, last)
     opt_shards = dp if (z >= 1 or bf16) else 1
     mem = {
         "weights": replicated * w / (dp if z == 3 else 1),
         "gradients": replicated * w / (dp if z >= 2 else 1) + (replicated * 4 / (dp if z >= 1 else 1) if bf16 else 0),
         "optimizer": replicated * (8 + (4 if bf16 else 0)) / opt_shards,
-        "experts": routed / ep * (2 * w + 8 + (8 if bf16 else 0)),
+        "experts": routed * (2 * w + 8 + (8 if bf16 else 0)),
     }
     tokens = layout.micro_batch_size * profile.seq_len
     in_flight = min(P - stage, accum) if P > 1 else 1
@@ -158,7 +175,7 @@ def _stage_memory(profile: ModelProfile, layout: Layout, dp: int, accum: int, bl
         per_micro, transient = sum(fp.selective if mode == "selective" else fp.saved for fp in fps), 0.0
     if last:  # the head's backward holds the fp32 logits' gradient and its cast: 4 + w bytes per vocabulary entry
         per_micro += profile.head_bytes
-        transient = max(transient, (4 + w) * profile.cfg.model.vocab_size)
+        transient = max(transient, (4 + w) * profile.model_cfg.vocab_size)
     mem["activations"] = tokens * (in_flight * per_micro + transient)
     stream = profile.footprint(0).stream if profile.blocks else 0.0
     mem["pipeline"] = 2 * in_flight * tokens * stream if P > 1 else 0.0

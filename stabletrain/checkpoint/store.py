@@ -10,7 +10,7 @@ the reference CPU, docs/BENCHMARKS.md; the digest guards against corruption, not
 weights-only loading below stops). Ranks hash and verify disjoint shares of the files in parallel.
 
 Nothing is loaded by unpickling arbitrary objects: files are scanned for the globals their pickles import before
-anything is read (stabletrain.engine.safe_load.refusal), and every load runs with weights_only=True.
+anything is read (stabletrain.checkpoint.safe_load.refusal), and every load runs with weights_only=True.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import xxhash
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from stabletrain import distributed as dist_utils
-from stabletrain.engine import safe_load
+from stabletrain.checkpoint import safe_load
 
 MANIFEST = "COMPLETE.json"
 DIGEST = "xxh3_128"

@@ -40,7 +40,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or getattr(p, "no_weight_decay", False) else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter's own data is its (flat) shard
+        (no_decay if ndim < 2 or getattr(p, "no_weight_decay", False) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
