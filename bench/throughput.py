@@ -5,8 +5,8 @@
 
 Both sides train the same model (same seed), with the same AdamW param groups, LambdaLR schedule, gradient
 clipping and batches. Timed blocks alternate (framework, bare, framework, ...) to cancel thermal/clock drift;
-the reported tokens/s is the median over repeats. The bare loop mirrors fp32 ZeRO-0 (plain torch AdamW), so
-the ratio is like-for-like only for precision=fp32 engine=zero0.
+the reported tokens/s is the median over repeats. The bare loop mirrors fp32 ZeRO-0 (plain torch AdamW; bf16 autocast
+over fp32 weights when precision=bf16), so the ratio is like-for-like for precision=fp32 engine=zero0.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from stabletrain.cli import setup  # noqa: E402
 from stabletrain.config import grad_accum_steps, to_container, to_object, validate  # noqa: E402
 from stabletrain.data.dataset import GlobalOrder, RankLoader  # noqa: E402
-from stabletrain.models import build_model, param_count  # noqa: E402
+from stabletrain.models import meta_model, param_count  # noqa: E402
 from stabletrain.optim import lr_multiplier, param_groups  # noqa: E402
+from stabletrain.parallel.compile import compile_blocks  # noqa: E402
+from stabletrain.parallel.materialize import materialize  # noqa: E402
 from stabletrain.training.trainer import Trainer  # noqa: E402
 
 DEFAULT_OVERRIDES = ["logging=none", "trainer.micro_batch_size=8", "data.seq_len=256", "trainer.eval_interval=0"]
@@ -51,13 +53,20 @@ def compose_config(overrides: list[str]):
 
 
 class BareLoop:
-    """The same training step written as a plain PyTorch loop."""
+    """The same training step written as a plain PyTorch loop: the same initial weights (materialized as the trainer
+    does, on its device), fp32 weights under bf16 autocast when the run is bf16, torch AdamW (fused on a GPU), the
+    same clipping, schedule and batches, compiled blocks when the trainer compiled its own; one host read per step."""
 
     def __init__(self, cfg, trainer: Trainer):
         t, o = cfg.trainer, cfg.optim
-        torch.manual_seed(t.seed)  # same initial weights as the trainer's model
-        self.model = build_model(cfg.model).to(trainer.device).train()
-        self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.model = meta_model(cfg.model)
+        materialize(self.model, trainer.device, t.seed)
+        self.model.train()
+        if trainer.parallel.compiled:
+            compile_blocks(self.model)
+        fused = trainer.device.type == "cuda" or None
+        self.opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                     eps=o.eps, fused=fused)  # fmt: skip
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, functools.partial(lr_multiplier, cfg=cfg))
         # Same sample order over the same packed corpus: batch k here is batch k of the trainer.
         self.loader = RankLoader(
@@ -69,19 +78,21 @@ class BareLoop:
             1,
         )
         self.accum, self.clip, self.device = grad_accum_steps(cfg, 1), o.grad_clip or math.inf, trainer.device
+        self.autocast = cfg.precision.dtype == "bf16"
 
     def step(self) -> float:
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for batch in self.loader.next_batch():
             batch = batch.to(self.device, non_blocking=True)
-            loss = self.model(batch[:, :-1], batch[:, 1:])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.model(batch[:, :-1], batch[:, 1:])
             (loss / self.accum if self.accum > 1 else loss).backward()
-            total += loss.item()  # one host sync per micro-step, as the framework's loss read-back
+            total += loss.detach().float()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return total / self.accum
+        return float(total) / self.accum  # the one host sync, as the framework's step
 
 
 def timed(fn, steps: int) -> tuple[float, float, float]:

@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from stabletrain.models import build_model
+from stabletrain import StableTrainError
+from stabletrain.config import RankLayout
+from stabletrain.models import build_model, meta_model
 from stabletrain.parallel import fp8
-from stabletrain.parallel.fp8 import RECIPES, Block, FP8Linear, FP8Settings, apply_fp8, quantize
+from stabletrain.parallel.fp8 import RECIPES, Block, FP8Conversion, FP8Linear, FP8Settings, apply_fp8, quantize
+from stabletrain.parallel.parallelize import parallelize
 from tests.helpers import composed, train, train_jobs, train_rows, val_rows
 
 BLOCKS = [Block(1, 128), Block(128, 128), Block(1, None), Block(None, None)]
@@ -161,7 +164,8 @@ def test_torchao_backend_converts_the_same_linears_and_stays_close(recipe):
     ref = build_model(cfg.model)
     model = build_model(cfg.model)
     model.load_state_dict(ref.state_dict())
-    assert apply_fp8(model, cfg.precision) == []  # every block Linear's shape is a multiple of 16
+    done = apply_fp8(model, cfg.precision)
+    assert done.coverage == 1.0 and done.padded == []  # every block Linear's shape is a multiple of 16
     converted = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
     assert len(converted) == len(fp8.fp8_linears(ref)) == 2 * 7
     idx = torch.randint(0, 256, (2, 32))
@@ -169,6 +173,50 @@ def test_torchao_backend_converts_the_same_linears_and_stays_close(recipe):
     loss.backward()
     assert abs(float(loss) - float(ref_loss)) / float(ref_loss) < 0.01
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_widths_torchao_refuses_run_padded_so_every_block_linear_is_fp8():
+    """The 1B presets' SwiGLU width 5461 is not a multiple of 16: padded, not left in bf16 (coverage 100%); the
+    state dict keeps its names and shapes."""
+    cfg = composed("model=baseline_1b", "model.n_layers=2", "precision=fp8", "precision.fp8.backend=torchao",
+                   "precision.fp8.recipe=rowwise")  # fmt: skip
+    cfg.model.vocab_size = 512
+    model = meta_model(cfg.model)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    done = apply_fp8(model, cfg.precision)
+    assert done.coverage == 1.0 and done.fallbacks == [] and len(done.converted) == 2 * 7
+    assert sorted(n.rsplit(".", 1)[1] for n in done.padded) == ["w_down", "w_down", "w_gate", "w_gate", "w_up", "w_up"]
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+
+
+def test_a_padded_torchao_linear_computes_the_unpadded_product_and_its_gradients():
+    lin = nn.Linear(40, 37, bias=False)
+    x = torch.randn(32, 40, requires_grad=True)
+    cfg = composed("precision=fp8", "precision.fp8.backend=torchao", "precision.fp8.recipe=rowwise")
+    holder = nn.Module()
+    holder.blocks = nn.ModuleList([nn.Module()])
+    holder.blocks[0].mlp = nn.Module()
+    holder.blocks[0].mlp.w_up = lin
+    done = apply_fp8(holder, cfg.precision)
+    padded = holder.blocks[0].mlp.w_up
+    assert done.padded == ["blocks.0.mlp.w_up"] and padded.weight is lin.weight
+    y = padded(x)
+    ref = x.detach() @ lin.weight.detach().t()
+    assert y.shape == (32, 37) and float((y - ref).norm() / ref.norm()) < 0.06
+    y.square().sum().backward()
+    assert lin.weight.grad.shape == (37, 40) and x.grad.shape == (32, 40)
+    ref_grad = 2 * (ref.t() @ x.detach())
+    assert float((lin.weight.grad - ref_grad).norm() / ref_grad.norm()) < 0.1
+
+
+def test_coverage_below_the_minimum_is_refused_in_one_line(monkeypatch):
+    cfg = composed("precision=fp8", "model.vocab_size=256")
+    short = FP8Conversion(["blocks.0.attn.q_proj"], [], ["blocks.0.mlp.w_up"], converted_params=3, total_params=4)
+    monkeypatch.setattr("stabletrain.parallel.parallelize.apply_fp8", lambda model, precision: short)
+    with pytest.raises(StableTrainError, match=r"75.0% .* below precision.fp8.min_coverage=1 .*blocks.0.mlp.w_up"):
+        parallelize(meta_model(cfg.model), cfg, RankLayout(1, 0), range(2), torch.device("cpu"))
+    cfg.precision.fp8.min_coverage = 0.75
+    assert parallelize(meta_model(cfg.model), cfg, RankLayout(1, 0), range(2), torch.device("cpu")).fp8 is short
 
 
 TINY_FP8 = ["trainer.max_steps=300", "trainer.eval_interval=300", "logging=none", "monitor.gain_interval=100"]

@@ -75,10 +75,11 @@ def test_monitor_state_round_trips():
     assert other.judge(11, 99.0, 1.0).fired == mon.judge(11, 99.0, 1.0).fired is True
 
 
-def test_vetoed_update_leaves_weights_and_moments_untouched():
+@pytest.mark.parametrize("fused", [None, True])  # True: the fused kernel the engine uses on a GPU
+def test_vetoed_update_leaves_weights_and_moments_untouched(fused):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(5))
-    opt = GatedAdamW([w], lr=0.1)
+    opt = GatedAdamW([w], lr=0.1, fused=fused)
     for _ in range(2):
         w.grad = torch.randn(5)
         opt.step()

@@ -223,3 +223,6 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     train(tmp_path / "compiled", *common, "trainer.compile=true", timeout=600)
     eager, compiled = train_rows(tmp_path / "eager"), train_rows(tmp_path / "compiled")
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+    # The compile's warm-up, reported once: the first step's time less the second's.
+    assert [r["step"] for r in compiled if "perf/compile_s" in r] == [2] and "perf/compile_s" not in eager[1]
+    assert compiled[1]["perf/compile_s"] == pytest.approx(compiled[0]["step_time_s"] - compiled[1]["step_time_s"])

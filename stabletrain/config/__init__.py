@@ -12,18 +12,16 @@ from stabletrain.config.layout import (
     grad_accum_steps,
     launched_world_size,
 )
+from stabletrain.config.monitor import DetectorConfig, InjectConfig, MonitorConfig
 from stabletrain.config.schema import (
     BSLOConfig,
     Config,
     DataConfig,
-    DetectorConfig,
     EngineConfig,
     FFNConfig,
-    InjectConfig,
     LoggingConfig,
     MLAConfig,
     ModelConfig,
-    MonitorConfig,
     NormConfig,
     OptimConfig,
     PrecisionConfig,

@@ -45,7 +45,7 @@ LossHook = Callable[[torch.Tensor], torch.Tensor]  # applied to each micro-batch
 
 @dataclass
 class StepOutcome:
-    grad_norm: float | None  # the global pre-clip gradient norm
+    grad_norm: torch.Tensor | float | None  # the global pre-clip gradient norm (possibly still on the device)
     applied: bool | None  # whether the update reached the weights; None: the engine skipped it itself (overflow)
 
 

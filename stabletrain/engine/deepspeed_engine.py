@@ -101,8 +101,11 @@ class DeepSpeedEngine(Engine):
         self.experts = parallel.experts
         if self.experts is not None:
             self.experts.setup(self._device(), train_dtype(cfg), o.weight_decay, tuple(o.betas), o.eps)
-        # AdamW with a veto on the update (the spike responses): DeepSpeed wraps it as its client optimizer.
-        self.optimizer = GatedAdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        # AdamW with a veto on the update (the spike responses): DeepSpeed wraps it as its client optimizer. On a GPU
+        # its fused kernel (one launch for every parameter), unless the states live in host memory (ZeRO-Offload).
+        fused = self._device().type == "cuda" and e.offload_optimizer == "none"
+        self.optimizer = GatedAdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                    fused=fused or None)  # fmt: skip
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_multiplier, cfg=cfg))
         if e.pipeline_stages == 1:
             ds_groups.mpu = None  # a pipeline engine built earlier in this process leaves its grid there
@@ -176,24 +179,25 @@ class DeepSpeedEngine(Engine):
             rewind_scheduler(self.ds.lr_scheduler, epoch_before)
         return StepOutcome(seen[0], answer)
 
-    def _norm_and_clip(self, clip: float) -> float | None:
-        """The global pre-clip gradient norm (replicated parameters and every expert once); clips where DeepSpeed
-        does not."""
+    def _norm_and_clip(self, clip: float) -> torch.Tensor | float | None:
+        """The global pre-clip gradient norm (replicated parameters and every expert once), left on the device where
+        it is computed here (the trainer reads it with the loss, in one host sync); clips where DeepSpeed does not."""
         # DeepSpeed's ZeRO/bf16 optimizers computed the global norm of their parameters before calling ours (the
         # engine's copy of it is updated only after the step).
         ds_norm = getattr(self.ds.optimizer, "_global_grad_norm", None)
         if deepspeed_clips(self.cfg):
-            return None if ds_norm is None else float(ds_norm)
+            return ds_norm
         if self.cfg.engine.zero_stage > 0 or self.cfg.precision.dtype != "fp32":
             params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            sq = torch.tensor(float(ds_norm) ** 2 if ds_norm is not None else float("nan"), dtype=torch.float64)
+            norm = torch.as_tensor(float("nan") if ds_norm is None else ds_norm, device=self.device)
+            sq = norm.double().pow(2)
         else:  # fp32 ZeRO-0: the optimizer's parameters are the module's (in module order, as clip_grad_norm_)
             params = [p for p in self.ds.module.parameters() if p.grad is not None]
             counted = [p.grad for p in params if not getattr(p, "ds_pipe_replicated", False)]
             local = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros(())
             if self.pipe_group is None and self.experts is None:
                 torch.nn.utils.clip_grads_with_norm_(params, clip, local)  # as clip_grad_norm_ (golden values)
-                return float(local)
+                return local
             sq = local.double().pow(2).reshape(1)
             if self.pipe_group is not None:
                 dist.all_reduce(sq, group=self.pipe_group)  # stages hold different parameters
@@ -205,7 +209,7 @@ class DeepSpeedEngine(Engine):
             torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
         if self.experts is not None:
             self.experts.scale_gradients((clip / (norm + 1e-6)).clamp(max=1.0))
-        return float(norm)
+        return norm
 
     def _global_grad_norm(self) -> float | None:
         gn = self.ds.get_global_grad_norm()

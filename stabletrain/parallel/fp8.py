@@ -23,9 +23,10 @@ blocks (zeros change no amax and add nothing), so any shape runs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -223,37 +224,90 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), leaf, module)
 
 
-def apply_fp8(model: nn.Module, precision) -> list[str]:
-    """Convert the blocks' Linears for precision.fp8 (a no-op when it is off); returns the names of the Linears left
-    in high precision because the backend cannot take their shape (to be listed once at start-up)."""
-    f = precision.fp8
+@dataclass
+class FP8Conversion:
+    """What apply_fp8 did: block Linears converted (those padded to the backend's tile among them) and left in
+    high precision, and the share of the block Linears' weights (their GEMM work) that runs in FP8."""
+
+    converted: list[str] = field(default_factory=list)
+    padded: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    converted_params: int = 0
+    total_params: int = 0
+
+    @property
+    def coverage(self) -> float:
+        return self.converted_params / self.total_params if self.total_params else 1.0
+
+
+def apply_fp8(model: nn.Module, precision) -> FP8Conversion:
+    """Convert the blocks' Linears for precision.fp8 (nothing when it is off). Our backends take any shape (the
+    quantizer pads to whole tiles); torchao's need multiples of 16 (128 for blockwise), so other widths (a SwiGLU
+    of 5461) run padded: zero rows and columns, the result sliced."""
+    f, out = precision.fp8, FP8Conversion()
     if not f.enabled:
-        return []
+        return out
     recipe, backend = str(f.recipe), str(f.backend)
-    fallbacks = []
     for name, (linear, kind) in fp8_linears(model).items():
+        out.total_params += linear.weight.numel()
         if backend != "torchao":
             linear.__class__ = FP8Linear  # same parameters, same state-dict names: checkpoints are unchanged
             linear.fp8 = FP8Settings(recipe, backend, f.pow2_scales, kind)
+        elif linear.bias is not None and recipe == "blockwise":
+            out.fallbacks.append(name)  # torchao's blockwise Linear has no bias (ours have none)
             continue
-        converted = _torchao_linear(linear, recipe)
-        if converted is None:
-            fallbacks.append(name)
         else:
+            converted, padded = _torchao_linear(linear, recipe)
             _set_submodule(model, name, converted)
-    return fallbacks
+            out.padded += [name] if padded else []
+        out.converted.append(name)
+        out.converted_params += linear.weight.numel()
+    return out
 
 
-def _torchao_linear(linear: nn.Linear, recipe: str) -> nn.Module | None:
-    """torchao's float8 training Linear for this one, or None when its shape is not one torchao takes."""
-    from torchao.float8 import Float8LinearConfig
-    from torchao.float8.float8_linear import Float8Linear
+def _round_up_to(n: int, m: int) -> int:
+    return -(-n // m) * m
 
+
+@functools.cache
+def _torchao_classes(recipe: str) -> tuple[type, type, int]:
+    """(torchao's float8 Linear for `recipe`, the same with its GEMMs on operands zero-padded to the backend's tile,
+    the tile: 16, or 128 for blockwise). The padded one keeps the weight parameter's shape and name; the padding is
+    rebuilt in every forward (its gradient flows back to the parameter) and the output sliced. Zeros change no amax
+    and add nothing to a product."""
     if recipe == "blockwise":
-        from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear
+        from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear, fp8_blockwise_mm
 
-        ok = linear.bias is None and linear.in_features % TILE == 0 and linear.out_features % TILE == 0
-        return Float8BlockwiseLinear.from_float(linear) if ok else None
-    if linear.in_features % 16 or linear.out_features % 16:
-        return None
-    return Float8Linear.from_float(linear, config=Float8LinearConfig.from_recipe_name(recipe))
+        base, multiple = Float8BlockwiseLinear, TILE
+        gemm = lambda mod, x, w: fp8_blockwise_mm.apply(x, w, mod.block_size, mod.dtype, mod.use_triton)  # noqa: E731
+    else:
+        from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
+
+        base, multiple = Float8Linear, 16
+        gemm = lambda mod, x, w: matmul_with_hp_or_float8_args.apply(x, w.t(), mod.linear_mm_config, mod.config)  # noqa: E731
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recipe != "blockwise" and torch.is_autocast_enabled():
+            x = x.to(torch.get_autocast_dtype("cuda"))  # as torchao's own forward does under autocast
+        o, i = self.out_features, self.in_features
+        pad_i, pad_o = _round_up_to(i, multiple) - i, _round_up_to(o, multiple) - o
+        w = torch.nn.functional.pad(self.weight, (0, pad_i, 0, pad_o))
+        return gemm(self, torch.nn.functional.pad(x, (0, pad_i)), w)[..., :o]
+
+    return base, type(f"Padded{base.__name__}", (base,), {"forward": forward}), multiple
+
+
+def _torchao_linear(linear: nn.Linear, recipe: str) -> tuple[nn.Module, bool]:
+    """torchao's float8 training Linear for this one (padded when its shape is not a whole number of the backend's
+    tiles), and whether it is padded."""
+    from torchao.float8 import Float8LinearConfig
+
+    base, padded_cls, multiple = _torchao_classes(recipe)
+    padded = linear.in_features % multiple != 0 or linear.out_features % multiple != 0
+    cls = padded_cls if padded else base
+    if recipe != "blockwise":
+        return cls.from_float(linear, config=Float8LinearConfig.from_recipe_name(recipe)), padded
+    with torch.device("meta"):  # torchao's from_float refuses widths that are not multiples of 128
+        new = cls(linear.in_features, linear.out_features, bias=False)
+    new.weight = linear.weight
+    return new, padded

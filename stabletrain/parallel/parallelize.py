@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from stabletrain import StableTrainError
 from stabletrain.config import Config, RankLayout
 from stabletrain.parallel.compile import compile_blocks, compile_enabled
 from stabletrain.parallel.expert_parallel import ExpertParallel
-from stabletrain.parallel.fp8 import apply_fp8
+from stabletrain.parallel.fp8 import FP8Conversion, apply_fp8
 from stabletrain.parallel.recompute import apply_activation_checkpointing
 
 
@@ -31,16 +32,16 @@ from stabletrain.parallel.recompute import apply_activation_checkpointing
 class Parallelized:
     model: nn.Module
     experts: ExpertParallel | None = None  # this rank's routed experts, outside the module tree
-    fp8_fallbacks: list[str] = field(default_factory=list)  # Linears a backend could not take (fp8/coverage)
+    fp8: FP8Conversion = field(default_factory=FP8Conversion)  # what runs in FP8 (fp8/coverage)
     compiled: bool = False
 
     def describe(self, cfg: Config, blocks: range) -> str:
         parts = [f"blocks {blocks.start}-{blocks.stop - 1} on this rank"]
-        if cfg.precision.fp8.enabled:
-            parts.append(f"fp8 ({cfg.precision.fp8.backend}, {cfg.precision.fp8.recipe})")
-            if self.fp8_fallbacks:
-                parts.append(f"{len(self.fp8_fallbacks)} Linear(s) stay in {cfg.precision.dtype} (shape not taken by "
-                             f"{cfg.precision.fp8.backend}): {', '.join(self.fp8_fallbacks)}")  # fmt: skip
+        f = cfg.precision.fp8
+        if f.enabled:
+            padded = f", {len(self.fp8.padded)} padded to the backend's tile" if self.fp8.padded else ""
+            parts.append(f"fp8 ({f.backend}, {f.recipe}) on {len(self.fp8.converted)} block Linear(s){padded}, "
+                         f"coverage {self.fp8.coverage:.0%}")  # fmt: skip
         if cfg.engine.activation_checkpointing != "none":
             parts.append(f"recomputation {cfg.engine.activation_checkpointing}")
         if self.experts is not None:
@@ -57,7 +58,13 @@ def parallelize(model: nn.Module, cfg: Config, layout: RankLayout, blocks: range
     """Apply FP8, recomputation, expert parallelism and compilation, in that order, to the blocks `blocks` this
     rank runs (all of them without pipeline stages)."""
     out = Parallelized(model)
-    out.fp8_fallbacks = apply_fp8(model, cfg.precision)
+    out.fp8 = apply_fp8(model, cfg.precision)
+    if out.fp8.coverage < cfg.precision.fp8.min_coverage:
+        raise StableTrainError(
+            f"precision.fp8: {out.fp8.coverage:.1%} of the block Linears' weights run in FP8, below "
+            f"precision.fp8.min_coverage={cfg.precision.fp8.min_coverage:g} ({len(out.fp8.fallbacks)} stay in "
+            f"{cfg.precision.dtype}: {', '.join(out.fp8.fallbacks)})"
+        )
     apply_activation_checkpointing(model, cfg)
     if cfg.engine.expert_parallel > 1:
         out.experts = ExpertParallel(model, cfg.engine.expert_parallel, layout, blocks, cfg.precision.fp8.dispatch)

@@ -10,6 +10,9 @@ import signal
 from pathlib import Path
 from typing import Callable
 
+import torch
+import torch.distributed as dist
+
 from stabletrain.distributed import STOP_SIGNALS
 
 PREEMPT_FILE = "PREEMPT"
@@ -47,3 +50,22 @@ class StopSignals:
                 f"{signal.Signals(signum).name}: finishing the current step, then a checkpoint and stop"
                 + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT else "")
             )
+
+
+def pack_with_stop_flags(local_mean: torch.Tensor, requested: int | None, world: int) -> torch.Tensor:
+    """[mean loss over ranks, one flag per stop signal]: the loss's all-reduce carries any rank's stop signal. Left
+    on the device: the step reads it together with the gradient norm, in one host sync (read_step)."""
+    flags = [float(requested == s) for s in STOP_SIGNALS]
+    packed = torch.cat([local_mean.reshape(1).float(), torch.tensor(flags, device=local_mean.device)])
+    if world > 1:
+        dist.all_reduce(packed)
+        packed[0] /= world
+    return packed
+
+
+def read_step(packed: torch.Tensor, grad_norm) -> tuple[float, float | None, int | None]:
+    """The step's one host read: (loss, gradient norm, the stop signal any rank got; SIGINT wins over SIGTERM)."""
+    norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, device=packed.device)
+    loss, *flags, norm = torch.cat([packed, norm.float().reshape(1)]).tolist()
+    stop = next((s for s, flag in zip(STOP_SIGNALS, flags) if flag > 0), None)
+    return loss, None if grad_norm is None else norm, stop

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -34,7 +33,7 @@ from stabletrain.training.callbacks import CALLBACKS, SpikeContext, build_callba
 from stabletrain.training.evaluation import evaluate
 from stabletrain.training.perf import peak_flops, peak_memory_gib
 from stabletrain.training.resume import resume
-from stabletrain.training.signals import PREEMPT_FILE, StopSignals
+from stabletrain.training.signals import PREEMPT_FILE, StopSignals, pack_with_stop_flags, read_step
 from stabletrain.training.spike_guard import Decision, SpikeGuard
 from stabletrain.training.spikes import Verdict
 from stabletrain.training.startup import Startup, set_vocab_size
@@ -140,19 +139,23 @@ class Trainer:
         inject = self.guard.injection(step, batch_index)
         batches = self.guard.perturb_batches(inject, self.loader.next_batch())
         perturb = lambda loss: self.guard.perturb_loss(inject, loss)  # noqa: E731
-        loss = self._global_mean_loss(self.engine.forward_backward(batches, self.data.model_kwargs, perturb))
+        local = self.engine.forward_backward(batches, self.data.model_kwargs, perturb)
+        packed = pack_with_stop_flags(local, self._signals.poll(), self.world)
         verdicts: list[Verdict] = []
+        read: list = []  # (loss, grad norm): read from the device once per step, by the judge
 
-        def judge(grad_norm: float | None) -> bool:  # asked from inside the optimizer, before anything changes
-            verdicts.append(self.guard.judge(step, loss, grad_norm))
+        def judge(grad_norm) -> bool:  # asked from inside the optimizer, before anything changes
+            read[:] = self._read(packed, grad_norm)
+            verdicts.append(self.guard.judge(step, *read))
             return verdicts[0].applied
 
         outcome = self.engine.step(step, judge)
-        verdict = verdicts[0] if verdicts else self.guard.engine_skipped(step, loss, outcome.grad_norm)
+        loss, grad_norm = read or self._read(packed, outcome.grad_norm)
+        verdict = verdicts[0] if verdicts else self.guard.engine_skipped(step, loss, grad_norm)
         self.step, elapsed, samples = step, time.perf_counter() - t0, self.loader.samples_consumed
         tps = G * self.cfg.data.seq_len / elapsed
         row = {"step": step, "tokens": samples * self.cfg.data.seq_len, "samples": samples,
-               **self.data.source_tokens(samples), "loss": loss, "lr": lr, "grad_norm": outcome.grad_norm,
+               **self.data.source_tokens(samples), "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.peak * self.world),
                "step_time_s": elapsed, "mem/peak_gib": peak_memory_gib(self.device)}  # fmt: skip
         if self.cfg.optim.grad_clip_warmup_steps:
@@ -161,18 +164,10 @@ class Trainer:
             row["update_skipped"] = 1
         return row, verdict, batch_index, batches
 
-    def _global_mean_loss(self, local_mean: torch.Tensor) -> float:
-        """Mean loss over ranks; the same all-reduce carries any rank's stop signal (SIGINT wins over SIGTERM)."""
-        requested = self._signals.poll()
-        flags = [float(requested == s) for s in dist_utils.STOP_SIGNALS]
-        packed = torch.cat([local_mean.reshape(1), torch.tensor(flags, device=local_mean.device)])
-        if self.world > 1:
-            dist.all_reduce(packed)
-            packed[0] /= self.world
-        for s, flag in zip(dist_utils.STOP_SIGNALS, packed[1:].tolist()):
-            if flag > 0 and self.stop_signal is None:
-                self.stop_signal = s
-        return float(packed[0])
+    def _read(self, packed: torch.Tensor, grad_norm) -> tuple[float, float | None]:
+        loss, grad_norm, stop = read_step(packed, grad_norm)
+        self.stop_signal = self.stop_signal or stop
+        return loss, grad_norm
 
     def _evaluate_and_log(self) -> dict:
         t = self.cfg.trainer

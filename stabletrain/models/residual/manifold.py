@@ -253,3 +253,14 @@ class ManifoldStream(ResidualStream):
 
     def connection(self, sublayer_index, depth_scale, signal) -> Connection:
         return ManifoldConnection(self.d_model, self.streams, sublayer_index, self.cfg, depth_scale, signal)
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Switch a built mHC model's stream kernel (eager | fused | triton) in place, e.g. to time them side by side
+    on one model; the parameters are shared by all three."""
+    Kernel(kernel)  # an unknown name fails here
+    for m in model.modules():
+        if isinstance(m, ManifoldStream):
+            m.cfg.kernel = kernel
+        elif isinstance(m, ManifoldConnection):
+            m.kernel, m.fused = kernel, kernel == "fused"
