@@ -1,7 +1,11 @@
 import os
+import sys
 
 import pytest
 import torch
+from hydra.core.config_store import ConfigStore
+
+from stabletrain.models import FEED_FORWARDS, RESIDUAL_STREAMS, ROUTERS
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,3 +27,21 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _plugins_unregistered_afterwards():
+    """A test that loads a plugin component (STABLETRAIN_PLUGINS=tests.toy_residual, in this process) registers it
+    in a registry and in Hydra's ConfigStore: undo that afterwards, so that later tests on the worker see only the
+    project's own components (the configuration reference, the one-line errors that list the options)."""
+    registries = (RESIDUAL_STREAMS, FEED_FORWARDS, ROUTERS)
+    before = {r: set(r._entries) for r in registries}
+    yield
+    for r, names in before.items():
+        for name in set(r._entries) - names:
+            del r._entries[name]
+            group = ConfigStore.instance().repo
+            for part in r.group.split("/"):
+                group = group[part]
+            group.pop(f"{name}.yaml", None)
+            sys.modules.pop("tests.toy_residual", None)

@@ -7,14 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from hydra.core.config_store import ConfigStore
-
-from stabletrain.models import FEED_FORWARDS, RESIDUAL_STREAMS, ROUTERS
 from tests.helpers import REPO, TINY, read_jsonl, train_rows
 
 PACKAGE = REPO / "stabletrain"
-REGISTRIES = (RESIDUAL_STREAMS, FEED_FORWARDS, ROUTERS)
 # Heavy dependencies only some runs need may be imported where they are used.
 # Optional or heavy packages, imported where used (by top-level package name).
 LAZY_OK = {"matplotlib", "wandb", "datasets", "torchao", "transformers", "lm_eval", "submitit",
@@ -62,24 +57,7 @@ def test_files_and_functions_stay_short():
     assert len((PACKAGE / "training/trainer.py").read_text().splitlines()) < 300
 
 
-@pytest.fixture
-def registries_restored():
-    """The toy component registers itself in this process (registry and Hydra's ConfigStore): undo it afterwards, so
-    that tests later on this worker see only the project's own components (the configuration reference, the
-    one-line errors that list the options)."""
-    before = {r: set(r._entries) for r in REGISTRIES}
-    yield
-    for r, names in before.items():
-        for name in set(r._entries) - names:
-            del r._entries[name]
-            group = ConfigStore.instance().repo
-            for part in r.group.split("/"):
-                group = group[part]
-            group.pop(f"{name}.yaml", None)
-    sys.modules.pop("tests.toy_residual", None)
-
-
-def test_a_new_residual_variant_is_one_module_and_one_yaml(tmp_path, monkeypatch, registries_restored):
+def test_a_new_residual_variant_is_one_module_and_one_yaml(tmp_path, monkeypatch):
     """tests/toy_residual.py registers a stream; a preset YAML in a directory of our own selects it; train.py
     trains it with no file of the repository touched."""
     conf = tmp_path / "conf" / "model"
