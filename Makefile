@@ -36,8 +36,8 @@ test-fast: setup
 # docs/reproduction/*.png (docs/reproducing.md). The recipes run in two lanes of single-threaded processes: tiny
 # models are bound by per-operation overhead, so two processes do ~1.8x the work of one two-threaded process.
 # trainer.resume=auto: an interrupted `make reproduce` continues, and runs that finished are kept.
-REPRO_LANE_1 := gains fp8
-REPRO_LANE_2 := residual lns bslo moe moe_u
+REPRO_LANE_1 := gains fp8 bslo
+REPRO_LANE_2 := residual lns moe moe_u
 reproduce: setup
 	mkdir -p multirun/repro
 	$(PY) -m stabletrain.cli.tokenizer > /dev/null   # the bundled corpus's tokenizer, once, before the lanes start

@@ -10,7 +10,7 @@ from stabletrain.models import Transformer, param_count
 from stabletrain.models.layers import rope_tables
 from stabletrain.models.residual.base import PropagationScalar
 from stabletrain.models.residual.manifold import ManifoldConnection
-from stabletrain.monitoring.gains import GainMonitor, GainProbe, amax_gains
+from stabletrain.monitoring.gains import GainMonitor, GainProbe, amax_fwd_from_input, amax_gains
 from tests.helpers import one_rank_trainer, residual_config
 
 V = 101
@@ -281,10 +281,12 @@ def test_amax_gains_on_known_matrices_are_exact():
     B = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
     C = torch.tensor([[1.0, 0.0], [0.0, -3.0]])
     fwd, bwd = amax_gains([A, B, C])
-    # Forward P = A, BA = [[2,1],[0,1]], CBA = [[2,1],[0,-3]]: max |row sum| = 2, 3, 3.
-    assert fwd == [2.0, 3.0, 3.0]
-    # Backward P = CBA, CB = [[1,1],[0,-3]], C: max |column sum| = 2, 2, 3.
+    # Both of the product from sublayer k to the top, P = CBA = [[2,1],[0,-3]], CB = [[1,1],[0,-3]], C:
+    # max |row sum| = 3, 3, 3 (forward) and max |column sum| = 2, 2, 3 (backward).
+    assert fwd == [3.0, 3.0, 3.0]
     assert bwd == [2.0, 2.0, 3.0]
+    # From the input: A, BA = [[2,1],[0,1]], CBA: max |row sum| = 2, 3, 3.
+    assert amax_fwd_from_input([A, B, C]) == [2.0, 3.0, 3.0]
 
 
 def test_gain_probe_forward_and_gradient_ratios_are_exact():

@@ -1,4 +1,6 @@
 """Table and plot of signal gains from run directories (metrics.jsonl written with monitor.gain_interval > 0).
+The Amax gains are the mHC paper's: forward and backward of the composite from each sublayer to the top
+(stabletrain.monitoring.gains); the plot also draws the forward gain from the input up to each sublayer.
 
     python -m stabletrain.analysis.gains_report multirun/deep_gains/* --out docs/experiments/deep_gains
 writes <out>/report.md (a markdown table) and <out>/gains.png.
@@ -79,9 +81,11 @@ def plot(runs: list[dict], path: Path) -> None:
             fwd, bwd = per_depth(last, "gain/amax_fwd/"), per_depth(last, "gain/amax_bwd/")
             axes[1].plot(range(1, len(fwd) + 1), fwd, label=f"{r['name']} fwd")
             axes[1].plot(range(1, len(bwd) + 1), bwd, "--", label=f"{r['name']} bwd")
+            up = per_depth(last, "gain/amax_fwd_from_input/")
+            axes[1].plot(range(1, len(up) + 1), up, ":", label=f"{r['name']} fwd from the input")
         axes[2].plot([x["step"] for x in r["losses"]], [x["grad_norm"] for x in r["losses"]], lw=0.8, label=r["name"])
     axes[0].set(title="composite Amax gain, max over depth", xlabel="step")
-    axes[1].set(title="composite Amax gain vs depth (last measurement)", xlabel="sublayer")
+    axes[1].set(title="Amax gain of the composite from sublayer k to the top (last measurement)", xlabel="sublayer k")
     axes[2].set(title="gradient norm (pre-clip)", xlabel="step")
     for ax in axes:
         log_scale_if_positive(ax)

@@ -1,10 +1,12 @@
 """One function per claim of the reproduction report: the runs of its recipe in, a `Section` out (summary rows,
 a detail table, plots). Every number comes from the run directories: metrics.jsonl, events.jsonl and the final
-checkpoint (held-out losses, per-block variance, layer pruning)."""
+checkpoint (held-out losses, per-block variance, layer pruning). The tests behind each verdict are in
+stabletrain.analysis.repro_stats; each paper number is quoted with the table or figure it comes from."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,20 +16,26 @@ from stabletrain.analysis.repro_runs import Run
 from stabletrain.analysis.repro_stats import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
-    REPRODUCED,
+    Verdict,
+    above_zero,
+    all_of,
     fmt,
-    lower_verdict,
-    lowest_verdict,
-    maxvio_over_steps,
-    mean_sd,
-    paired_relative_gap,
-    tail_mean,
-    within_verdict,
+    growth_test,
+    lower_test,
 )
+from stabletrain.analysis.significance import difference
 
-FP8_BOUND = 0.0025  # DeepSeek-V3: relative loss error of FP8 training below 0.25%
-MAXVIO_TAIL = 50  # training steps averaged for MaxVio per batch
 NORMS = ("pre-norm", "LNS")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A loss comparison made on both texts (claim 7): its verdict on each and the run sets it compares."""
+
+    name: str
+    val: str
+    held: str
+    runs: tuple[str, ...]
 
 
 @dataclass
@@ -36,7 +44,7 @@ class Section:
     rows: list[list[str]]  # summary rows: claim, paper, ours, verdict
     detail: str = ""  # markdown under the section's heading
     figures: list[str] = field(default_factory=list)
-    heldout: list[tuple[str, str, str]] = field(default_factory=list)  # (comparison, val verdict, held-out verdict)
+    heldout: list[Comparison] = field(default_factory=list)
     recipe: str = ""  # how the runs were made, read from their configs
 
 
@@ -66,55 +74,74 @@ def norm_label(run: Run) -> str:
     return "LNS" if run.cfg["model"]["norm"]["depth_scaling"] == "lns" else "pre-norm"
 
 
-def _both(val: str, held: str) -> str:
+def both(val: str, held: str) -> str:
     return val if val == held else f"{val} (held-out: {held})"
 
 
+def losses(groups: dict[str, list[Run]]) -> tuple[dict, dict]:
+    """(validation, held-out) final losses per group, one per seed."""
+    return ({k: [r.final_val for r in rs] for k, rs in groups.items()},
+            {k: [r.heldout_loss for r in rs] for k, rs in groups.items()})  # fmt: skip
+
+
+def _gain_stats(rs: list[Run]) -> dict:
+    g = [[row for row in r.rows if "gain/amax_fwd_max" in row] for r in rs]
+    return {
+        "peak_fwd": [max(x["gain/amax_fwd_max"] for x in gi) for gi in g],
+        "peak_bwd": [max(x["gain/amax_bwd_max"] for x in gi) for gi in g],
+        "final_fwd": [gi[-1]["gain/amax_fwd_max"] for gi in g],
+        "final_bwd": [gi[-1]["gain/amax_bwd_max"] for gi in g],
+    }
+
+
+def _gain_tests(log_peak: dict) -> tuple[dict, dict, Verdict | None]:
+    """Per depth, mHC's log10 peak minus HC's (Welch); per stream, the slope of log10 peak on blocks; HC's slope
+    minus mHC's."""
+    depths = sorted({L for _, L in log_peak})
+    per_depth = {L: lower_test(log_peak[("mhc", L)], log_peak[("hc", L)])
+                 for L in depths if ("mhc", L) in log_peak and ("hc", L) in log_peak}  # fmt: skip
+    slopes = {}
+    for kind in ("hc", "mhc"):
+        xs = [L for L in depths if (kind, L) in log_peak for _ in log_peak[(kind, L)]]
+        if len(set(xs)) > 1:
+            slopes[kind] = growth_test(xs, [v for L in sorted(set(xs)) for v in log_peak[(kind, L)]])
+    gap = None
+    if len(slopes) == 2:
+        gap = above_zero(difference(slopes["hc"].interval, slopes["mhc"].interval), "t")
+    return per_depth, slopes, gap
+
+
 def gains(runs: list[Run], figdir: Path) -> Section:
-    """Claim 1: peak and final composite Amax gain, forward and backward, HC vs mHC over depth."""
+    """Claim 1: the peak composite Amax gain over training per stream and depth; its growth with depth."""
     groups = split(runs, lambda r: (r.cfg["model"]["residual"]["kind"], r.cfg["model"]["n_layers"]))
-    stat = {}
-    for key, rs in groups.items():
-        g = [[row for row in r.rows if "gain/amax_fwd_max" in row] for r in rs]
-        stat[key] = {
-            "peak_fwd": [max(x["gain/amax_fwd_max"] for x in gi) for gi in g],
-            "peak_bwd": [max(x["gain/amax_bwd_max"] for x in gi) for gi in g],
-            "final_fwd": [gi[-1]["gain/amax_fwd_max"] for gi in g],
-            "final_bwd": [gi[-1]["gain/amax_bwd_max"] for gi in g],
-            "seeds": len(rs),
-        }
-    depths = sorted({L for _, L in stat})
-    detail = [[k, str(L), *(fmt(s[m], 3) for m in ("peak_fwd", "peak_bwd", "final_fwd", "final_bwd")), str(s["seeds"])]
-              for (k, L), s in sorted(stat.items())]  # fmt: skip
+    stat = {key: _gain_stats(rs) for key, rs in groups.items()}
     peak = {key: [max(f, b) for f, b in zip(s["peak_fwd"], s["peak_bwd"])] for key, s in stat.items()}
-    both = [L for L in depths if ("mhc", L) in peak and ("hc", L) in peak]
-    log_peak = {key: [math.log10(v) for v in vs] for key, vs in peak.items()}  # gains compound: compare on a log scale
-    verdicts = [lower_verdict(log_peak[("mhc", L)], log_peak[("hc", L)]) for L in both]
-    near_one = all(mean_sd(peak[("mhc", L)])[0] < 2.0 for L in depths if ("mhc", L) in peak)
-    verdict = (REPRODUCED if verdicts and all(v == REPRODUCED for v in verdicts) and near_one
-               else NOT_REPRODUCED if NOT_REPRODUCED in verdicts or not near_one else INCONCLUSIVE)  # fmt: skip
-
-    def spread(key, digits):
-        vs = peak.get(key, [math.nan])
-        return f"{fmt(vs, digits)} (seeds {min(vs):.{digits}f}–{max(vs):.{digits}f})"
-
-    ours = "; ".join(f"{L} blocks: HC {spread(('hc', L), 1)}, mHC {spread(('mhc', L), 3)}" for L in depths)
+    log_peak = {key: [math.log10(v) for v in vs] for key, vs in peak.items()}  # gains compound: a log scale
+    per_depth, slopes, gap = _gain_tests(log_peak)
+    parts = [v.verdict for v in per_depth.values()] + [slopes["hc"].verdict if "hc" in slopes else INCONCLUSIVE]
+    verdict = all_of(parts + [gap.verdict if gap else INCONCLUSIVE])
+    spread = lambda key, d: f"{statistics.fmean(peak[key]):.{d}f} ({min(peak[key]):.{d}f}–{max(peak[key]):.{d}f})"  # noqa: E731
+    depths = sorted({L for _, L in peak})
+    ours = "; ".join(f"{L} blocks: " + ", ".join(f"{name} {spread((k, L), d)}" for k, name, d in
+                     (("hc", "HC", 1), ("mhc", "mHC", 3)) if (k, L) in peak) for L in depths)  # fmt: skip
+    ours = f"peak over training (max of fwd, bwd), mean (seed range): {ours}. Slope of log10 peak per block: "
+    ours += "; ".join(f"{name} {slopes[k]}" for k, name in (("hc", "HC"), ("mhc", "mHC")) if k in slopes)
+    ours += f"; HC − mHC {gap}" if gap else ""
+    if per_depth:
+        least = max(per_depth.items(), key=lambda kv: (kv[1].verdict == NOT_REPRODUCED, kv[1].interval.hi))
+        ours += f". mHC − HC in log10 peak at the least clear depth ({least[0]} blocks): {least[1]}"
+    detail = [[k, str(L), *(fmt(stat[(k, L)][m], 3) for m in ("peak_fwd", "peak_bwd", "final_fwd", "final_bwd")),
+               str(len(groups[(k, L)]))] for k, L in sorted(stat)]  # fmt: skip
+    table = markdown_table(["stream", "blocks", "peak Amax fwd", "peak Amax bwd", "final Amax fwd",
+                            "final Amax bwd", "seeds"], detail)  # fmt: skip
+    table += "\nmHC − HC in log10 of the peak gain, per depth (Welch):\n\n"
+    table += markdown_table(["blocks", "mHC − HC (95% CI, p)", "verdict"],
+                            [[str(L), str(v), v.verdict] for L, v in per_depth.items()])  # fmt: skip
     plots.gains(groups, figdir / "gains.png")
-    return Section(
-        "1. Composite signal gain: HC vs mHC over depth",
-        [
-            [
-                "1. mHC keeps the composite Amax gain near 1 where HC's grows",
-                "27B: peak ~3000 (HC) vs ~1.6 (mHC), Fig. 3/7",
-                f"peak over training (max of fwd, bwd): {ours}",
-                verdict,
-            ]
-        ],  # fmt: skip
-        markdown_table(
-            ["stream", "blocks", "peak Amax fwd", "peak Amax bwd", "final Amax fwd", "final Amax bwd", "seeds"], detail
-        ),  # fmt: skip
-        ["gains.png"],
-    )
+    claim = "1. mHC keeps the composite Amax gain from growing with depth; HC's grows"
+    paper = "27B, 60 sublayers: HC's peaks near 3000 (Fig. 3b), mHC's at about 1.6 (Fig. 7b)"
+    return Section("1. Composite signal gain: HC vs mHC over depth", [[claim, paper, ours, verdict]], table,
+                   ["gains.png"])  # fmt: skip
 
 
 def _loss_table(groups: dict[str, list[Run]], extra=None) -> str:
@@ -127,196 +154,108 @@ def _loss_table(groups: dict[str, list[Run]], extra=None) -> str:
 
 
 def residual(runs: list[Run], figdir: Path) -> Section:
-    """Claim 2: final validation and held-out loss, baseline vs HC vs mHC, and the spike monitor's firings."""
+    """Claim 2: final validation and held-out loss of mHC against the baseline (2a) and HC (2b)."""
     names = {"standard": "baseline", "hc": "HC", "mhc": "mHC"}
     kind = lambda r: r.cfg["model"]["residual"]["kind"]  # noqa: E731
     groups = split(runs, lambda r: names.get(kind(r), kind(r)), ("baseline", "HC", "mHC"))
     if not {"baseline", "HC", "mHC"} <= set(groups):
         return Section("2. Loss at equal tokens: baseline vs HC vs mHC", [])
-    val = {k: [r.final_val for r in rs] for k, rs in groups.items()}
-    held = {k: [r.heldout_loss for r in rs] for k, rs in groups.items()}
-    v_val = lowest_verdict(val["mHC"], [val["baseline"], val["HC"]])
-    v_held = lowest_verdict(held["mHC"], [held["baseline"], held["HC"]])
+    val, held = losses(groups)
     spikes = {k: [count_events(r.events, "spike") for r in rs] for k, rs in groups.items()}
-    ours = "; ".join(f"{k} {fmt(val[k])}" for k in ("baseline", "HC", "mHC"))
-    ours += " (held-out: " + ", ".join(f"{k} {fmt(held[k])}" for k in ("baseline", "HC", "mHC")) + ")"
-    ours += "; spikes per run: " + ", ".join(f"{k} {sum(s) / len(s):.1f}" for k, s in spikes.items())
+    rows, compared = [], []
+    papers = {"baseline": "27B: final loss 0.021 below the baseline (Fig. 5a); 3B, 9B, 27B: below the baseline at "
+                          "every compute budget, the gap narrowing slightly (Fig. 6a)",
+              "HC": "27B only: HC's loss surges near step 12k where mHC's does not (Fig. 2a, 5a); the text gives no "
+                    "final HC–mHC number"}  # fmt: skip
+    for tag, other in (("2a", "baseline"), ("2b", "HC")):
+        v, h = lower_test(val["mHC"], val[other]), lower_test(held["mHC"], held[other])
+        ours = (f"validation loss {other} {fmt(val[other])}, mHC {fmt(val['mHC'])}; mHC − {other} {v}; held-out "
+                f"mHC − {other} {h}")  # fmt: skip
+        if other == "HC":
+            ours += "; spikes per run: " + ", ".join(f"{k} {sum(s) / len(s):.1f}" for k, s in spikes.items())
+        rows.append([f"{tag}. At equal tokens mHC reaches a lower loss than {'the ' * (other == 'baseline')}{other}",
+                     papers[other], ours, both(v.verdict, h.verdict)])  # fmt: skip
+        runs_compared = ("pre-norm" if other == "baseline" else other, "mHC")
+        compared.append(Comparison(f"{tag}. mHC below {other}", v.verdict, h.verdict, runs_compared))
     plots.loss_curves(groups, figdir / "residual_loss.png", "validation loss: baseline vs HC vs mHC")
-    return Section(
-        "2. Loss at equal tokens: baseline vs HC vs mHC",
-        [
-            [
-                "2. At equal tokens mHC reaches a lower loss than HC and the baseline",
-                "3B/9B/27B: mHC lowest of the three",
-                ours,
-                _both(v_val, v_held),
-            ]
-        ],  # fmt: skip
-        _loss_table(groups, lambda rs: [" ".join(str(count_events(r.events, "spike")) for r in rs)]),
-        ["residual_loss.png"],
-        [("2. mHC lowest", v_val, v_held)],
-    )
+    return Section("2. Loss at equal tokens: baseline vs HC vs mHC", rows,
+                   _loss_table(groups, lambda rs: [" ".join(str(count_events(r.events, "spike")) for r in rs)]),
+                   ["residual_loss.png"], compared)  # fmt: skip
 
 
-def lns(runs: list[Run], figdir: Path) -> Section:
-    """Claim 3: per-block variance (a), layer pruning (b), validation and held-out loss (c), pre-norm vs LNS."""
-    groups = split(runs, norm_label, NORMS)
-    if set(groups) != {"pre-norm", "LNS"}:
-        return Section("3. Curse of Depth: LayerNorm Scaling", [])
-    growth = {k: [r.depth["variance"][-1] / r.depth["variance"][0] for r in rs] for k, rs in groups.items()}
+def growth(rs: list[Run]) -> list[float]:
+    """log10 of the variance after the last block over that after the first, per run."""
+    return [math.log10(r.depth["variance"][-1] / r.depth["variance"][0]) for r in rs]
 
-    def deep_over_shallow(inc: list[float]) -> float:
-        half = len(inc) // 2
-        return (sum(inc[half:]) / (len(inc) - half)) / max(sum(inc[:half]) / half, 1e-9)
 
-    deep = {k: [deep_over_shallow(r.depth["prune_increase"]) for r in rs] for k, rs in groups.items()}
-    val = {k: [r.final_val for r in rs] for k, rs in groups.items()}
-    held = {k: [r.heldout_loss for r in rs] for k, rs in groups.items()}
-    v_val, v_held = lower_verdict(val["LNS"], val["pre-norm"]), lower_verdict(held["LNS"], held["pre-norm"])
-    m0, m1 = mean_sd(val["pre-norm"])[0], mean_sd(val["LNS"])[0]
+def deep_cost(rs: list[Run]) -> list[float]:
+    """Per run, the mean validation-loss increase when one block of the deeper half is removed."""
+    return [statistics.fmean(inc[len(inc) // 2 :]) for inc in (r.depth["prune_increase"] for r in rs)]
+
+
+def lns(prenorm: list[Run], lns_runs: list[Run], figdir: Path) -> Section:
+    """Claim 3: per-block variance (a), the cost of removing deep blocks (b), the loss (c), pre-norm vs LNS."""
+    groups = {"pre-norm": sorted(prenorm, key=lambda r: r.seed), "LNS": sorted(lns_runs, key=lambda r: r.seed)}
+    ratio = {k: [10**g for g in growth(rs)] for k, rs in groups.items()}
+    v_growth = lower_test(growth(groups["LNS"]), growth(groups["pre-norm"]))
+    deep = {k: deep_cost(rs) for k, rs in groups.items()}
+    v_deep = lower_test(deep["pre-norm"], deep["LNS"])
+    val, held = losses(groups)
+    v_val, v_held = lower_test(val["LNS"], val["pre-norm"]), lower_test(held["LNS"], held["pre-norm"])
+    m0, m1 = statistics.fmean(val["pre-norm"]), statistics.fmean(val["LNS"])
     rows = [
-        ["3a. Pre-norm output variance grows with depth; LNS flattens it", "grows with depth in pre-norm (Fig. 2); "
-         "LNS bounds it", f"last/first block variance: pre-norm {fmt(growth['pre-norm'], 1)}, LNS "
-         f"{fmt(growth['LNS'], 1)}", lower_verdict(growth["LNS"], growth["pre-norm"])],
-        ["3b. Deep blocks matter more with LNS (layer pruning)", "removing a deep layer costs an LNS model more "
-         "than a pre-norm one (Fig. 4)", f"loss increase, deep half / shallow half: pre-norm "
-         f"{fmt(deep['pre-norm'], 2)}, LNS {fmt(deep['LNS'], 2)}", lower_verdict(deep["pre-norm"], deep["LNS"])],
-        ["3c. LNS lowers the loss at equal tokens", "130M: perplexity 26.73 -> 25.76 (-3.6%)", f"validation loss "
-         f"pre-norm {fmt(val['pre-norm'])} (ppl {math.exp(m0):.1f}), LNS {fmt(val['LNS'])} (ppl {math.exp(m1):.1f});"
-         f" held-out pre-norm {fmt(held['pre-norm'])}, LNS {fmt(held['LNS'])}", _both(v_val, v_held)],
+        ["3a. Pre-norm's output variance grows with depth; LNS slows that growth", "grows with depth under "
+         "pre-norm (Sun et al., Fig. 2); LNS reduces the growth (it does not bound it)", f"last/first block "
+         f"variance: pre-norm {fmt(ratio['pre-norm'], 1)}, LNS {fmt(ratio['LNS'], 1)}; LNS − pre-norm in log10 of "
+         f"the ratio {v_growth}", v_growth.verdict],
+        ["3b. Removing a deep block costs an LNS model more than a pre-norm one", "removing a deep layer costs an "
+         "LNS model more than a pre-norm one (Sun et al., Fig. 4)", f"mean validation-loss increase when one block "
+         f"of the deeper half is removed: pre-norm {fmt(deep['pre-norm'], 3)}, LNS {fmt(deep['LNS'], 3)}; "
+         f"pre-norm − LNS {v_deep}", v_deep.verdict],
+        ["3c. LNS lowers the loss at equal tokens", "130M: perplexity 26.73 -> 25.76 (-3.6%) (Sun et al.)",
+         f"validation loss pre-norm {fmt(val['pre-norm'])} (ppl {math.exp(m0):.1f}), LNS {fmt(val['LNS'])} (ppl "
+         f"{math.exp(m1):.1f}); LNS − pre-norm {v_val}; held-out {v_held}", both(v_val.verdict, v_held.verdict)],
     ]  # fmt: skip
     plots.depth_profile(groups, figdir / "lns_depth.png")
-    return Section("3. Curse of Depth: LayerNorm Scaling", rows, _loss_table(groups), ["lns_depth.png"],
-                   [("3c. LNS below pre-norm", v_val, v_held)])  # fmt: skip
+    compared = Comparison("3c. LNS below pre-norm", v_val.verdict, v_held.verdict, ("pre-norm", "LNS"))
+    return Section("3. Curse of Depth: LayerNorm Scaling", rows, _loss_table(groups), ["lns_depth.png"], [compared])
 
 
-def moe(runs: list[Run], u_runs: list[Run], figdir: Path) -> Section:
-    """Claim 4: MaxVio (batch, global) and loss per router; MaxVio and loss over the bias update rate u."""
-    groups = split(runs, lambda r: r.cfg["model"]["ffn"]["router"]["kind"], ("none", "softmax_aux", "aux_free", "bslo"))
-    if not {"softmax_aux", "aux_free"} <= set(groups):
-        return Section("4. Auxiliary-loss-free load balancing", [])
-    glob = {k: [r.vals[-1]["moe/maxvio_global"] for r in rs] for k, rs in groups.items()}
-    batch = {k: [tail_mean(r.rows, "moe/maxvio_batch", MAXVIO_TAIL) for r in rs] for k, rs in groups.items()}
-    steps = {k: [maxvio_over_steps(r.rows, MAXVIO_TAIL) for r in rs] for k, rs in groups.items()}
-    val = {k: [r.final_val for r in rs] for k, rs in groups.items()}
-    held = {k: [r.heldout_loss for r in rs] for k, rs in groups.items()}
-    v_vio = lower_verdict(glob["aux_free"], glob["softmax_aux"])
-    worse = {name: lower_verdict(losses["softmax_aux"], losses["aux_free"]) == REPRODUCED
-             for name, losses in (("val", val), ("held", held))}  # fmt: skip
-    verdict = NOT_REPRODUCED if v_vio == NOT_REPRODUCED or worse["val"] else v_vio
-    rows = [[k, fmt(batch[k], 3), fmt(steps[k], 3), fmt(glob[k], 3), fmt(val[k]), fmt(held[k]), str(len(groups[k]))]
-            for k in groups]  # fmt: skip
-    u_groups = split(u_runs, lambda r: float(r.cfg["model"]["ffn"]["router"]["bias_update_rate"]))
-    u_groups.setdefault(float(groups["aux_free"][0].cfg["model"]["ffn"]["router"]["bias_update_rate"]),
-                        groups["aux_free"])  # fmt: skip
-    u_rows = [[f"{u:g}", fmt([r.vals[-1]["moe/maxvio_global"] for r in rs], 3), fmt([r.final_val for r in rs]),
-               str(len(rs))] for u, rs in sorted(u_groups.items())]  # fmt: skip
-    ours = (f"MaxVio global: aux_free {fmt(glob['aux_free'], 3)} vs softmax_aux {fmt(glob['softmax_aux'], 3)}; "
-            f"validation loss {fmt(val['aux_free'])} vs {fmt(val['softmax_aux'])}")  # fmt: skip
-    plots.moe(groups, u_groups, figdir / "moe_balance.png")
-    detail = markdown_table(["router", f"MaxVio per batch (mean of last {MAXVIO_TAIL} steps)",
-                    f"MaxVio of the last {MAXVIO_TAIL} batches together", "MaxVio global (validation)",
-                    "validation loss", "held-out loss (KJV)", "seeds"], rows)  # fmt: skip
-    detail += "\nBias update rate u of aux_free:\n\n"
-    detail += markdown_table(["u", "MaxVio global", "validation loss", "seeds"], u_rows)
-    loss_val = lower_verdict(val["aux_free"], val["softmax_aux"])
-    return Section(
-        "4. Auxiliary-loss-free load balancing",
-        [
-            [
-                "4. Aux-loss-free balancing: lower global MaxVio at an equal or better loss",
-                "1B: MaxVio global 0.04 vs 0.72, perplexity 9.50 vs 9.56",
-                ours,
-                verdict,
-            ],
-            *u_sensitivity(u_groups),
-        ],  # fmt: skip
-        detail,
-        ["moe_balance.png"],
-        [("4. aux_free loss vs softmax_aux", loss_val, lower_verdict(held["aux_free"], held["softmax_aux"]))],
-    )
-
-
-def u_sensitivity(u_groups: dict[float, list[Run]]) -> list[list[str]]:
-    """Claim 4b (Wang et al.'s ablation): u = 1e-4 balances more slowly than the chosen 1e-3 (and 1e-2 oscillates)."""
-    if not {1e-4, 1e-3} <= set(u_groups):
-        return []
-    vio = {u: [r.vals[-1]["moe/maxvio_global"] for r in rs] for u, rs in sorted(u_groups.items())}
-    ours = "MaxVio global by u: " + ", ".join(f"{u:g}: {fmt(v, 3)}" for u, v in vio.items())
-    ours += "; validation loss: " + ", ".join(
-        f"{u:g}: {fmt([r.final_val for r in rs])}" for u, rs in sorted(u_groups.items())
-    )
-    return [["4b. The bias update rate: u = 1e-4 balances more slowly than u = 1e-3", "1B ablation: 1e-4 converges "
-             "slowly, 1e-2 oscillates, 1e-3 chosen", ours, lower_verdict(vio[1e-3], vio[1e-4])]]  # fmt: skip
-
-
-def fp8(runs: list[Run], figdir: Path) -> Section:
-    """Claim 5: the paired relative loss gap of fp8 to bf16, per seed, on validation and held-out text."""
-    groups = split(runs, lambda r: r.cfg["precision"]["name"], ("bf16", "fp8"))
-    if not {"bf16", "fp8"} <= set(groups):
-        return Section("5. FP8 vs bf16", [])
-    gap = {name: paired_relative_gap({r.seed: f(r) for r in groups["bf16"]}, {r.seed: f(r) for r in groups["fp8"]})
-           for name, f in (("val", lambda r: r.final_val), ("held", lambda r: r.heldout_loss))}  # fmt: skip
-    v_val, v_held = within_verdict(gap["val"], FP8_BOUND), within_verdict(gap["held"], FP8_BOUND)
-    pct = {k: "/".join(f"{100 * g:+.2f}%" for g in gs) for k, gs in gap.items()}
-    m, s = mean_sd(gap["val"])
-    ours = (f"relative gap (fp8 - bf16) / bf16 per seed: validation {pct['val']} (mean {100 * m:+.2f} ± "
-            f"{100 * s:.2f}%); held-out {pct['held']}")  # fmt: skip
-    plots.loss_curves(groups, figdir / "fp8_loss.png", "validation loss: bf16 vs fp8 (emulated)")
-    return Section(
-        "5. FP8 vs bf16",
-        [
-            [
-                "5. Fine-grained FP8 training stays within 0.25% of bf16's loss",
-                "DeepSeek-V3, 16B/230B: < 0.25% relative error",
-                ours,
-                _both(v_val, v_held),
-            ]
-        ],  # fmt: skip
-        _loss_table(groups),
-        ["fp8_loss.png"],
-        [("5. fp8 within 0.25% of bf16", v_val, v_held)],
-    )
-
-
-def bslo(lns_runs: list[Run], bslo_runs: list[Run], figdir: Path) -> Section:
+def bslo(prenorm: list[Run], lns_runs: list[Run], bslo_runs: list[Run], figdir: Path) -> Section:
     """Claim 6: BSLO's propagation scalar vs LNS vs pre-norm: variance over depth and loss."""
-    groups = split(lns_runs, norm_label, NORMS)
-    groups["BSLO"] = sorted(bslo_runs, key=lambda r: r.seed)
-    if not bslo_runs or set(groups) != {"pre-norm", "LNS", "BSLO"}:
-        return Section("6. BSLO (our reading of an article)", [])
-    growth = {k: [r.depth["variance"][-1] / r.depth["variance"][0] for r in rs] for k, rs in groups.items()}
-    val = {k: [r.final_val for r in rs] for k, rs in groups.items()}
-    held = {k: [r.heldout_loss for r in rs] for k, rs in groups.items()}
-    ours = (f"last/first block variance: pre-norm {fmt(growth['pre-norm'], 1)}, LNS {fmt(growth['LNS'], 1)}, BSLO "
-            f"{fmt(growth['BSLO'], 1)}; validation loss pre-norm {fmt(val['pre-norm'])}, LNS {fmt(val['LNS'])}, "
-            f"BSLO {fmt(val['BSLO'])}")  # fmt: skip
+    groups = {"pre-norm": sorted(prenorm, key=lambda r: r.seed), "LNS": sorted(lns_runs, key=lambda r: r.seed),
+              "BSLO": sorted(bslo_runs, key=lambda r: r.seed)}  # fmt: skip
+    ratio = {k: [10**g for g in growth(rs)] for k, rs in groups.items()}
+    v_growth = lower_test(growth(groups["BSLO"]), growth(groups["pre-norm"]))
+    val, held = losses(groups)
+    v_val, v_held = lower_test(val["BSLO"], val["pre-norm"]), lower_test(held["BSLO"], held["pre-norm"])
+    ours = (f"last/first block variance: pre-norm {fmt(ratio['pre-norm'], 1)}, LNS {fmt(ratio['LNS'], 1)}, BSLO "
+            f"{fmt(ratio['BSLO'], 1)}; BSLO − pre-norm in log10 of the ratio {v_growth}; validation loss BSLO − "
+            f"pre-norm {v_val}")  # fmt: skip
     plots.depth_profile(groups, figdir / "bslo_depth.png")
-    v_val, v_held = lower_verdict(val["BSLO"], val["pre-norm"]), lower_verdict(held["BSLO"], held["pre-norm"])
-    return Section(
-        "6. BSLO (our reading of an article, not a paper's claim)",
-        [
-            [
-                "6. BSLO's propagation scalar keeps the stream's norm even over depth (our reading of an article)",
-                "no paper; no number given",
-                ours,
-                lower_verdict(growth["BSLO"], growth["pre-norm"]),
-            ]
-        ],  # fmt: skip
-        _loss_table(groups),
-        ["bslo_depth.png"],
-        [("6. BSLO below pre-norm", v_val, v_held)],
-    )
+    row = ["6. BSLO's propagation scalar keeps the stream's norm even over depth (our reading of an article)",
+           "no paper; no number given", ours, v_growth.verdict]  # fmt: skip
+    compared = Comparison("6. BSLO below pre-norm", v_val.verdict, v_held.verdict, ("pre-norm", "BSLO"))
+    return Section("6. BSLO (our reading of an article, not a paper's claim)", [row], _loss_table(groups),
+                   ["bslo_depth.png"], [compared])  # fmt: skip
 
 
 def heldout_summary(sections: list[Section]) -> list[list[str]]:
-    """Claim 7: does each loss comparison reach the same verdict on held-out text as on validation text?"""
-    pairs = [p for s in sections for p in s.heldout]
+    """Claim 7: does each loss comparison reach the same verdict on held-out text as on validation text? Comparisons
+    that share a set of runs are not independent: the row names them."""
+    pairs = [c for s in sections for c in s.heldout]
     if not pairs:
         return []
-    agree = [name for name, v, h in pairs if v == h]
-    differ = [f"{name} ({v} on validation, {h} held-out)" for name, v, h in pairs if v != h]
+    agree = [c.name for c in pairs if c.val == c.held]
+    differ = [f"{c.name} ({c.val} on validation, {c.held} held-out)" for c in pairs if c.val != c.held]
     ours = f"{len(agree)} of {len(pairs)} loss comparisons reach the same verdict on held-out text"
     ours += (": differ " + "; ".join(differ)) if differ else ""
+    users: dict[str, list[str]] = {}
+    for c in pairs:
+        for label in c.runs:
+            users.setdefault(label, []).append(c.name.split(".")[0])
+    shared = [f"{', '.join(names)} use the same {label} runs" for label, names in users.items() if len(names) > 1]
+    if shared:  # a chance high or low mean of a shared set moves every comparison that uses it together
+        ours += f". Not independent: {'; '.join(shared)}"
     verdict = "consistent" if not differ else "differs"
     return [["7. The loss comparisons hold on text the models never saw (KJV, 7 books)", "—", ours, verdict]]

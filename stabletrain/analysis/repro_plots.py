@@ -91,9 +91,9 @@ def moe(groups: dict, u_groups: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, runs in groups.items():
         steps, values = _curve(runs, "moe/maxvio_batch")
-        kernel = np.ones(10) / 10  # a per-batch MaxVio is noisy: 10-step moving average
-        smooth = np.array([np.convolve(v, kernel, mode="valid") for v in values])
-        _band(a, steps[9:], smooth, name)
+        w = min(10, len(steps))  # a per-batch MaxVio is noisy: 10-step moving average (shorter runs: all steps)
+        smooth = np.array([np.convolve(v, np.ones(w) / w, mode="valid") for v in values])
+        _band(a, steps[w - 1 :], smooth, name)
     us = sorted(u_groups)
     vio = [[r.vals[-1]["moe/maxvio_global"] for r in u_groups[u]] for u in us]
     b.errorbar(us, [np.mean(v) for v in vio], yerr=[np.std(v) for v in vio], marker="o", capsize=3,

@@ -14,13 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 
 from stabletrain import REPO_ROOT
 from stabletrain.analysis.report import read_jsonl, read_metrics
 from stabletrain.analysis.repro_stats import block_output_variance, prune_increase
-from stabletrain.config import DataConfig
+from stabletrain.config import DataConfig, PrecisionConfig
 from stabletrain.data.setup import build_data
 from stabletrain.interop.run import TrainedRun, load_run
+from stabletrain.parallel.fp8 import apply_fp8
 
 HELDOUT = REPO_ROOT / "data" / "kjv" / "heldout.jsonl"
 EVAL_BATCHES, EVAL_BATCH = 16, 8  # sequences of the run's data.seq_len + 1 tokens, the first of the split
@@ -61,12 +63,19 @@ class Run:
 
     @cached_property
     def model(self):
-        """The final weights in fp32, in eval mode."""
-        return self.trained.model()
+        """The final weights as the run's validation ran them, in eval mode: fp32, or bf16 weights and activations
+        (precision.dtype), with the FP8 GEMMs of precision.fp8 (emulated on CPU)."""
+        model = self.trained.model()
+        precision = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrecisionConfig), self.cfg["precision"]))
+        if precision.dtype == "bf16":
+            model = model.to(torch.bfloat16)
+        apply_fp8(model, precision)
+        return model
 
     @cached_property
     def heldout_loss(self) -> float:
-        """Mean next-token loss of the final weights (fp32) on the held-out corpus, with the run's tokenizer."""
+        """Mean next-token loss of the final weights (in the run's precision) on the held-out corpus, with the run's
+        tokenizer."""
         return eval_loss(self.model, val_batches(heldout_config(self.trained)))
 
     @cached_property

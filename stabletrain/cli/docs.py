@@ -155,7 +155,7 @@ def render() -> str:
              "vocabulary, a misspelt key or a wrong type fails before anything starts, in one line naming the key.",
              ""]  # fmt: skip
     lines += ["## Config groups", "", "| option | what it is |", "|---|---|"]
-    for group in GROUPS + ["model/ffn"]:
+    for group in GROUPS + ["model/ffn", "model/ffn/router"]:
         lines += _yaml_options(group)
     lines += ["", "## Components", "",
               "Open sets come from registries: a component registers itself with its config dataclass, which becomes "

@@ -38,9 +38,11 @@ def param_generator(seed: int, name: str, device: torch.device | str) -> torch.G
 
 def output_std(cfg: ModelConfig) -> float:
     """The init std of attention and MLP output projections: init_std / sqrt(2 L) with the scaled rule, times the
-    residual stream's own factor (model.residual.out_init_mult)."""
+    residual stream's own factor (model.residual.out_init_mult), times sqrt(n) where the stream asks for it (HC's
+    model.residual.out_init_sqrt_n; a field of that stream's config only)."""
     std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.out_proj_init == "scaled" else cfg.init_std
-    return std * cfg.residual.out_init_mult
+    sqrt_n = math.sqrt(cfg.residual.streams) if getattr(cfg.residual, "out_init_sqrt_n", False) else 1.0
+    return std * cfg.residual.out_init_mult * sqrt_n
 
 
 @torch.no_grad()

@@ -2,10 +2,13 @@
 
 - gain/fwd/<l>:  forward gain of block l, mean token norm of its output stream over that of its input
 - gain/grad/<l>: backward gain of block l, gradient norm at its input over that at its output
-- gain/amax_fwd/<k>, gain/amax_bwd/<k> (HC/mHC, k = 1..2L sublayers): the mHC paper's "Amax gain magnitude"
-  of the composite residual mixing, max_i |sum_j P_ij| of P = M_k ... M_1 (forward) and max_j |sum_i P_ij| of
-  P = M_2L ... M_k (backward), M_k being sublayer k's mixing matrix averaged over one sequence's tokens;
-  gain/amax_fwd_max and gain/amax_bwd_max are the maxima over depth.
+- gain/amax_fwd/<k>, gain/amax_bwd/<k> (HC/mHC, k = 1..2L sublayers): the mHC paper's "Amax gain magnitude" of the
+  composite residual mapping from sublayer k to the top, P = M_2L ... M_k (its Eq. 4, Fig. 3 and 7): the largest
+  absolute row sum of P (forward signal) and the largest absolute column sum of the same P (backward gradient),
+  M_k being sublayer k's mixing matrix averaged over one sequence's tokens; gain/amax_fwd_max and
+  gain/amax_bwd_max are the maxima over depth.
+- gain/amax_fwd_from_input/<k>: the largest absolute row sum of the product from the input up to sublayer k,
+  M_k ... M_1: how much the embedding's stream is amplified on its way to sublayer k (and its maximum).
 Off-steps cost nothing: the model's probe slot is None and connections do not record.
 """
 
@@ -18,19 +21,40 @@ from stabletrain.training.callbacks import CALLBACKS, Callback
 
 
 def amax_gains(mats: list[torch.Tensor]) -> tuple[list[float], list[float]]:
-    """Forward and backward Amax gains of the composite products of mixing matrices (x_{k+1} = M_k x_k)."""
+    """The paper's forward and backward Amax gains at each sublayer k, both of the composite P_k = M_K ... M_k from
+    k to the top (x_{k+1} = M_k x_k): one running product from the top down, in fp64."""
+    fwd, bwd = [], []
+    if mats:
+        P = torch.eye(mats[0].shape[-1], dtype=torch.float64)
+        for M in reversed(mats):
+            P = P @ M.double()
+            fwd.append(P.sum(1).abs().max().item())
+            bwd.append(P.sum(0).abs().max().item())
+    return fwd[::-1], bwd[::-1]
+
+
+def amax_fwd_from_input(mats: list[torch.Tensor]) -> list[float]:
+    """The largest absolute row sum of M_k ... M_1 at each sublayer k: the stream's gain from the input up to k."""
+    out = []
+    if mats:
+        P = torch.eye(mats[0].shape[-1], dtype=torch.float64)
+        for M in mats:
+            P = M.double() @ P
+            out.append(P.sum(1).abs().max().item())
+    return out
+
+
+def amax_metrics(mats: list[torch.Tensor]) -> dict[str, float]:
+    """The gain/amax_* metrics of the sublayers' mixing matrices, in depth order."""
     if not mats:
-        return [], []
-    eye = torch.eye(mats[0].shape[-1], dtype=torch.float64)
-    fwd, P = [], eye
-    for M in mats:
-        P = M.double() @ P
-        fwd.append(P.sum(1).abs().max().item())
-    bwd, Q = [], eye
-    for M in reversed(mats):
-        Q = Q @ M.double()
-        bwd.append(Q.sum(0).abs().max().item())
-    return fwd, bwd[::-1]
+        return {}
+    fwd, bwd = amax_gains(mats)
+    from_input = amax_fwd_from_input(mats)
+    out = {}
+    for name, values in (("amax_fwd", fwd), ("amax_bwd", bwd), ("amax_fwd_from_input", from_input)):
+        out.update({f"gain/{name}/{k + 1}": v for k, v in enumerate(values)})
+        out[f"gain/{name}_max"] = max(values)
+    return out
 
 
 class GainProbe:
@@ -107,9 +131,4 @@ class GainMonitor(Callback):
             probe.grad_norms.update(grad_norms)
             mixes.update(part_mixes)
         metrics.update(probe.metrics())
-        mats = [mixes[k] for k in sorted(mixes)]
-        if mats:
-            fwd, bwd = amax_gains(mats)
-            metrics.update({f"gain/amax_fwd/{k + 1}": v for k, v in enumerate(fwd)})
-            metrics.update({f"gain/amax_bwd/{k + 1}": v for k, v in enumerate(bwd)})
-            metrics["gain/amax_fwd_max"], metrics["gain/amax_bwd_max"] = max(fwd), max(bwd)
+        metrics.update(amax_metrics([mixes[k] for k in sorted(mixes)]))

@@ -28,6 +28,7 @@ class HCConfig(ResidualConfig):
     dynamic: bool = True  # input-dependent coefficients on top of the static ones
     tanh: bool = True  # tanh on the dynamic coefficients
     gate_init: float = at_least(0, 0.01)  # s_alpha = s_beta at init
+    out_init_sqrt_n: bool = True  # x sqrt(n) on the attention/MLP output projections' init std (the HC paper)
 
 
 def _static(t: torch.Tensor) -> nn.Parameter:
