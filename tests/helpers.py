@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from stabletrain.cli import compose_config as compose_typed
 from stabletrain.cli import setup
 from stabletrain.cli.train import run
 from stabletrain.config import check_overrides, to_object, validate_data
+from stabletrain.distributed import STOP_SIGNALS
 from stabletrain.models import RESIDUAL_STREAMS, ROUTERS
 from stabletrain.models.moe import MoEConfig
 
@@ -79,6 +81,7 @@ def _train_here(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
     """What `python train.py <args> hydra.run.dir=<run_dir>` does, in this process."""
     out, err, status = io.StringIO(), io.StringIO(), 0
     setup()
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}  # a signal-stopped run ignores further stops
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         error = check_overrides(args, REPO / "conf")
         if error:
@@ -89,17 +92,20 @@ def _train_here(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
                 run(compose_config(*args), run_dir)
             except SystemExit as e:
                 status = e.code if isinstance(e.code, int) else 1
+            finally:
+                for s, handler in handlers.items():
+                    signal.signal(s, handler)
     return subprocess.CompletedProcess(["train.py", *args], status, out.getvalue(), err.getvalue())
 
 
-def train_jobs(
-    jobs: list[tuple[Path, list[str]]], nproc: int, timeout: int = 900, dump_init: tuple[Path, ...] = ()
-) -> dict[Path, int]:
+def train_jobs(jobs: list[tuple], nproc: int, timeout: int = 900, dump_init: tuple[Path, ...] = ()) -> dict[Path, int]:
     """Train the TINY model in several configurations, one after another, in one torchrun launch of `nproc` ranks
     (tests/dist_jobs.py); a run directory may appear twice (interrupted, then resumed). Run directories in
-    `dump_init` only build the trainer and save each rank's initial weights (init_rank<r>.pt). Returns each run
-    directory's last exit status."""
-    spec = [{"run_dir": str(d), "overrides": [*TINY, *o], "dump_init": Path(d) in dump_init} for d, o in jobs]
+    `dump_init` only build the trainer and save each rank's initial weights (init_rank<r>.pt). A job is (run_dir,
+    overrides) or (run_dir, overrides, ["module:function", *args]): rank 0 calls the function before the job, the
+    other ranks wait (e.g. to damage a checkpoint between two jobs). Returns each run directory's last exit status."""
+    spec = [{"run_dir": str(job[0]), "overrides": [*TINY, *job[1]], "dump_init": Path(job[0]) in dump_init,
+             "before": job[2] if len(job) > 2 else None} for job in jobs]  # fmt: skip
     first = Path(jobs[0][0])
     first.parent.mkdir(parents=True, exist_ok=True)
     jobs_file = first.parent / f"{first.name}.jobs.json"
@@ -107,7 +113,7 @@ def train_jobs(
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tests.dist_jobs",
            str(jobs_file)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-    dirs = {Path(d) for d, _ in jobs}
+    dirs = {Path(job[0]) for job in jobs}
     status = {d: int((d / "exit_status").read_text()) for d in dirs if (d / "exit_status").exists()}
     if proc.returncode != 0 or len(status) < len(dirs):
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

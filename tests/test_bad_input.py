@@ -55,8 +55,8 @@ CASES = [
     ("model=moe model.ffn.router.aux_loss_coef=0.1", "Could not override 'model.ffn.router.aux_loss_coef'"),
     # --- ranges (the audit's tracebacks and silent acceptances first)
     ("optim.lr=-0.001", "optim.lr=-0.001 must be > 0"),
-    ("optim.lr=nan", "optim.lr=nan must be > 0"),
-    ("optim.lr=inf", "optim.lr=inf must be > 0"),
+    ("optim.lr=nan", "optim.lr=nan must be finite and > 0"),
+    ("optim.lr=inf", "optim.lr=inf must be finite and > 0"),
     ("optim.betas=[0.9]", "optim.betas=[0.9] must have 2 entries"),
     ("optim.betas=[0.9,1.5]", "optim.betas entry 1.5 (in [0.9, 1.5]) must be >= 0 and < 1"),
     ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0"),
@@ -243,7 +243,7 @@ def test_tokenizer_path_under_a_file_is_one_line(tmp_path):
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        (["optim.lr=nan"], "optim.lr=nan must be > 0"),
+        (["optim.lr=nan"], "optim.lr=nan must be finite and > 0"),
         (["optim.betas=[0.9]"], "optim.betas=[0.9] must have 2 entries"),
         (["trainer.resume=/nonexistent/ckpts"], "trainer.resume=/nonexistent/ckpts: no such directory"),
     ],

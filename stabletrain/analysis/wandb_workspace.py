@@ -4,7 +4,8 @@
 
 Sections: loss and validation with the spike, skip and rollback events marked; gradient norm, clipping and skipped
 steps; signal gains (per layer and the composite Amax gains of HC/mHC); MoE MaxVio and expert loads; FP8
-statistics; throughput, MFU and memory. Every panel key is one the trainer logs (metrics.jsonl's keys, and
+statistics and coverage; throughput, MFU and memory; checkpoint I/O (what a save blocked the step for, its whole
+time, its size, the time of a load). Every panel key is one the trainer logs (metrics.jsonl's keys, and
 `events/<kind>` markers for events). Set `logging.workspace_url` to the printed URL and spike alerts link to it.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-EVENTS = ["events/spike", "events/nonfinite", "events/skip_step", "events/rollback"]
+EVENTS = ["events/spike", "events/nonfinite", "events/skip_step", "events/lr_cut", "events/rollback", "events/abort"]
 
 
 def sections(layers: int, moe_layers: list[int] | None = None) -> dict[str, list[list[str]]]:
@@ -25,15 +26,17 @@ def sections(layers: int, moe_layers: list[int] | None = None) -> dict[str, list
             ["gain/fwd_max"],
             [f"gain/fwd/{i}" for i in range(layers)],
             [f"gain/grad/{i}" for i in range(layers)],
-            ["gain/amax_fwd_max", "gain/amax_bwd_max"],
+            ["gain/amax_fwd_max", "gain/amax_bwd_max", "gain/amax_fwd_from_input_max"],
         ],
         "MoE balance": [["moe/maxvio_batch"], ["moe/maxvio_global"]] + [[f"moe/load/{i}"] for i in moe_layers],
         "FP8": [
             ["fp8/underflow/attn", "fp8/underflow/mlp", "fp8/underflow/expert"],
             ["fp8/gemm_rel_err/mlp"],
             ["fp8/scale_min", "fp8/scale_max"],
+            ["fp8/coverage"],
         ],  # fmt: skip
         "Throughput and memory": [["tokens_per_s"], ["mfu"], ["step_time_s"], ["mem/peak_gib"]],
+        "Checkpoints": [["ckpt/blocking_s", "ckpt/save_s"], ["ckpt/bytes"], ["ckpt/load_s"]],
     }
 
 

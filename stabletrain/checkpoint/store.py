@@ -7,7 +7,10 @@ per-rank state, and a manifest that proves the checkpoint complete and intact.
 
 COMPLETE.json lists every file with its size and xxh3-128 digest (xxh3: 0.25 s/GB against sha256's 1.0 s/GB on
 the reference CPU, docs/BENCHMARKS.md; the digest guards against corruption, not against an attacker, whom the
-weights-only loading below stops). Ranks hash and verify disjoint shares of the files in parallel.
+weights-only loading below stops). Ranks hash and verify disjoint shares of the files in parallel. Integrity fails
+closed: a manifest without a digest for every file (the size-only form of older versions) rejects the checkpoint
+unless the caller accepts legacy checkpoints. While a save is under way its tag holds SAVE_MARKER, so that an
+interrupted save (marker, no manifest) is told apart from a checkpoint whose manifest was lost (no marker either).
 
 Nothing is loaded by unpickling arbitrary objects: files are scanned for the globals their pickles import before
 anything is read (stabletrain.checkpoint.safe_load.refusal), and every load runs with weights_only=True.
@@ -29,9 +32,10 @@ import xxhash
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from stabletrain import distributed as dist_utils
-from stabletrain.checkpoint import safe_load
+from stabletrain.checkpoint import safe_load, space
 
 MANIFEST = "COMPLETE.json"
+SAVE_MARKER = "SAVE_IN_PROGRESS"  # present from the start of a save until its manifest is written
 DIGEST = "xxh3_128"
 TAG_RE = re.compile(r"^step_(\d+)$")
 
@@ -50,7 +54,7 @@ class Rejection:
 
     file: str | None
     reason: str
-    interrupted: bool = False  # a save that never finished (no manifest): not a damaged checkpoint
+    interrupted: bool = False  # a save that never finished (marker, no manifest): not a damaged checkpoint
     partial: bool = False  # loading failed midway: the engine may hold half-restored state
 
     def __str__(self) -> str:
@@ -97,9 +101,10 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _my_share(sizes: dict[str, int]) -> list[str]:
-    """This rank's files: largest first, each to the least-loaded rank (the same answer on every rank)."""
-    world, rank = dist_utils.world_size(), dist_utils.rank()
+def _my_share(sizes: dict[str, int], collective: bool = True) -> list[str]:
+    """This rank's files: largest first, each to the least-loaded rank (the same answer on every rank); all of them
+    when not collective."""
+    world, rank = (dist_utils.world_size(), dist_utils.rank()) if collective else (1, 0)
     load, owner = [0] * world, {}
     for rel in sorted(sizes, key=lambda r: (-sizes[r], r)):
         r = min(range(world), key=load.__getitem__)
@@ -117,40 +122,76 @@ def _gather(obj) -> list:
 
 # ---------------------------------------------------------------- save
 def save(engine, root: Path, step: int, client_state: dict, keep: int, rank_state: dict | None = None,
-         layout: dict | None = None) -> Path:  # fmt: skip
+         layout: dict | None = None, writer=None) -> Path:  # fmt: skip
     """Collective: every rank calls it. Rank 0 writes the manifest after all ranks finished writing and hashing.
     `rank_state` is this rank's own state that DeepSpeed does not save (e.g. its expert-parallel experts);
-    `layout` (ranks, pipeline stages, ZeRO stage, ...) goes into the manifest, readable before any loading."""
-    tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    tag_dir = root / tag
-    torch.save(rng_state(), tag_dir / f"rng_rank{dist_utils.rank()}.pt")
-    if rank_state:
-        torch.save(rank_state, tag_dir / f"state_rank{dist_utils.rank()}.pt")
-    dist_utils.barrier()
-    sizes = {
-        str(p.relative_to(tag_dir)): p.stat().st_size
-        for p in sorted(tag_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    mine = {rel: {"bytes": sizes[rel], DIGEST: file_digest(tag_dir / rel)} for rel in _my_share(sizes)}
-    files = {rel: entry for part in _gather(mine) for rel, entry in part.items()}
-    if dist_utils.rank() == 0:
-        manifest = {
-            "step": step,
-            "world_size": dist_utils.world_size(),
-            "layout": layout,
-            "digest": DIGEST,
-            "files": dict(sorted(files.items())),
-        }
-        (tag_dir / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
-        (tag_dir / (MANIFEST + ".tmp")).rename(tag_dir / MANIFEST)
-        _prune(root, keep)
+    `layout` (ranks, pipeline stages, ZeRO stage, ...) goes into the manifest, readable before any loading.
+    A write that fails (a full disk) removes the partial tag and raises one line (checkpoint.space); the rank
+    that fails raises at once (under torchrun its exit stops the others). With a background `writer`
+    (checkpoint.background), the files are handed over as host copies and the manifest comes later
+    (background.complete)."""
+    tag_dir, rank = root / tag_for(step), dist_utils.rank()
+    newest = newest_complete(root)
+    try:
+        if rank == 0:  # a tag of this step from an interrupted save or an abandoned timeline goes first
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            tag_dir.mkdir(parents=True)
+            (tag_dir / SAVE_MARKER).write_text(f"step {step}\n")
+        dist_utils.barrier()
+        engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state)
+        own = {f"rng_rank{rank}.pt": rng_state(), **({f"state_rank{rank}.pt": rank_state} if rank_state else {})}
+        if writer is not None:
+            for name, state in own.items():
+                writer.put(tag_dir / name, state)
+            writer.finish(tag_dir)
+            return tag_dir
+        for name, state in own.items():
+            torch.save(state, tag_dir / name)
+        dist_utils.barrier()
+        _write_manifest(tag_dir, step, layout)
+    except (OSError, RuntimeError) as e:
+        if not space.is_write_error(e):
+            raise
+        error = space.write_failure(e, root, step, newest and newest[1], newest and newest[0], space.dir_bytes(tag_dir))
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        raise error from None
+    if rank == 0:
+        prune(root, keep)
     dist_utils.barrier()
     return tag_dir
 
 
-def _prune(root: Path, keep: int) -> None:
+def _write_manifest(tag_dir: Path, step: int, layout: dict | None) -> None:
+    """Collective: every rank hashes its share of the files; rank 0 writes the manifest, then drops the marker."""
+    sizes = {
+        str(p.relative_to(tag_dir)): p.stat().st_size
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, SAVE_MARKER)
+    }
+    mine = {rel: {"bytes": sizes[rel], DIGEST: file_digest(tag_dir / rel)} for rel in _my_share(sizes)}
+    files = {rel: entry for part in _gather(mine) for rel, entry in part.items()}
+    if dist_utils.rank() == 0:
+        write_manifest(tag_dir, step, layout, files)
+
+
+def write_manifest(tag_dir: Path, step: int, layout: dict | None, files: dict) -> None:
+    """COMPLETE.json, written atomically and last (the checkpoint is complete from here on); the marker goes."""
+    manifest = {"step": step, "world_size": dist_utils.world_size(), "layout": layout, "digest": DIGEST,
+                "files": dict(sorted(files.items()))}  # fmt: skip
+    (tag_dir / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
+    (tag_dir / (MANIFEST + ".tmp")).rename(tag_dir / MANIFEST)
+    (tag_dir / SAVE_MARKER).unlink(missing_ok=True)
+
+
+def newest_complete(root: Path) -> tuple[str, int] | None:
+    """The newest structurally complete checkpoint under root and the bytes its manifest records."""
+    for tag_dir in tags_newest_first(root):
+        if check(tag_dir) is None:
+            return tag_dir.name, space.manifest_bytes(tag_dir) or 0
+    return None
+
+
+def prune(root: Path, keep: int) -> None:
     if keep <= 0:
         return
     complete = [d for d in tags_newest_first(root) if check(d) is None]
@@ -165,16 +206,44 @@ def tags_newest_first(root: Path) -> list[Path]:
     return sorted((d for d in root.iterdir() if d.is_dir() and TAG_RE.match(d.name)), key=step_of, reverse=True)
 
 
-def _manifest_files(tag_dir: Path) -> tuple[dict | None, Rejection | None]:
+def _manifest_files(tag_dir: Path, accept_legacy: bool = False) -> tuple[dict | None, Rejection | None]:
     manifest = tag_dir / MANIFEST
     if not manifest.is_file():
-        return None, Rejection(None, "no completeness manifest (the save was interrupted)", interrupted=True)
+        if (tag_dir / SAVE_MARKER).is_file():
+            return None, Rejection(None, "the save of this checkpoint was interrupted (no manifest)", interrupted=True)
+        return None, Rejection(None, "no completeness manifest (COMPLETE.json is missing and no save was under way: "
+                                     "it was deleted or lost)")  # fmt: skip
     try:
-        files = json.loads(manifest.read_text())["files"]
+        recorded = json.loads(manifest.read_text())
         # Manifests written before digests existed list sizes only.
-        return {rel: e if isinstance(e, dict) else {"bytes": int(e)} for rel, e in files.items()}, None
-    except (ValueError, KeyError, TypeError) as e:
+        files = {rel: e if isinstance(e, dict) else {"bytes": int(e)} for rel, e in recorded["files"].items()}
+        for entry in files.values():
+            int(entry["bytes"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         return None, Rejection(MANIFEST, f"unreadable manifest ({type(e).__name__}: {e})")
+    if not accept_legacy and (why := _undigested(recorded, files)):
+        return None, Rejection(MANIFEST, why)
+    return files, None
+
+
+def _undigested(recorded: dict, files: dict) -> str | None:
+    """Why the manifest cannot vouch for every file's content (None: it can): integrity fails closed."""
+    accept = "; accept_legacy_checkpoints=true (trainer.accept_legacy_checkpoints=true in training) uses it anyway"
+    if recorded.get("digest", DIGEST) != DIGEST:
+        return f"the manifest's digests are {recorded['digest']!r}, not {DIGEST}: the files cannot be checked{accept}"
+    missing = sorted(rel for rel, e in files.items() if not isinstance(e.get(DIGEST), str))
+    if missing:
+        return (
+            f"the manifest records no {DIGEST} digest for {missing[0]}"
+            + (f" and {len(missing) - 1} more file(s)" if len(missing) > 1 else "")
+            + f" (a size-only manifest of an older stabletrain): the content cannot be checked{accept}"
+        )
+    return None
+
+
+def legacy(tag_dir: Path) -> bool:
+    """Whether the checkpoint's manifest is readable but lacks digests (usable only when legacy is accepted)."""
+    return _manifest_files(tag_dir)[0] is None and _manifest_files(tag_dir, accept_legacy=True)[0] is not None
 
 
 def layout_of(tag_dir: Path) -> dict | None:
@@ -185,9 +254,10 @@ def layout_of(tag_dir: Path) -> dict | None:
         return None
 
 
-def check(tag_dir: Path) -> Rejection | None:
-    """Cheap structural check (manifest present, every file there with its recorded size); None when it passes."""
-    files, rejection = _manifest_files(tag_dir)
+def check(tag_dir: Path, accept_legacy: bool = False) -> Rejection | None:
+    """Cheap structural check (manifest present with a digest for every file, every file there with its recorded
+    size); None when it passes."""
+    files, rejection = _manifest_files(tag_dir, accept_legacy)
     if rejection:
         return rejection
     for rel, entry in files.items():
@@ -199,32 +269,30 @@ def check(tag_dir: Path) -> Rejection | None:
     return None
 
 
-def verify(tag_dir: Path) -> Rejection | None:
-    """Collective: the structural check, then every file's digest and a scan of every .pt file for code it would
-    run, shared out over the ranks. None when the checkpoint is intact and safe; the same answer on every rank."""
-    rejection = check(tag_dir)
+def verify(tag_dir: Path, accept_legacy: bool = False, collective: bool = True) -> Rejection | None:
+    """The structural check, then every file's digest and a scan of every .pt file for code it would run. Collective
+    (the files shared out over the ranks, the same answer on every rank) unless `collective` is False (one process
+    checks everything, e.g. rank 0 alone). None when the checkpoint is intact and safe."""
+    rejection = check(tag_dir, accept_legacy)
     if rejection is None:
-        files, _ = _manifest_files(tag_dir)
+        files, _ = _manifest_files(tag_dir, accept_legacy)
         found = []
-        for rel in _my_share({rel: e["bytes"] for rel, e in files.items()}):
+        for rel in _my_share({rel: e["bytes"] for rel, e in files.items()}, collective):
             expected = files[rel].get(DIGEST)
             if expected is not None and file_digest(tag_dir / rel) != expected:
                 found.append((rel, f"checksum mismatch ({DIGEST} differs from the manifest: the file is corrupt)"))
             elif rel.endswith(".pt") and (why := safe_load.refusal(tag_dir / rel)):
                 found.append((rel, why))
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            problems = found
-        else:
-            problems = [p for part in _gather(found) for p in part]
+        problems = [p for part in _gather(found) for p in part] if collective else found
         if problems:
             rel, why = min(problems)
             rejection = Rejection(rel, why)
     return rejection
 
 
-def candidates(root: Path) -> list[tuple[Path, Rejection | None]]:
+def candidates(root: Path, accept_legacy: bool = False) -> list[tuple[Path, Rejection | None]]:
     """Every checkpoint under root, newest first, with its structural rejection (None when it looks complete)."""
-    return [(tag_dir, check(tag_dir)) for tag_dir in tags_newest_first(root)]
+    return [(tag_dir, check(tag_dir, accept_legacy)) for tag_dir in tags_newest_first(root)]
 
 
 # ---------------------------------------------------------------- load

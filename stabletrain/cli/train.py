@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,15 +20,16 @@ from omegaconf import DictConfig
 from stabletrain import StableTrainError
 from stabletrain.cli import CONFIG_DIR, setup
 from stabletrain.config import check_overrides, to_container, to_object, validate
-from stabletrain.distributed import agree_on_run_stamp, is_launched
+from stabletrain.distributed import STOP_SIGNALS, agree_on_run_stamp, barrier, is_launched
 from stabletrain.planner.report import print_plan
 from stabletrain.training.startup import Startup
 from stabletrain.training.trainer import Trainer
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Train from a composed config. Exit statuses: 2 for a user error (one line on stderr), 128 + the signal's
-    number after a signal-stopped run (130 SIGINT, 143 SIGTERM: schedulers requeue on it)."""
+    """Train from a composed config. Exit statuses: 2 for a user error (one line on stderr; 28 for a full disk
+    during a save, 74 for another failed checkpoint write), 128 + the signal's number after a signal-stopped run
+    (130 SIGINT, 143 SIGTERM: schedulers requeue on it)."""
     trainer, startup = None, Startup(int(os.environ.get("RANK", 0)))
     try:
         typed = to_object(cfg)
@@ -44,9 +46,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         trainer = Trainer(typed, run_dir, to_container(cfg), startup)
         try:
             val_loss = trainer.fit()
+            if trainer.stop_signal:
+                _ignore_further_stops()
         finally:
             trainer.close()
         if trainer.stop_signal:
+            barrier()  # no rank exits (which makes torchrun signal the others) before every rank has closed
             sys.exit(128 + trainer.stop_signal)
         if trainer.is_main and trainer.step == trainer.resumed_step:  # resumed at its last step: nothing to train
             print(f"already finished at step {trainer.step}; run directory: {run_dir}")
@@ -55,11 +60,19 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         return val_loss
     except StableTrainError as e:
         print(f"stabletrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_status)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         at = f" at step {trainer.step}" if trainer is not None else " before training started"
         print(f"stabletrain: aborted by Ctrl-C{at}; nothing was saved after the last checkpoint", file=sys.stderr)
         sys.exit(130)
+
+
+def _ignore_further_stops() -> None:
+    """The run stops because of a signal: a further SIGTERM or SIGUSR1 (torchrun sends SIGTERM to the ranks still
+    closing as soon as one rank has exited) must not cut the shutdown short; Ctrl-C still aborts."""
+    for s in STOP_SIGNALS:
+        if s != signal.SIGINT:
+            signal.signal(s, signal.SIG_IGN)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")

@@ -117,6 +117,7 @@ class Response(Choice):
     skip_step = "skip_step"
     rollback = "rollback"
     stop = "stop"
+    escalate = "escalate"  # skip, then cut the learning rate, then roll back, then abort (monitor.escalate)
 
 
 class NonfiniteResponse(Choice):  # a NaN/Inf update is never applied, so `log` is not offered

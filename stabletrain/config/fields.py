@@ -33,8 +33,11 @@ class Range:
     hi_open: bool = False
     allow_inf: bool = False
 
-    def describe(self) -> str:
+    def describe(self, value: Any = None) -> str:
+        """What a value must be; for a non-finite `value`, finiteness is named first (inf is not "out of range")."""
         parts = []
+        if isinstance(value, float) and not math.isfinite(value) and not self.allow_inf:
+            parts.append("finite")
         if self.lo is not None:
             parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
         if self.hi is not None:
@@ -82,9 +85,10 @@ class Choice(StrEnum):
 
 def check_ranges(node: Any, prefix: str) -> None:
     """Every field with a declared Range (lists: every item, and `length` when declared), recursively; a float
-    field without one must still be finite. Raises ConfigError naming the first offending key."""
+    field without one must still be finite. Raises ConfigError naming the first offending key (prefixed with
+    `prefix.` unless prefix is empty: a command's own arguments)."""
     for f in fields(node):
-        value, key = getattr(node, f.name), f"{prefix}.{f.name}"
+        value, key = getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name
         if is_dataclass(value):
             check_ranges(value, key)
             continue
@@ -99,7 +103,7 @@ def check_ranges(node: Any, prefix: str) -> None:
         for item in _flat(value):
             if rng.violated(item):
                 what = f"{key}={value}" if not isinstance(value, list) else f"{key} entry {item} (in {value})"
-                raise ConfigError(f"{what} must be {rng.describe()}")
+                raise ConfigError(f"{what} must be {rng.describe(item)}")
 
 
 def _flat(value: Any) -> list:

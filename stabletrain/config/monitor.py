@@ -4,10 +4,10 @@ signal-gain diagnostics' interval (docs/spikes.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from stabletrain.config.choices import DetectorStyle, InjectKind, NonfiniteResponse, Response
-from stabletrain.config.fields import at_least, finite
+from stabletrain.config.fields import at_least, between, finite
 
 
 @dataclass
@@ -30,18 +30,35 @@ class NonfiniteConfig:
 
 @dataclass
 class InjectConfig:
-    """Testing aid: perturb one step on purpose to exercise detection and the responses."""
+    """Testing aid: perturb steps on purpose to exercise detection and the responses."""
 
-    step: Optional[int] = at_least(1, None)  # the step to perturb (1-based, as logged); null: off
+    step: Optional[int] = at_least(1, None)  # a step to perturb (1-based, as logged); null: off
+    steps: List[int] = at_least(1, [])  # more steps to perturb (a scripted burst), each once per process
     kind: InjectKind = InjectKind.loss  # loss: x scale | nan_loss | poison: a batch of one repeated token
     scale: float = finite(50.0)  # kind=loss: the loss multiplier
+
+
+@dataclass
+class EscalateConfig:
+    """monitor.response=escalate, a ladder of responses to repeated spikes: skip the update; after `skips` skipped
+    firings, cut the learning rate by `lr_factor` for `cooldown` steps; a firing during the cut rolls back to the
+    newest verified checkpoint and skips `rollback_skip_batches` global batches (PaLM skipped 200-500); after
+    `max_rollbacks` rollbacks, a firing aborts the run (exit status 3). Firings more than `window` steps apart
+    start the ladder again at its first rung."""
+
+    skips: int = at_least(0, 2)
+    lr_factor: float = between(0, 1, 0.5, lo_open=True, hi_open=True)
+    cooldown: int = at_least(1, 100)
+    rollback_skip_batches: int = at_least(0, 200)
+    max_rollbacks: int = at_least(0, 3)
+    window: int = at_least(1, 200)
 
 
 @dataclass
 class MonitorConfig:
     name: str = "default"  # the option's name (logged, W&B tags)
     gain_interval: int = at_least(0, 25)  # signal-gain diagnostics every N steps (gain/* metrics); 0: off
-    response: Response = Response.skip_step  # default response to a spike
+    response: Response = Response.skip_step  # default response to a spike (escalate: the ladder below)
     style: DetectorStyle = DetectorStyle.stabletrain  # the detection rule (docs/spikes.md compares both)
     warmup_steps: int = at_least(0, 64)  # detectors fire only after this many accepted steps (OLMo-core: 64)
     loss: DetectorConfig = field(default_factory=DetectorConfig)
@@ -53,3 +70,4 @@ class MonitorConfig:
     forensics: bool = True  # write <run_dir>/spikes/<step>/ on every spike and non-finite step
     alert_interval_s: float = at_least(0, 300.0)  # at most one W&B alert of a kind per this many seconds
     inject: InjectConfig = field(default_factory=InjectConfig)
+    escalate: EscalateConfig = field(default_factory=EscalateConfig)

@@ -276,7 +276,7 @@ class OptimConfig:
     total_steps: Optional[int] = at_least(1, None)  # schedule horizon; None: trainer.max_steps
     min_lr_ratio: float = between(0, 1, 0.1)  # final lr as a fraction of lr (cosine and wsd)
     decay_fraction: float = between(0, 1, 0.2)  # wsd: fraction of total_steps spent decaying
-    step_milestones: List[float] = between(0, 1, [0.8, 0.9])  # step: fractions of total_steps
+    step_milestones: List[float] = between(0, 1, [0.8, 0.9], lo_open=True)  # step: increasing fractions of total_steps
     step_factors: List[float] = positive([0.316, 0.1])  # step: lr factor after each milestone
 
 
@@ -321,10 +321,12 @@ class TrainerConfig:
     eval_batches: int = at_least(1, 4)  # validation batches per evaluation
     ckpt_interval: int = at_least(0, 100)  # 0: only at the end
     keep_checkpoints: int = at_least(0, 2)  # 0: keep all
+    ckpt_async: bool = False  # the step waits only for a copy to host memory; a background thread writes the files
     skip_batches: List[List[int]] = at_least(0, [])  # [start, end) ranges of global batch indices to skip
     log_interval: int = at_least(1, 1)  # log metrics every N steps
     seed: int = between(0, 2**32 - 1, 1234)  # weights and data order
     resume: str = "none"  # none | auto | a checkpoint directory (step_*) or a directory of them
+    accept_legacy_checkpoints: bool = False  # resume from manifests without digests (unchecked), with a warning
     peak_tflops: Optional[float] = positive(None)  # for MFU; None: known GPU table, or a measured CPU matmul peak
     device: Device = Device.auto
     # torch.compile each transformer block (torchtitan-style): true | false | auto (on CUDA devices, off on a CPU);

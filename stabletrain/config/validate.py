@@ -131,6 +131,8 @@ def _training(cfg: Config) -> list[str]:
         raise ConfigError("optim.grad_clip_warmup_steps needs optim.grad_clip > 0")
     if o.schedule == "step" and len(o.step_milestones) != len(o.step_factors):
         raise ConfigError("optim.step_milestones and optim.step_factors must have the same length")
+    if any(b <= a for a, b in zip(o.step_milestones, o.step_milestones[1:])):
+        raise ConfigError(f"optim.step_milestones={o.step_milestones} must be strictly increasing")
     if o.total_steps is not None and o.total_steps < t.max_steps:
         warnings.append(
             f"optim.total_steps={o.total_steps} is below trainer.max_steps={t.max_steps}: the LR "
@@ -139,10 +141,9 @@ def _training(cfg: Config) -> list[str]:
     for r in t.skip_batches:
         if len(r) != 2 or not 0 <= r[0] < r[1]:
             raise ConfigError(f"trainer.skip_batches entry {list(r)} must be [start, end) with 0 <= start < end")
-    if mon.inject.step is not None and mon.inject.step > t.max_steps:
-        warnings.append(
-            f"monitor.inject.step={mon.inject.step} is after trainer.max_steps={t.max_steps}: nothing will be injected"
-        )
+    late = [s for s in [mon.inject.step, *mon.inject.steps] if s is not None and s > t.max_steps]
+    if late:
+        warnings.append(f"monitor.inject steps {late} are after trainer.max_steps={t.max_steps}: not injected")
     check_resume_path(t.resume)
     return warnings
 

@@ -82,6 +82,14 @@ class PackedSequences:
         starts = np.asarray(indices, dtype=np.int64)[:, None] * self.seq_len
         return torch.from_numpy(np.asarray(self.tokens[starts + np.arange(self.seq_len + 1)], dtype=np.int64))
 
+    def target_documents(self, indices: np.ndarray, eos_id: int) -> np.ndarray:
+        """[rows, seq_len]: the document (its position in this token stream, 0-based) of every target token of the
+        given samples; a document ends with, and includes, its EOS."""
+        if getattr(self, "_eos", None) is None:
+            self._eos = np.flatnonzero(np.asarray(self.tokens) == eos_id)  # once; forensics only
+        offsets = np.asarray(indices, dtype=np.int64)[:, None] * self.seq_len + 1 + np.arange(self.seq_len)
+        return np.searchsorted(self._eos, offsets, side="left")
+
 
 class ConcatSequences:
     """Several sources' packed sequences behind one flat sample id space (source s owns [offset_s, offset_s + n_s))."""
@@ -92,6 +100,19 @@ class ConcatSequences:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def source_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, id within that source) of flat sample ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        return which, ids - self.offsets[which]
+
+    def target_documents(self, ids: np.ndarray, eos_id: int) -> np.ndarray:
+        which, local = self.source_of(ids)
+        out = np.zeros((len(which), self.parts[0].seq_len), dtype=np.int64)
+        for s in np.unique(which):
+            out[which == s] = self.parts[s].target_documents(local[which == s], eos_id)
+        return out
 
     def get(self, ids: np.ndarray) -> torch.Tensor:
         ids = np.asarray(ids, dtype=np.int64)

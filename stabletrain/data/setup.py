@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from stabletrain import REPO_ROOT, StableTrainError
@@ -82,6 +83,16 @@ class TrainData:
             else [samples_consumed]
         )
         return {f"data/tokens/{n}": int(c) * self.seq_len for n, c in zip(self.names, counts)}
+
+    def documents(self, sample_ids: list[int]) -> tuple[list[str], np.ndarray]:
+        """(the source of each sample, [rows, seq_len] the document of each target token: its position in that
+        source's training stream, 0-based, after any documents held out for validation)."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        eos = self.tokenizer.eos_id
+        if isinstance(self.train, ConcatSequences):
+            which, _ = self.train.source_of(ids)
+            return [self.names[w] for w in which], self.train.target_documents(ids, eos)
+        return [self.names[0]] * len(ids), self.train.target_documents(ids, eos)
 
     def model_kwargs(self, batch: torch.Tensor) -> dict:
         """Extra model inputs for a [B, seq_len+1] batch: per-position document ids when data.doc_mask is on."""

@@ -9,11 +9,13 @@
                                                                           apply it or leave every state untouched
                                                                           (weights, moments, LR schedule)
     engine.eval_loss(batch, model_kwargs) -> loss                         one validation micro-batch
-    engine.lr, engine.device, engine.layout, engine.train(), engine.eval()
+    engine.lr, engine.lr_scale, engine.device, engine.layout, engine.train(), engine.eval()
+                                                                          (lr_scale multiplies the schedule's
+                                                                          rate: a spike ladder's cut)
     engine.stage_blocks() -> range                                        the blocks this rank runs
     engine.dp_all_reduce(t), engine.stage_gather(obj)                     collectives over the replicas of a
                                                                           stage / from every stage to rank 0
-    engine.save(root, step, client_state, keep) -> tag_dir                a verified, safely loadable checkpoint
+    engine.save(root, step, client_state, keep, writer) -> tag_dir        a verified, safely loadable checkpoint
     engine.load(tag_dir) -> client_state
     engine.first_nonfinite() -> str | None                                NaN/Inf in weights or optimizer state
     engine.full_weights() -> dict | None                                  fp32 weights when this rank holds them
@@ -86,7 +88,12 @@ class Engine(ABC):
     def eval(self) -> None: ...
 
     @abstractmethod
-    def save(self, root: Path, step: int, client_state: dict, keep: int) -> Path: ...
+    def save(self, root: Path, step: int, client_state: dict, keep: int, writer=None) -> Path:
+        """A checkpoint; with a background `writer` (checkpoint.background) only the copy to host memory blocks."""
+
+    @abstractmethod
+    def layout_record(self) -> dict:
+        """The layout (ranks, stages, ZeRO stage, ...) a checkpoint's manifest records."""
 
     @abstractmethod
     def load(self, tag_dir: Path) -> dict: ...

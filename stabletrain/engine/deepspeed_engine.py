@@ -29,7 +29,7 @@ from deepspeed.utils import groups as ds_groups
 from omegaconf import OmegaConf
 
 from stabletrain import StableTrainError, checkpoint
-from stabletrain.checkpoint import safe_load
+from stabletrain.checkpoint import background, safe_load
 from stabletrain.config import Config, RankLayout, grad_accum_steps
 from stabletrain.engine.base import Engine, LossHook, ModelKwargs, RankPlan, StepOutcome
 from stabletrain.optim import GatedAdamW, clip_threshold, first_nonfinite, lr_multiplier, param_groups, rewind_scheduler
@@ -84,6 +84,7 @@ def train_dtype(cfg: Config) -> torch.dtype:
 
 class DeepSpeedEngine(Engine):
     pipe_group = None  # the stages of this rank's pipeline (pipeline engine only)
+    lr_scale = 1.0  # multiplies the schedule's rate (the spike ladder's learning-rate cut)
 
     @classmethod
     def rank_plan(cls, model: torch.nn.Module, cfg: Config, layout: RankLayout) -> RankPlan:
@@ -155,6 +156,9 @@ class DeepSpeedEngine(Engine):
         clip = clip_threshold(self.cfg, step)
         if deepspeed_clips(self.cfg) and self.cfg.optim.grad_clip_warmup_steps:
             self.ds.optimizer.clip_grad = clip  # DeepSpeed's ZeRO/bf16 optimizers read it every step
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:  # an escalation's cut, for this update (the schedule sets the next)
+            group["lr"] *= self.lr_scale
         epoch_before = self.ds.lr_scheduler.last_epoch
         seen: list[float | None] = []
 
@@ -174,6 +178,8 @@ class DeepSpeedEngine(Engine):
             if self.experts is not None:
                 self.experts.zero_grad()
         if answer is None:  # the optimizer never ran: DeepSpeed skipped the step itself (non-finite gradients)
+            for group, rate in zip(self.optimizer.param_groups, rates):
+                group["lr"] = rate
             return StepOutcome(self._global_grad_norm(), None)
         if not answer:  # vetoed: DeepSpeed still stepped the LR schedule, which must not advance
             rewind_scheduler(self.ds.lr_scheduler, epoch_before)
@@ -217,7 +223,7 @@ class DeepSpeedEngine(Engine):
 
     @property
     def lr(self) -> float:
-        return self.ds.get_lr()[0]  # the rate this step uses (the scheduler advances inside the step)
+        return self.ds.get_lr()[0] * self.lr_scale  # the rate this step uses (the scheduler advances in the step)
 
     def train(self) -> None:
         self.ds.train()
@@ -226,9 +232,14 @@ class DeepSpeedEngine(Engine):
         self.ds.eval()
 
     # ---------------------------------------------------------------- state
-    def save(self, root: Path, step: int, client_state: dict, keep: int) -> Path:
+    def save(self, root: Path, step: int, client_state: dict, keep: int, writer=None) -> Path:
         rank_state = {"local_experts": self.experts.local_state()} if self.experts is not None else None
-        return checkpoint.save(self.ds, root, step, client_state, keep, rank_state, self._layout_record())
+        if writer is not None:
+            background.attach(self.ds, writer)  # DeepSpeed's files go to the writer as host copies
+        try:
+            return checkpoint.save(self.ds, root, step, client_state, keep, rank_state, self.layout_record(), writer)
+        finally:
+            self.ds.checkpoint_engine.writer = None
 
     def load(self, tag_dir: Path) -> dict:
         self._check_layout(checkpoint.layout_of(tag_dir))
@@ -237,7 +248,7 @@ class DeepSpeedEngine(Engine):
             self.experts.load_local_state(checkpoint.load_rank_state(tag_dir)["local_experts"])
         return state
 
-    def _layout_record(self) -> dict:
+    def layout_record(self) -> dict:
         e = self.cfg.engine
         return {"world": self.layout.world, "pipeline_stages": e.pipeline_stages, "zero_stage": e.zero_stage,
                 "expert_parallel": e.expert_parallel, "dtype": str(self.cfg.precision.dtype)}  # fmt: skip
@@ -246,7 +257,7 @@ class DeepSpeedEngine(Engine):
         """Before DeepSpeed reads anything: a layout it cannot resume from is one line, not a KeyError deep inside.
         fp32 ZeRO-0 without pipeline stages resumes on any number of ranks (trainer.global_batch_size keeps the
         batch); everything else needs the layout it was saved with."""
-        now = self._layout_record()
+        now = self.layout_record()
         if saved is None or saved == now:
             return
         movable = {k: v for k, v in now.items() if k != "world"} == {k: v for k, v in saved.items() if k != "world"}

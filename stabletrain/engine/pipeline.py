@@ -232,8 +232,8 @@ class PipelineEngine(DeepSpeedEngine):
     def _optimizer_step(self) -> None:
         self.ds._exec_optimizer_step()
 
-    def _layout_record(self) -> dict:
-        return {**super()._layout_record(), "pipeline_layers": self.layer_names()}
+    def layout_record(self) -> dict:
+        return {**super().layout_record(), "pipeline_layers": self.layer_names()}
 
     def layer_names(self) -> list[str]:
         """What each layer-list entry holds, for reading a checkpoint's layer files back into model names."""

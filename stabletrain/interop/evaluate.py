@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from stabletrain import StableTrainError
 from stabletrain.config import DataConfig
 from stabletrain.data.sources import open_source
 
@@ -85,6 +86,8 @@ def evaluate(model, cfg: DataConfig, encode, prefix: int, max_docs: int | None =
         s = score_document(model, text, encode, prefix, cfg.seq_len)
         scores.setdefault(name, Score()).add(s)
         total.add(s)
+    if total.docs == 0:  # an empty sum would print loss 0 and ppl 1: a perfect score for nothing
+        raise StableTrainError(f"data {cfg.name}: no validation documents to score")
     scores["all"] = total
     return scores
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stabletrain import StableTrainError
+from stabletrain.config.fields import at_least, between, check_ranges
 from stabletrain.data.tokenizer import Tokenizer
 from stabletrain.interop.run import load_run, model_from_export
 from stabletrain.models.layers import CausalSelfAttention
@@ -22,10 +23,10 @@ from stabletrain.models.layers import CausalSelfAttention
 
 @dataclass
 class Sampling:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = at_least(1, 64)
+    temperature: float = at_least(0, 0.0)  # 0: greedy
+    top_p: float = between(0, 1, 1.0, lo_open=True)  # nucleus: the smallest set of tokens with this much mass
+    seed: int = between(0, 2**32 - 1, 0)
 
 
 class KVCache:
@@ -65,6 +66,7 @@ def pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tenso
 def generate(model: nn.Module, ids: torch.Tensor, s: Sampling, eos_id: int | None = None,
              use_cache: bool = True) -> torch.Tensor:  # fmt: skip
     """Continue ids [B, T]; returns the new tokens [B, <= max_new_tokens] (stops when every row produced EOS)."""
+    check_ranges(s, "")  # a value out of range is a one-line ConfigError, not a crash inside the loop
     gen = torch.Generator(device=ids.device).manual_seed(s.seed)
     layers = _attention_layers(model) if use_cache else None
     out, seq = [], ids
@@ -93,10 +95,10 @@ def _logits(model: nn.Module, seq: torch.Tensor) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.logits  # ours, or a transformers model
 
 
-def load_for_generation(path: Path):
+def load_for_generation(path: Path, accept_legacy: bool = False):
     """(model, encode, decode, eos_id) from a run directory, a safetensors export or a Hugging Face export."""
     if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
-        model, spm_path = _our_model(path)
+        model, spm_path = _our_model(path, accept_legacy)
         tok = Tokenizer(spm_path)
         return model, lambda t: tok.encode([t])[0], tok.decode, tok.eos_id
     if (path / "config.json").is_file():
@@ -111,8 +113,8 @@ def load_for_generation(path: Path):
     )
 
 
-def _our_model(path: Path):
+def _our_model(path: Path, accept_legacy: bool):
     if (path / "checkpoints").is_dir():
-        run = load_run(path)
+        run = load_run(path, accept_legacy=accept_legacy)
         return run.model(), run.tokenizer_path
     return model_from_export(path), path / "tokenizer.model"

@@ -1,10 +1,14 @@
-"""A trained run, read back: its typed config, the consolidated fp32 weights of one complete checkpoint, and its
-tokenizer. Works on any layout the engine writes (stabletrain.checkpoint.model_weights)."""
+"""A trained run, read back: its typed config, the consolidated fp32 weights of one intact checkpoint, and its
+tokenizer. Works on any layout the engine writes (stabletrain.checkpoint.model_weights). Checkpoints are verified as
+training verifies them (digests, the safe-loading scan; a manifest without digests only when legacy ones are
+accepted), and a newer checkpoint that is skipped is said on stderr, with the reason."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -56,26 +60,43 @@ def data_config(saved: dict) -> DataConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved))
 
 
-def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
-    """The newest complete checkpoint of a run (or the one of `step`), verified; one-line errors otherwise."""
-    root = run_dir / "checkpoints"
-    tags = checkpoint.tags_newest_first(root)
+def warn(message: str) -> None:
+    print(f"stabletrain: warning: {message}", file=sys.stderr)
+
+
+def find_checkpoint(run_dir: Path, step: int | None = None, accept_legacy: bool = False,
+                    say: Callable[[str], None] = warn) -> Path:  # fmt: skip
+    """The newest intact checkpoint of a run (or the one of `step`), verified as training verifies it. A newer one
+    skipped is said in one line each (`say`); one named by `step` that cannot be used is an error with the reason."""
+    tags = checkpoint.tags_newest_first(run_dir / "checkpoints")
+    if not tags:
+        raise StableTrainError(f"{run_dir} holds no complete checkpoint (no checkpoints/step_* directory)")
     if step is not None:
         tags = [t for t in tags if checkpoint.step_of(t) == step]
         if not tags:
             raise StableTrainError(f"{run_dir} has no checkpoint of step {step}")
+    skipped: list[str] = []
     for tag_dir in tags:
-        if checkpoint.verify(tag_dir) is None:
+        rejection = checkpoint.verify(tag_dir, accept_legacy, collective=False)
+        if rejection is None:
+            for why in skipped:
+                say(f"skipping checkpoint {why}; using {tag_dir.name}")
+            if checkpoint.legacy(tag_dir):
+                say(f"{tag_dir.name} has a manifest without digests (an older stabletrain's): used because "
+                    "accept_legacy_checkpoints=true, but the content of its files is not checked")  # fmt: skip
             return tag_dir
-    raise StableTrainError(f"{run_dir} holds no complete checkpoint (checkpoints/step_*/ with a manifest)")
+        if step is not None:
+            raise StableTrainError(f"{tag_dir} cannot be used: {rejection}")
+        skipped.append(f"{tag_dir.name}: {rejection}")
+    raise StableTrainError(f"{run_dir} holds no usable checkpoint ({'; '.join(skipped)})")
 
 
-def load_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
+def load_run(run_dir: str | Path, step: int | None = None, accept_legacy: bool = False) -> TrainedRun:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise StableTrainError(f"{run_dir} is not a run directory (no config.yaml)")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    tag_dir = find_checkpoint(run_dir, step)
+    tag_dir = find_checkpoint(run_dir, step, accept_legacy)
     model_cfg = model_config_from_dict(saved["model"])
     weights = checkpoint.model_weights(tag_dir)
     if model_cfg.vocab_size is None:  # the run took it from its tokenizer

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from stabletrain import StableTrainError, checkpoint
 from stabletrain.models import build_model
 from stabletrain.models.moe import maxvio
+from stabletrain.monitoring.attribution import markdown, rank_documents
 from stabletrain.monitoring.plots import finite, log_scale_if_positive
 from stabletrain.training.callbacks import CALLBACKS, Callback, SpikeContext
 
@@ -40,13 +42,13 @@ class Forensics(Callback):
 
     @classmethod
     def build(cls, trainer) -> "Forensics | None":
-        return cls(trainer.cfg.model, trainer.data.model_kwargs) if trainer.cfg.monitor.forensics else None
+        return cls(trainer.cfg.model, trainer.data) if trainer.cfg.monitor.forensics else None
 
-    def __init__(self, model_cfg, model_kwargs: Callable[[torch.Tensor], dict]):
-        self.model_cfg = copy.deepcopy(model_cfg)
+    def __init__(self, model_cfg, data):
+        self.model_cfg, self.data = copy.deepcopy(model_cfg), data
         if hasattr(self.model_cfg.residual, "kernel"):
             self.model_cfg.residual.kernel = "eager"  # no compile for a one-off pass
-        self.model_kwargs = model_kwargs
+        self.model_kwargs: Callable[[torch.Tensor], dict] = data.model_kwargs
 
     def on_spike(self, trainer, ctx: SpikeContext) -> dict:
         return _analyse(self, ctx)
@@ -98,6 +100,7 @@ def _examine(f: Forensics, model, tokens: torch.Tensor) -> dict:
         entropy = -(share * share.clamp(min=1e-12).log()).sum().item()
         routing.append({"entropy": entropy, "max_entropy": math.log(len(share)), "maxvio": maxvio(r.load)})
     return {
+        "per_token": per_token.view(targets.shape).detach(),  # for the documents' ranking (not written out)
         "loss": per_seq.mean().item(),
         "per_seq_loss": per_seq.tolist(),
         "grad_norm": math.sqrt(sum(groups.values())),
@@ -127,13 +130,19 @@ def _adam_update_norms(adam_state: dict[str, dict] | None, model) -> dict[str, f
 
 
 def _previous_weights(checkpoints: Path, step: int) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint before `step` and its fp32 weights (read with weights-only loading)."""
-    for tag_dir, rejection in checkpoint.candidates(checkpoints):
-        if rejection is None and checkpoint.step_of(tag_dir) < step:
+    """The newest intact checkpoint before `step` and its fp32 weights (read with weights-only loading). Verified
+    as a resume verifies (digests and the safe-loading scan; rank 0 alone checks every file), and each newer one
+    refused is said on stderr with the reason: comparing against silently corrupt weights would misclassify."""
+    for tag_dir in checkpoint.tags_newest_first(checkpoints):
+        if checkpoint.step_of(tag_dir) >= step:
+            continue
+        rejection = checkpoint.verify(tag_dir, collective=False)
+        if rejection is None:
             try:
                 return tag_dir, checkpoint.model_weights(tag_dir)
-            except StableTrainError:  # a file the safe loader refuses: look further back
-                continue
+            except StableTrainError as e:  # a file the safe loader refuses: look further back
+                rejection = e
+        print(f"stabletrain: forensics: skipping checkpoint {tag_dir.name}: {rejection}", file=sys.stderr)
     return None
 
 
@@ -165,6 +174,12 @@ def _analyse(f: Forensics, ctx: SpikeContext) -> dict:
         previous = _previous_weights(ctx.checkpoints, verdict.step)
     if previous is not None:
         old = _examine(f, _plain_model(f, previous[1]), tokens)
+    documents = None
+    if now is not None and ctx.sample_ids is not None:  # which documents of the batch the spike came from
+        sources, docs = f.data.documents(ctx.sample_ids)
+        documents = rank_documents(now.pop("per_token"), sources, docs, tokens, f.data.tokenizer.decode)
+    if old is not None:
+        old.pop("per_token")
     mu = ctx.window_mean(metric)
     observed = verdict.loss if metric == "loss" else verdict.grad_norm
     cause, why = _classify(metric, observed, None if old is None else old[metric], mu, ctx.would_fire)
@@ -186,6 +201,7 @@ def _analyse(f: Forensics, ctx: SpikeContext) -> dict:
         "window_mean": mu,
         "previous_checkpoint": str(previous[0]) if previous else None,
         "weights": "before the update" if not verdict.applied else "after the update (response log)",
+        "documents": documents,
         "now": now,
         "previous": old,
         "adam_update_norm_by_block": adam,
@@ -209,6 +225,8 @@ def _report(verdict, f: dict, batch: dict) -> str:
         "",
     ]
     now, old = f["now"], f["previous"]
+    if f.get("documents"):
+        lines += ["## Documents of the batch, by their contribution to its loss", "", markdown(f["documents"]), ""]
     if now:
         worst = sorted(range(len(now["per_seq_loss"])), key=lambda i: -now["per_seq_loss"][i])[:5]
         lines += ["| sequence (row) | stream position | loss now | loss on previous checkpoint |", "|---|---|---|---|"]

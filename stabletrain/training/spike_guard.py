@@ -4,26 +4,21 @@ injection, behind a narrow interface to the loop. It decides; the loop acts (vet
     guard.next_batch(index) -> index         the first global batch at or after `index` that no range skips
     guard.injection(step, batch) -> kind     monitor.inject (a testing aid); perturb_batches / perturb_loss apply it
     guard.judge(step, loss, grad_norm)       the detectors' Verdict (applied or vetoed)
-    guard.decide(verdict, batch) -> Decision continue | skip | rollback (with the batches to skip) | stop
-    guard.record_rollback(step, skip)        after the loop restored a checkpoint
-    guard.state_dict() / load_state_dict()   detector windows, skip ranges, rollbacks: saved in checkpoints
+    guard.decide(verdict, batch) -> Decision continue | skip | lr_cut | rollback (with the batches to skip) | stop
+                                             | abort (monitor.response=escalate climbs a ladder: stabletrain.
+                                             training.escalation)
+    guard.record_rollback(...) -> skip       after the loop restored a checkpoint: the batches it skips
+    guard.lr_scale(step)                     the learning-rate factor of an escalation's cut (1 otherwise)
+    guard.state_dict() / load_state_dict()   detector windows, skip ranges, rollbacks, the ladder: in checkpoints
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from stabletrain.config import MonitorConfig
-from stabletrain.training.spikes import SkipList, SpikeMonitor, Verdict
-
-
-@dataclass
-class Decision:
-    action: str  # continue | skip | rollback | stop
-    reason: str = ""
-    skip: list[int] | None = None  # rollback: [start, end) of the global batches to skip
+from stabletrain.training.escalation import Ladder
+from stabletrain.training.spikes import Decision, SkipList, SpikeMonitor, Verdict
 
 
 class SpikeGuard:
@@ -32,7 +27,8 @@ class SpikeGuard:
         self.monitor = SpikeMonitor(cfg)
         self.skips = SkipList(skip_batches)
         self.rollbacks: list[int] = []  # steps at which a rollback happened (capped by monitor.max_rollbacks)
-        self._injected = False
+        self.ladder = Ladder(cfg.escalate)
+        self._injected: set[int] = set()
 
     def next_batch(self, batch_index: int) -> int:
         return self.skips.next_allowed(batch_index)
@@ -42,12 +38,11 @@ class SpikeGuard:
         """`poison` is tied to the data (the batch of an uninterrupted run's step, so a rollback that skips it
         clears it); `loss`/`nan_loss` perturb the state once per process."""
         inj = self.cfg.inject
-        if inj.step is None:
-            return None
+        steps = set(inj.steps) | ({inj.step} if inj.step is not None else set())
         if inj.kind == "poison":
-            return "poison" if batch_index == inj.step - 1 else None
-        if step == inj.step and not self._injected:
-            self._injected = True
+            return "poison" if batch_index + 1 in steps else None
+        if step in steps and step not in self._injected:
+            self._injected.add(step)
             return inj.kind
         return None
 
@@ -85,6 +80,8 @@ class SpikeGuard:
             return Decision("skip", cause)
         if verdict.response == "stop":
             return Decision("stop", "monitor response 'stop'")
+        if verdict.response == "escalate":
+            return self.ladder.decide(verdict.step, cause)
         m = self.cfg
         recent = [s for s in self.rollbacks if s > verdict.step - m.rollback_window]
         if len(recent) >= m.max_rollbacks:
@@ -113,10 +110,21 @@ class SpikeGuard:
             f"optionally with trainer.skip_batches=[[{batch_index},{batch_index + 1}]])"
         )
 
-    def record_rollback(self, step: int, skip: list[int] | None) -> None:
+    def record_rollback(self, step: int, decision: Decision, restored: int, spike: int, now: int) -> list[int] | None:
+        """After the loop restored the checkpoint of step `now` (global batch `restored`; the spike was at batch
+        `spike`): the [start, end) batches to skip. An escalation skips at least its count from the restored batch
+        on, through the spike's; the plain response the batches ending with the spike's."""
+        skip = decision.skip
+        if decision.at_least:
+            skip = [restored, max(restored + decision.at_least, spike + 1)]
+            self.ladder.rolled_back(now)
         if skip:
             self.skips.add(*skip)
         self.rollbacks.append(step)
+        return skip
+
+    def lr_scale(self, step: int) -> float:
+        return self.ladder.lr_scale(step)
 
     # ---------------------------------------------------------------- checkpointed state
     def state_dict(self) -> dict:
@@ -124,6 +132,7 @@ class SpikeGuard:
             "spike_monitor": self.monitor.state_dict(),
             "skip_batches": self.skips.ranges,
             "rollbacks": self.rollbacks,
+            "ladder": self.ladder.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -133,3 +142,5 @@ class SpikeGuard:
             self.monitor.load_state_dict(state["spike_monitor"])
             self.skips.merge(state["skip_batches"])
             self.rollbacks = sorted(set(self.rollbacks) | set(state["rollbacks"]))
+        if "ladder" in state and not self.rollbacks:  # a resume; a rollback keeps the ladder where it climbed to
+            self.ladder.load_state_dict(state["ladder"])

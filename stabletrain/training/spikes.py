@@ -7,7 +7,7 @@ Per step, before the update is applied, the detectors see the global mean loss a
     k x recent max    value > max_ratio * max of the same window
     non-finite        NaN/Inf loss or gradient norm: the update never reaches the weights
 
-A firing picks a response (the most severe of the firing detectors'): log < skip_step < rollback < stop.
+A firing picks a response (the most severe of the firing detectors'): log < skip_step < escalate < rollback < stop.
 Every response but `log` vetoes the update. The veto sits inside the optimizer (stabletrain.optim.GatedAdamW),
 the one place every DeepSpeed path (ZeRO 0-3, bf16) passes after it has the global gradient norm and before the weights
 or the Adam moments change. Values of steps that fired are not added to the windows, so a spike does not
@@ -24,7 +24,7 @@ import torch
 
 from stabletrain.config import DetectorConfig, MonitorConfig
 
-SEVERITY = {"log": 0, "skip_step": 1, "rollback": 2, "stop": 3}
+SEVERITY = {"log": 0, "skip_step": 1, "escalate": 2, "rollback": 3, "stop": 4}
 
 
 class RollingDetector:
@@ -87,6 +87,16 @@ class Verdict:
     @property
     def fired(self) -> bool:
         return bool(self.firings)
+
+
+@dataclass
+class Decision:
+    action: str  # continue | skip | lr_cut | rollback | stop | abort
+    reason: str = ""
+    skip: list[int] | None = None  # rollback: [start, end) of the global batches to skip
+    at_least: int = 0  # rollback (escalate): skip at least this many batches from the restored one
+    lr_scale: float = 1.0  # lr_cut: the factor ...
+    until: int = 0  # ... through this step
 
 
 class SpikeMonitor:

@@ -29,12 +29,14 @@ from stabletrain.models import count_params, meta_model, model_flops_per_token
 from stabletrain.optim import clip_threshold
 from stabletrain.parallel.materialize import materialize
 from stabletrain.parallel.parallelize import parallelize
-from stabletrain.training.callbacks import CALLBACKS, SpikeContext, build_callbacks
+from stabletrain.training.callbacks import CALLBACKS, build_callbacks
 from stabletrain.training.evaluation import evaluate
 from stabletrain.training.perf import peak_flops, peak_memory_gib
+from stabletrain.training.responder import SpikeResponder
 from stabletrain.training.resume import resume
+from stabletrain.training.saving import Saver
 from stabletrain.training.signals import PREEMPT_FILE, StopSignals, pack_with_stop_flags, read_step
-from stabletrain.training.spike_guard import Decision, SpikeGuard
+from stabletrain.training.spike_guard import SpikeGuard
 from stabletrain.training.spikes import Verdict
 from stabletrain.training.startup import Startup, set_vocab_size
 
@@ -63,9 +65,10 @@ class Trainer:
         self.startup.phase("data", f"{cfg.data.name}, vocabulary {cfg.model.vocab_size}")
         self._build_model()
         self.guard = SpikeGuard(cfg.monitor, t.skip_batches, cfg.model.vocab_size)
-        self.step, self.stop_signal, self.callbacks = 0, None, []
+        self.responder, self.saver = SpikeResponder(self), Saver(self)
+        self.step, self.stop_signal, self.callbacks, self.load_s = 0, None, [], None
         self._signals = StopSignals(self.say)  # entered by fit(); train_step() alone sees no signal
-        events = resume(t.resume, run_dir, self._load, self.say)
+        events = resume(t.resume, run_dir, self.load, self.say, t.accept_legacy_checkpoints)
         self.resumed_step = self.step if events else None
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,8 @@ class Trainer:
             self.event("restart", self.step, count=restarts, resumed_from=self.resumed_step)
         for kind, fields in events:
             self.event(kind, self.step, **fields)
+        if self.load_s is not None:
+            self.log({"step": self.step, "ckpt/load_s": self.load_s})
         if self.is_main:
             (run_dir / PREEMPT_FILE).unlink(missing_ok=True)  # a requeued job starts afresh
         self.peak, self.peak_source = peak_flops(self.device, cfg.precision.dtype, t.peak_tflops)
@@ -110,19 +115,21 @@ class Trainer:
             if self.step == 0:
                 val = self._evaluate_and_log()
             while self.step < last and self.stop_signal is None:
-                self._hook("on_step_begin", self.step + 1)
+                self.saver.poll()  # completes an asynchronous save once every rank's writer is done
+                self.hook("on_step_begin", self.step + 1)
                 metrics, verdict, batch_index, batches = self.train_step()
                 self.startup.first_steps(metrics, self.step, self.parallel.compiled, self.device)
                 if not verdict.applied or verdict.fired:
-                    if self._respond(verdict, batch_index, batches) == "rollback":
+                    if self.responder.respond(verdict, batch_index, batches) == "rollback":
                         continue
-                self._hook("on_step_end", self.step, metrics)
+                self.hook("on_step_end", self.step, metrics)
                 if self.step % t.log_interval == 0 or self.step == last or any(k.startswith("gain/") for k in metrics):
                     self.log(metrics)
                 if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == last:
                     val = self._evaluate_and_log()
                 if (t.ckpt_interval and self.step % t.ckpt_interval == 0) or self.step == last or self.stop_signal:
                     self.save()
+            self.saver.wait()
         if self.stop_signal:
             if self.stop_signal != signal.SIGINT:  # a scheduler's preemption or time limit: requeue and resume
                 self.event("preempted", self.step, signal=dist_utils.signal_name(self.stop_signal))
@@ -132,7 +139,9 @@ class Trainer:
         return val["val_loss"] if val else float("nan")
 
     def train_step(self) -> tuple[dict, Verdict, int, list[torch.Tensor]]:
-        t0, step, lr = time.perf_counter(), self.step + 1, self.engine.lr
+        step = self.step + 1
+        self.engine.lr_scale = self.guard.lr_scale(step)  # an escalation's learning-rate cut, while it lasts
+        t0, lr = time.perf_counter(), self.engine.lr
         G = self.loader.global_batch_size
         batch_index = self.guard.next_batch(self.loader.samples_consumed // G)  # skip lists jump whole batches
         self.loader.samples_consumed = batch_index * G
@@ -171,24 +180,25 @@ class Trainer:
 
     def _evaluate_and_log(self) -> dict:
         t = self.cfg.trainer
-        self._hook("on_eval_begin", self.step)
+        self.hook("on_eval_begin", self.step)
         val = evaluate(self.engine, self.data, t.micro_batch_size, t.eval_batches)
-        self._hook("on_eval_end", self.step, val)
+        self.hook("on_eval_end", self.step, val)
         self.log({"step": self.step, **val})
         self.say(f"step {self.step}: val_loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})")
         return val
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> None:
-        self._refuse_nonfinite_state()
+        self.refuse_nonfinite_state()
         state = {"step": self.step, "samples_consumed": self.loader.samples_consumed, "world_size": self.world,
                  **self.guard.state_dict()}  # fmt: skip
-        tag_dir = self.engine.save(self.run_dir / "checkpoints", self.step, state, self.cfg.trainer.keep_checkpoints)
-        self._hook("on_checkpoint", self.step, tag_dir)
+        tag_dir = self.saver.save(state)  # warns when the disk is nearly full
+        self.hook("on_checkpoint", self.step, tag_dir)
 
-    def _load(self, tag_dir: Path) -> checkpoint.Rejection | None:
+    def load(self, tag_dir: Path) -> checkpoint.Rejection | None:
         """Collective: restore a verified checkpoint on every rank; why it failed on any rank, or None."""
-        reason = None
+        reason, t0 = None, time.perf_counter()
+        self.saver.wait()
         try:
             state = self.engine.load(tag_dir)
             self.step, self.loader.samples_consumed = int(state["step"]), int(state["samples_consumed"])
@@ -198,11 +208,12 @@ class Trainer:
         if dist_utils.any_rank(reason is not None, self.device) and reason is None:
             reason = "unreadable on another rank"
         if reason is None:
+            self.load_s = time.perf_counter() - t0
             return None
         self.step, self.loader.samples_consumed = 0, 0
         return checkpoint.Rejection(None, reason, partial=True)
 
-    def _refuse_nonfinite_state(self) -> None:
+    def refuse_nonfinite_state(self) -> None:
         """Collective. A checkpoint never stores NaN/Inf: raise (one line, an event; older checkpoints stay)."""
         where = self.engine.first_nonfinite()
         if not dist_utils.any_rank(where is not None, self.device):
@@ -214,78 +225,21 @@ class Trainer:
                                f"intact one: {intact[0]}; continue from it with trainer.resume=auto, optionally "
                                "with trainer.skip_batches)")  # fmt: skip
 
-    # ---------------------------------------------------------------- spike responses
-    def _respond(self, verdict: Verdict, batch_index: int, batches: list[torch.Tensor]) -> str:
-        """Record a firing (events, alerts, forensics) and carry out the guard's decision; returns its action."""
-        for kind, fields, title, text in self.guard.firing_records(verdict, batch_index):
-            self.event(kind, verdict.step, **fields)
-            self._hook("on_alert", title, text, self.cfg.monitor.alert_interval_s)
-        if any(f["kind"] == "nonfinite" for f in verdict.firings):
-            self._refuse_nonfinite_state()  # NaN weights (e.g. loaded ones): no step can recover, stop now
-        if verdict.fired:
-            self._forensics(verdict, batch_index, batches)
-        decision = self.guard.decide(verdict, batch_index)
-        if decision.action == "rollback" and not self._rollback(verdict, decision):
-            decision = Decision("skip", "rollback requested but no intact checkpoint")
-        if decision.action == "skip":
-            self.event("skip_step", verdict.step, reason=decision.reason)
-        elif decision.action == "stop":
-            self.save()  # the vetoed update never reached these weights
-            self.event("stop", verdict.step, reason=decision.reason)
-            raise StableTrainError(
-                self.guard.stop_message(verdict, decision, checkpoint.tag_for(self.step), batch_index)
-            )
-        return decision.action
-
-    def _forensics(self, verdict: Verdict, batch_index: int, batches: list[torch.Tensor]) -> None:
-        """Collective: every rank's rows of the step go to rank 0, whose forensics callback examines them."""
-        tokens = dist_utils.gather_rows(torch.cat(batches).to(self.device), self.engine.dp_group)
-        positions, monitor = self.loader.batch_positions(batch_index), self.guard.monitor
-        ctx = SpikeContext(verdict, batch_index, positions, [int(i) for i in self.data.order(positions)], tokens,
-                           self.engine.full_weights() if self.is_main else None,
-                           self.engine.adam_state() if self.is_main else None, self.run_dir / "checkpoints",
-                           lambda metric: monitor.detectors[metric].mean(),
-                           lambda metric, value: monitor.detectors[metric].check(value) is not None,
-                           list(monitor.history))  # fmt: skip
-        for report in filter(None, self._hook("on_spike", ctx)):
-            self.event("forensics", verdict.step, report=str(report["path"]), cause=report["cause"])
-            self.say(f"step {verdict.step}: {verdict.firings[0]['kind']} ({report['cause']}); "
-                     f"forensics in {report['path']}")  # fmt: skip
-        dist_utils.barrier()
-
-    def _rollback(self, verdict: Verdict, decision: Decision) -> bool:
-        """Restore the newest intact checkpoint and skip the data around the spike (PaLM's remedy)."""
-        for tag_dir, rejection in checkpoint.candidates(self.run_dir / "checkpoints"):
-            rejection = rejection or checkpoint.verify(tag_dir)
-            if rejection is not None:
-                self.event("checkpoint_rejected", verdict.step, checkpoint=str(tag_dir), file=rejection.file,
-                           reason=rejection.reason)  # fmt: skip
-                continue
-            if (rejection := self._load(tag_dir)) is not None:
-                raise StableTrainError(f"rollback at step {verdict.step} could not load {tag_dir}: {rejection}")
-            self.guard.record_rollback(verdict.step, decision.skip)
-            self._hook("on_rewind", self.step)
-            skip = decision.skip
-            self.event("rollback", self.step, from_step=verdict.step, checkpoint=str(tag_dir), skip_batches=skip)
-            skipped = f"; skipping global batches {skip[0]}..{skip[1] - 1}" if skip else ""
-            self.say(f"step {verdict.step}: rolled back to step {self.step} ({tag_dir.name}){skipped}")
-            return True
-        return False
-
     # ---------------------------------------------------------------- output
-    def _hook(self, name: str, *args) -> list:
+    def hook(self, name: str, *args) -> list:
         return [getattr(cb, name)(self, *args) for cb in self.callbacks]
 
     def log(self, row: dict) -> None:
-        self._hook("on_log", row)
+        self.hook("on_log", row)
 
     def event(self, kind: str, step: int, **fields) -> None:
-        self._hook("on_event", kind, step, fields)
+        self.hook("on_event", kind, step, fields)
 
     def say(self, msg: str) -> None:
         if self.is_main:
             tqdm.write(msg, file=sys.stdout)
 
     def close(self) -> None:
+        self.saver.wait()
         for cb in self.callbacks:
             cb.close()
