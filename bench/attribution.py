@@ -48,7 +48,7 @@ def poisoned_corpus(path: Path, position: int, rng: random.Random) -> None:
 def data_overrides(corpus: Path, tokenizer: Path) -> list[str]:
     # The plays' own tokenizer, and the held-out plays for validation (no document held out of this file).
     return ["data=local", f"data.path={corpus}", f"data.tokenizer.path={tokenizer}",
-            f"data.val_files=[{REPO / 'data/shakespeare/val.jsonl'}]"]  # fmt: skip
+            f"data.source.val_files=[{REPO / 'data/shakespeare/val.jsonl'}]"]  # fmt: skip
 
 
 def target_batch(overrides: list[str], position: int) -> int:

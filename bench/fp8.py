@@ -58,7 +58,7 @@ def main() -> None:
             cfg = to_object(dcfg)
             validate(cfg)
             trainers[name] = Trainer(cfg, Path(tmp.name) / name, to_container(dcfg))
-        steps = {n: (lambda t=t: t.train_step()[0]["loss"]) for n, t in trainers.items()}
+        steps = {n: (lambda t=t: t.train_step().metrics["loss"]) for n, t in trainers.items()}
         for fn in steps.values():
             timed(fn, args.warmup)
         walls: dict[str, list[float]] = {n: [] for n in names}

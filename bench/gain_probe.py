@@ -36,7 +36,7 @@ def step_times(trainer: Trainer, probe: bool, steps: int) -> list[float]:
         t0 = time.perf_counter()
         if probe:
             monitor.on_step_begin(trainer, trainer.step + 1)
-        metrics = trainer.train_step()[0]
+        metrics = trainer.train_step().metrics
         if probe:
             monitor.on_step_end(trainer, trainer.step, metrics)
         out.append(time.perf_counter() - t0)

@@ -34,7 +34,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 from stabletrain.cli import compose_config  # noqa: E402
-from stabletrain.data.dataset import RankLoader  # noqa: E402
+from stabletrain.data.loader import RankLoader  # noqa: E402
 from stabletrain.data.prepare import prepare  # noqa: E402
 from stabletrain.data.setup import build_data, ensure_tokenizer  # noqa: E402
 from stabletrain.data.sources import iter_texts  # noqa: E402
@@ -66,8 +66,8 @@ def prepare_runs(workers: int, repeats: int, shard_docs: int, corpus: Path, toke
             "data=local",
             f"data.path={corpus}/*.jsonl",
             f"data.tokenizer.path={tokenizer}",
-            f"data.val_files=[{REPO / 'data/shakespeare/val.jsonl'}]",
-            "data.val_docs=0",
+            f"data.source.val_files=[{REPO / 'data/shakespeare/val.jsonl'}]",
+            "data.source.val_docs=0",
             f"data.prepare.shard_docs={shard_docs}",
         ]
     )

@@ -69,11 +69,11 @@ def main() -> None:
             trainers[name] = Trainer(cfg, Path(tmp.name) / name, to_container(dcfg))
             if name == "mhc_fused_per_sublayer":
                 per_sublayer(trainers[name])
-            timed(lambda t=trainers[name]: t.train_step()[0]["loss"], args.warmup)
+            timed(lambda t=trainers[name]: t.train_step().metrics["loss"], args.warmup)
         times = {name: [] for name in trainers}
         for _ in range(args.repeats):
             for name, trainer in trainers.items():
-                times[name].append(timed(lambda t=trainer: t.train_step()[0]["loss"], args.steps)[0] / args.steps)
+                times[name].append(timed(lambda t=trainer: t.train_step().metrics["loss"], args.steps)[0] / args.steps)
     finally:
         for t in trainers.values():
             t.close()

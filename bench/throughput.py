@@ -33,7 +33,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from stabletrain.cli import setup  # noqa: E402
 from stabletrain.config import grad_accum_steps, to_container, to_object, validate  # noqa: E402
-from stabletrain.data.dataset import GlobalOrder, RankLoader  # noqa: E402
+from stabletrain.data.loader import RankLoader  # noqa: E402
+from stabletrain.data.order import GlobalOrder  # noqa: E402
 from stabletrain.models import meta_model, param_count  # noqa: E402
 from stabletrain.optim import lr_multiplier, param_groups  # noqa: E402
 from stabletrain.parallel.compile import compile_blocks  # noqa: E402
@@ -132,7 +133,7 @@ def main() -> None:
         trainer = Trainer(cfg, Path(run_dir), resolved)  # sets cfg.model.vocab_size from the tokenizer
         try:
             bare = BareLoop(cfg, trainer)
-            fw_step = lambda: trainer.train_step()[0]["loss"]  # noqa: E731
+            fw_step = lambda: trainer.train_step().metrics["loss"]  # noqa: E731
             timed(fw_step, args.warmup)
             timed(bare.step, args.warmup)
             fw_s, bare_s, busy = [], [], []

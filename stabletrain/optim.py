@@ -11,26 +11,43 @@ import torch
 from stabletrain.config import Config
 
 
+class UpdateGate:
+    """The one question an engine step asks, once, from inside the optimizer, where every gradient is reduced and
+    nothing has changed yet: apply the update? `norm()` computes the global gradient norm there (and clips);
+    `judge(norm)` answers (the spike guard); `on_apply(lr)` updates what the engine holds beside the optimizer (the
+    expert-parallel experts) when the answer is yes."""
+
+    def __init__(self, norm: Callable[[], object], judge: Callable[[object], bool], on_apply=None):
+        self.norm, self.judge, self.on_apply = norm, judge, on_apply
+        self.answer: bool | None = None  # None: never asked (the engine skipped the step itself)
+        self.grad_norm = None
+
+    def open(self, lr: float) -> bool:
+        if self.answer is None:
+            self.grad_norm = self.norm()
+            self.answer = bool(self.judge(self.grad_norm))
+            if self.answer and self.on_apply is not None:
+                self.on_apply(lr)
+        return self.answer
+
+
 class GatedAdamW(torch.optim.AdamW):
-    """torch AdamW whose step() asks `gate` (once per engine step) whether to apply the update at all.
+    """torch AdamW whose step() asks its UpdateGate (once per engine step) whether to apply the update at all.
 
     DeepSpeed's ZeRO optimizers call step() once per parameter group; the first answer holds for the rest.
     """
 
-    gate: Callable[[], bool] | None = None
-    _answer: bool | None = None
+    gate: UpdateGate | None = None
 
     def step(self, closure=None):
-        if self.gate is not None:
-            if self._answer is None:
-                self._answer = bool(self.gate())
-            if not self._answer:
-                return None
+        if self.gate is not None and not self.gate.open(self.param_groups[0]["lr"]):
+            return None
         return super().step(closure)
 
     def reset_gate(self) -> bool | None:
         """Clear the gate; the answer it gave this step (None when step() was never reached)."""
-        answer, self._answer, self.gate = self._answer, None, None
+        answer = self.gate.answer if self.gate is not None else None
+        self.gate = None
         return answer
 
 

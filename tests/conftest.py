@@ -5,7 +5,8 @@ import pytest
 import torch
 from hydra.core.config_store import ConfigStore
 
-from stabletrain.models import FEED_FORWARDS, RESIDUAL_STREAMS, ROUTERS
+from stabletrain.data.sources import SOURCES
+from stabletrain.models import ATTENTIONS, DEPTH_SCALINGS, FEED_FORWARDS, RESIDUAL_STREAMS, ROUTERS, SIGNALS
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +35,7 @@ def _plugins_unregistered_afterwards():
     """A test that loads a plugin component (STABLETRAIN_PLUGINS=tests.toy_residual, in this process) registers it
     in a registry and in Hydra's ConfigStore: undo that afterwards, so that later tests on the worker see only the
     project's own components (the configuration reference, the one-line errors that list the options)."""
-    registries = (RESIDUAL_STREAMS, FEED_FORWARDS, ROUTERS)
+    registries = (RESIDUAL_STREAMS, FEED_FORWARDS, ROUTERS, ATTENTIONS, DEPTH_SCALINGS, SIGNALS, SOURCES)
     before = {r: set(r._entries) for r in registries}
     yield
     for r, names in before.items():
@@ -44,4 +45,5 @@ def _plugins_unregistered_afterwards():
             for part in r.group.split("/"):
                 group = group[part]
             group.pop(f"{name}.yaml", None)
-            sys.modules.pop("tests.toy_residual", None)
+            for plugin in ("tests.toy_residual", "tests.toy_attention", "tests.toy_source"):
+                sys.modules.pop(plugin, None)

@@ -196,12 +196,12 @@ def test_first_nonfinite_names_the_tensor():
 
 def test_forensics_plot_tolerates_nonfinite_history(tmp_path):
     from stabletrain.monitoring.forensics import _plot
-    from stabletrain.training.spikes import Verdict
+    from stabletrain.training.detectors import Firing, StepResult
 
     history = [(s, float("nan"), float("inf"), True) for s in range(1, 6)]
-    verdict = Verdict(5, float("nan"), float("inf"), firings=[{"kind": "nonfinite", "metric": "loss"}])
+    result = StepResult(5, float("nan"), float("inf"), firings=[Firing("nonfinite", "loss", "nonfinite", float("nan"))])
     now = {"per_seq_loss": [float("nan")] * 2, "grad_norm_by_block": {"blocks.0": float("inf")}}
-    _plot(history, verdict, now, None, tmp_path / "spike.png")
+    _plot(history, result, now, None, tmp_path / "spike.png")
     assert (tmp_path / "spike.png").stat().st_size > 0
 
 

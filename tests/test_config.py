@@ -16,7 +16,7 @@ def test_default_composes_and_validates():
     cfg = composed()
     validate(cfg)
     assert cfg.engine.zero_stage == 0 and cfg.precision.dtype == "fp32"
-    assert cfg.data.train_files[0].startswith(str(REPO))
+    assert cfg.data.source.train_files[0].startswith(str(REPO))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -51,7 +51,7 @@ def test_fp32_zero0_clips_in_the_trainer_not_in_deepspeed():
     "override, world, message",
     [
         ("model.n_heads=3", 1, "not divisible by model.n_heads"),
-        ("model.attention=gqa", 1, "model.n_kv_heads"),
+        ("model/attention=gqa", 1, "model.attention.n_kv_heads"),
         ("engine.offload_param=cpu", 1, "engine.offload_param needs engine.zero_stage=3"),
         ("trainer.stop_at=1000", 1, "trainer.stop_at=1000"),
         ("model=moe engine=zero3 engine.expert_parallel=2", 2, "expert_parallel=2 runs with engine.zero_stage 0-2"),
@@ -62,7 +62,7 @@ def test_fp32_zero0_clips_in_the_trainer_not_in_deepspeed():
         ("engine.pipeline_stages=8", 8, "more than the 6 layers of the pipeline's layer list"),
         ("trainer.global_batch_size=6 trainer.micro_batch_size=4", 1, "global_batch_size=6 is not divisible"),
         ("trainer.global_batch_size=8 trainer.grad_accum_steps=2", 1, "not both"),
-        ("data.train_files=[/nonexistent/x.jsonl]", 1, "file not found: /nonexistent/x.jsonl"),
+        ("data.source.train_files=[/nonexistent/x.jsonl]", 1, "file not found: /nonexistent/x.jsonl"),
     ],
 )
 def test_validation_errors_name_the_key(override, world, message):

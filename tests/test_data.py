@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 
 from stabletrain import StableTrainError
-from stabletrain.data.dataset import GlobalOrder, PackedSequences, RankLoader, tokenize_files
+from stabletrain.data.loader import RankLoader
+from stabletrain.data.order import GlobalOrder
+from stabletrain.data.packing import PackedSequences
 from stabletrain.data.sources import iter_texts
+from stabletrain.data.token_cache import tokenize_files
 from stabletrain.data.tokenizer import Tokenizer, train_tokenizer
 from tests.helpers import REPO
 

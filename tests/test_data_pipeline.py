@@ -1,7 +1,9 @@
 """The cluster-scale data pipeline (issue 5): sources, tokenizers, prepare, pretokenized shards, packing and
 document masks, mixtures, resharded resume, bad input. Everything runs on real files through `datasets`."""
 
+import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -15,11 +17,13 @@ import zstandard
 
 from stabletrain import StableTrainError
 from stabletrain.config import ConfigError, DataConfig
-from stabletrain.data.dataset import RankLoader, document_ids
+from stabletrain.data.loader import RankLoader
+from stabletrain.data.packing import document_ids
 from stabletrain.data.prepare import KILL_AFTER_ENV, prepare
-from stabletrain.data.setup import build_data, ensure_tokenizer
+from stabletrain.data.setup import build_data, data_config_from_dict, ensure_tokenizer, tokenizer_path
 from stabletrain.data.shards import PreparedDir, pick_dtype
-from stabletrain.data.sources import open_source
+from stabletrain.data.sources import HubSourceConfig, LocalSourceConfig, open_source
+from stabletrain.data.token_cache import cache_key
 from stabletrain.data.tokenizer import HFTokenizer, load_tokenizer
 from tests.helpers import PYTHON, REPO, compose_data, env, read_jsonl, train, train_rows
 
@@ -78,7 +82,7 @@ def local(path, *overrides, tok=None) -> DataConfig:
             "data=local",
             f"data.path={path}",
             f"data.tokenizer.path={tok_path}",
-            "data.val_docs=3",
+            "data.source.val_docs=3",
             f"data.seq_len={SEQ}",
             *overrides,
         ]
@@ -139,6 +143,29 @@ def test_local_jsonl_parquet_and_text_yield_the_same_documents(corpus):
         assert list(stream) == texts[3:], pattern  # the first val_docs=3 documents are held out
         assert list(open_source(stream.src, "val")) == texts[:3]
     assert open_source(local(corpus / "jsonl/*.jsonl").source_configs()["local"], "train").num_shards == 2
+
+
+def test_plain_local_files_keep_their_token_cache_key(bundled_tokenizer):
+    """The key the bundled corpus's caches were written with (before sources had fingerprints of their own): the
+    tokenizer's bytes, then each file's path, size and mtime with the text field."""
+    stream = open_source(compose_data([]).source_configs()["shakespeare"], "train")
+    st = os.stat(TRAIN)
+    legacy = hashlib.sha256(bundled_tokenizer.path.read_bytes())
+    legacy.update(f"{TRAIN}:{st.st_size}:{st.st_mtime_ns}:text".encode())
+    assert cache_key(stream, bundled_tokenizer) == legacy.hexdigest()[:16]
+
+
+def test_a_run_saved_before_sources_were_a_config_group_still_loads(bundled_tokenizer):
+    """config.yaml of an older run: the source's fields (of every kind) on `data` itself. It reads back as a local
+    source, and names the same tokenizer."""
+    flat = {"kind": None, "hf_id": None, "subset": None, "data_files": [], "split": "train", "val_split": None,
+            "train_files": [str(TRAIN)], "val_files": [str(TRAIN.with_name("val.jsonl"))], "val_docs": 200,
+            "text_field": "text", "max_docs": None, "weight": 1.0, "name": "shakespeare", "seq_len": 64}  # fmt: skip
+    cfg = data_config_from_dict(flat)
+    assert isinstance(cfg.source, LocalSourceConfig) and cfg.source.train_files == [str(TRAIN)]
+    assert tokenizer_path(cfg) == bundled_tokenizer.path
+    hub = data_config_from_dict({**flat, "hf_id": "allenai/c4", "subset": "en", "train_files": [], "val_files": []})
+    assert isinstance(hub.source, HubSourceConfig) and hub.source.subset == "en"
 
 
 def test_missing_files_and_unset_path_are_config_errors(tmp_path):
@@ -307,7 +334,7 @@ def test_empty_source_and_missing_text_field_are_errors(tmp_path, bundled_tokeni
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(StableTrainError, match="yielded no documents"):
         prepare(
-            local(tmp_path / "empty.jsonl", "data.val_docs=0", "data.val_files=[" + str(TRAIN) + "]"),
+            local(tmp_path / "empty.jsonl", "data.source.val_docs=0", f"data.source.val_files=[{TRAIN}]"),
             tmp_path / "out",
             workers=1,
             progress=False,
@@ -327,18 +354,19 @@ def test_non_utf8_bytes_are_replaced_and_counted_or_rejected(tmp_path, bundled_t
         + json.dumps({"text": plays()[1]["text"]}).encode()
         + b"\n"
     )
-    cfg = local(tmp_path / "src" / "*.jsonl", "data.val_docs=0", f"data.val_files=[{TRAIN}]")
+    cfg = local(tmp_path / "src" / "*.jsonl", "data.source.val_docs=0", f"data.source.val_files=[{TRAIN}]")
     result = prepare(cfg, tmp_path / "out", workers=1, progress=False)
     split = result["manifest"]["sources"]["local"]["splits"]["train"]
     assert split["docs"] == 3 and split["invalid_utf8_docs"] == 1
     docs = list(open_source(cfg.source_configs()["local"], "train"))
     assert docs[1] == "caf\ufffd \ufffd bytes" and docs[0] == good
-    strict = local(tmp_path / "src" / "*.jsonl", "data.val_docs=0", "data.utf8_errors=strict")
+    strict = local(tmp_path / "src" / "*.jsonl", "data.source.val_docs=0", "data.utf8_errors=strict")
     with pytest.raises(StableTrainError, match=r"mixed.jsonl: record 1 is not valid UTF-8"):
         list(open_source(strict.source_configs()["local"], "train", "strict"))
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "latin1.txt").write_bytes(b"caf\xe9\n")
-    stream = open_source(local(tmp_path / "txt" / "*.txt", "data.val_docs=0").source_configs()["local"], "train")
+    txt = local(tmp_path / "txt" / "*.txt", "data.source.val_docs=0")
+    stream = open_source(txt.source_configs()["local"], "train")
     assert list(stream) == ["caf\ufffd\n"] and stream.invalid_utf8_docs == 1
 
 
@@ -353,8 +381,8 @@ def test_vocabulary_too_large_for_uint16_is_stored_as_uint32(tmp_path):
     (tmp_path / "src" / "d.jsonl").write_text(json.dumps({"text": "x <extra_69999> y " * 20}) + "\n")
     cfg = local(
         tmp_path / "src" / "d.jsonl",
-        "data.val_docs=0",
-        f"data.val_files=[{tmp_path / 'src' / 'd.jsonl'}]",
+        "data.source.val_docs=0",
+        f"data.source.val_files=[{tmp_path / 'src' / 'd.jsonl'}]",
         "data.seq_len=8",
         tok=hf,
     )
@@ -364,9 +392,9 @@ def test_vocabulary_too_large_for_uint16_is_stored_as_uint32(tmp_path):
     assert tokens.max() == tok.tok.token_to_id("<extra_69999>") > 65535  # not wrapped modulo 2^16
     forced = local(
         tmp_path / "src" / "d.jsonl",
-        "data.val_docs=0",
+        "data.source.val_docs=0",
         "data.prepare.dtype=uint16",
-        f"data.val_files=[{tmp_path / 'src' / 'd.jsonl'}]",
+        f"data.source.val_files=[{tmp_path / 'src' / 'd.jsonl'}]",
         tok=hf,
     )
     with pytest.raises(StableTrainError, match="data.prepare.dtype=uint16 cannot hold"):
@@ -377,7 +405,8 @@ def test_vocabulary_too_large_for_uint16_is_stored_as_uint32(tmp_path):
 def test_documents_longer_than_seq_len_span_consecutive_samples(tmp_path, bundled_tokenizer):
     long_doc, short = plays()[2]["text"][:20000], "A short one."
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in (short, long_doc, short)))
-    data = build_data(local(tmp_path / "d.jsonl", "data.val_docs=0", f"data.val_files=[{TRAIN}]"), 0, True)
+    cfg = local(tmp_path / "d.jsonl", "data.source.val_docs=0", f"data.source.val_files=[{TRAIN}]")
+    data = build_data(cfg, 0, True)
     tok = data.tokenizer
     stream = np.concatenate([ids + [tok.eos_id] for ids in tok.encode([short, long_doc, short])])
     assert len(tok.encode([long_doc])[0]) > 10 * SEQ
@@ -419,7 +448,7 @@ def mixture_overrides(corpus):
         f"data.tokenizer.path={TOK}",
         f"+data.sources.plays={{train_files: ['{corpus}/jsonl/*.jsonl'], val_docs: 3, weight: 0.7}}",
         f"+data.sources.parquet={{train_files: ['{corpus}/parquet/*.parquet'], val_docs: 2, weight: 0.2}}",
-        f"+data.sources.text={{train_files: ['{corpus}/txt/00*.txt'], val_docs: 1, weight: 0.1}}",
+        f"+data.sources.text={{kind: local, train_files: ['{corpus}/txt/00*.txt'], val_docs: 1, weight: 0.1}}",
     ]
 
 

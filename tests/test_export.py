@@ -161,7 +161,7 @@ def _local(data_cfg, path):
     """The run's data config reading `path` as its validation split."""
     from tests.helpers import composed
 
-    cfg = composed("data=local", f"data.train_files=[{path}]", f"data.val_files=[{path}]",
+    cfg = composed("data=local", f"data.source.train_files=[{path}]", f"data.source.val_files=[{path}]",
                    f"data.seq_len={data_cfg.seq_len}").data  # fmt: skip
     return cfg
 

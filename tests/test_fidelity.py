@@ -89,10 +89,10 @@ TABLE_5 = {"3b": (12, 1280, 16, 64, 896, 2.97e9, 612e6), "9b": (18, 1920, 24, 64
 def test_mhc_paper_presets_take_table_5s_values_and_sizes(size, variant):
     m = composed(f"model={variant}_{size}").model
     layers, hidden, heads, routed, width, total, active = TABLE_5[size]
-    e, a = m.ffn, m.mla
+    e, a = m.ffn, m.attention
     assert (m.n_layers, m.d_model, m.n_heads, e.n_routed, e.expert_hidden) == (layers, hidden, heads, routed, width)
     assert (e.first_dense, e.top_k, e.n_shared, m.vocab_size, m.norm_eps, m.rope_theta) == (1, 6, 2, 129280, 1e-20, 1e4)
-    assert (m.attention, a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim) == ("mla", 512, 64, 128)
+    assert (m.attention.kind, a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim) == ("mla", 512, 64, 128)
     assert a.v_head_dim == 128  # Table 5's "Attention Dimension"
     assert not m.tie_embeddings  # Table 5's vocabulary parameters are two tables: 331M = 2 x 129280 x 1280
     if variant != "baseline":
@@ -175,13 +175,11 @@ def test_layernorm_scaling_gets_the_plain_init_unless_set():
         return model.blocks[0].attn.o_proj.weight.std().item(), cfg
 
     d = 512  # large enough for the sample std to separate 0.02 from 0.02 / sqrt(2L)
-    plain, cfg = out_std("model.norm.depth_scaling=lns", f"model.d_model={d}", "model.n_layers=8")
+    plain, cfg = out_std("model/norm=lns", f"model.d_model={d}", "model.n_layers=8")
     assert cfg.out_proj_init == "plain" and plain == pytest.approx(0.02, rel=0.05)
     scaled, cfg = out_std(f"model.d_model={d}", "model.n_layers=8")
     assert cfg.out_proj_init == "scaled" and scaled == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
-    forced, cfg = out_std(
-        "model.norm.depth_scaling=lns", "model.residual_init=scaled", f"model.d_model={d}", "model.n_layers=8"
-    )
+    forced, cfg = out_std("model/norm=lns", "model.residual_init=scaled", f"model.d_model={d}", "model.n_layers=8")
     assert cfg.out_proj_init == "scaled" and forced == pytest.approx(scaled, rel=0.05)
 
 

@@ -3,9 +3,8 @@ import math
 import pytest
 import torch
 
-from stabletrain.config import MLAConfig
 from stabletrain.models.layers import apply_rope, rope_tables
-from stabletrain.models.mla import MultiHeadLatentAttention, mla_param_count
+from stabletrain.models.mla import MLAConfig, MultiHeadLatentAttention, mla_param_count
 
 D, H, THETA = 32, 4, 10000.0
 # v_head_dim differs from qk_nope + qk_rope on purpose: SDPA must handle a distinct value head dim.

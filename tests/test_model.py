@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from stabletrain.config import FFNConfig, ModelConfig
+from stabletrain.config import AttentionConfig, FFNConfig, ModelConfig
 from stabletrain.models import Transformer, flops_per_token, param_count
-from stabletrain.models.layers import RMSNorm, apply_rope, rope_tables
+from stabletrain.models.layers import GQAConfig, RMSNorm, apply_rope, rope_tables
 
 
 def tiny(**kw) -> ModelConfig:
@@ -16,16 +16,18 @@ def tiny(**kw) -> ModelConfig:
 
 CONFIGS = [
     tiny(),
-    tiny(attention="gqa", n_kv_heads=2),
+    tiny(attention=GQAConfig(n_kv_heads=2)),
     tiny(tie_embeddings=True),
     tiny(ffn=FFNConfig(hidden=48), n_layers=3),
-    tiny(attention="gqa", n_kv_heads=1, d_model=64, n_heads=8),
-    tiny(qk_norm=True),
+    tiny(attention=GQAConfig(n_kv_heads=1), d_model=64, n_heads=8),
+    tiny(attention=AttentionConfig(qk_norm=True)),
 ]
 
 
 @pytest.mark.parametrize(
-    "cfg", CONFIGS, ids=lambda c: f"{c.attention}-kv{c.kv_heads}-tie{c.tie_embeddings}-L{c.n_layers}-qk{c.qk_norm}"
+    "cfg",
+    CONFIGS,
+    ids=lambda c: f"{c.attention.kind}-kv{c.kv_heads}-tie{c.tie_embeddings}-L{c.n_layers}-qk{c.attention.qk_norm}",
 )
 def test_param_count_equals_formula(cfg):
     model = Transformer(cfg)
@@ -61,7 +63,7 @@ def test_causality(cfg):
 def test_gqa_equals_mha_with_repeated_kv_heads():
     """GQA with k/v heads copied into MHA's k/v projections computes the same function."""
     torch.manual_seed(0)
-    gqa = Transformer(tiny(attention="gqa", n_kv_heads=2))
+    gqa = Transformer(tiny(attention=GQAConfig(n_kv_heads=2)))
     mha = Transformer(tiny())
     state = gqa.state_dict()
     hd = 32 // 4
@@ -110,7 +112,7 @@ def test_flops_per_token_palm_formula():
 
 def test_qk_norm_makes_attention_invariant_to_the_scale_of_q_and_k():
     torch.manual_seed(0)
-    model = Transformer(tiny(qk_norm=True, norm_eps=1e-12)).eval()
+    model = Transformer(tiny(attention=AttentionConfig(qk_norm=True), norm_eps=1e-12)).eval()
     ids = torch.randint(0, 97, (2, 12))
     before = model(ids)
     with torch.no_grad():

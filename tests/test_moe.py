@@ -183,15 +183,14 @@ def test_loads_are_counted_and_the_moe_trains():
 
 
 def test_mla_moe_model_counts_and_is_causal():
-    from stabletrain.config import MLAConfig
+    from stabletrain.models.mla import MLAConfig
 
     cfg = ModelConfig(
         vocab_size=50,
         d_model=32,
         n_layers=2,
         n_heads=4,
-        attention="mla",
-        mla=MLAConfig(q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6),
+        attention=MLAConfig(q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6),
         ffn=moe_config(n_routed=4, top_k=2, expert_hidden=16, first_dense=1),
     )
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ VARIANTS = {
     "mhc_fused": ["model=mhc", "model.residual.kernel=fused"],
     "lns": ["model/norm=lns"],
     "moe": ["model=moe", "model.ffn.n_routed=4", "model.ffn.expert_hidden=32", "model.ffn.top_k=2"],
-    "bslo": ["model.signal_scaling=bslo", "model.bslo.warmup_steps=0"],
+    "bslo": ["model/signal=bslo", "model.signal.warmup_steps=0"],
 }
 SMALL = ["model.d_model=32", "model.n_layers=4", "model.n_heads=2", "model.vocab_size=97"]
 

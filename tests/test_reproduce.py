@@ -176,7 +176,7 @@ def test_repro_recipe_composes_every_job_and_runs(tmp_path, recipe):
     assert params["trainer.seed"] == ["0", "1", "2", "3", "4"]
     for job in jobs:
         cfg = composed(f"experiment={recipe}", *job)
-        assert cfg.logging.group == recipe and not cfg.logging.wandb
+        assert cfg.logging.group == recipe and cfg.logging.mode == "disabled"
     train(tmp_path / "run", f"experiment={recipe}", *jobs[-1], "trainer.max_steps=2", "trainer.eval_batches=1",
           "logging=none", tiny=False)  # fmt: skip
     assert val_rows(tmp_path / "run")[-1]["step"] == 2

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from stabletrain.config import BSLOConfig, ModelConfig, NormConfig
+from stabletrain.config import ModelConfig
 from stabletrain.models import Transformer, param_count
 from stabletrain.models.layers import rope_tables
-from stabletrain.models.residual.base import PropagationScalar
+from stabletrain.models.parts import LNSConfig
+from stabletrain.models.residual.base import BSLOConfig, PropagationScalar
 from stabletrain.models.residual.manifold import ManifoldConnection
 from stabletrain.monitoring.gains import GainMonitor, GainProbe, amax_fwd_from_input, amax_gains
 from tests.helpers import one_rank_trainer, residual_config
@@ -211,18 +212,14 @@ def test_mhc_init_schemes():
 
 
 def test_lns_scale_vector_and_depth_one_equals_baseline():
-    model = Transformer(
-        ModelConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=4, norm=NormConfig(depth_scaling="lns"))
-    )
+    model = Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=4, norm=LNSConfig()))
     scales = [b.attn_res.depth_scale for b in model.blocks]
     assert scales == [1.0, 1 / math.sqrt(2), 1 / math.sqrt(3), 0.5]
     assert all(b.mlp_res.depth_scale == b.attn_res.depth_scale for b in model.blocks)
     torch.manual_seed(0)
     base = Transformer(cfg(n_layers=1)).eval()
     lns = Transformer(
-        ModelConfig(
-            vocab_size=V, d_model=32, n_layers=1, n_heads=4, norm_eps=1e-12, norm=NormConfig(depth_scaling="lns")
-        )
+        ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4, norm_eps=1e-12, norm=LNSConfig())
     ).eval()
     lns.load_state_dict(base.state_dict())
     idx = tokens()
@@ -233,9 +230,7 @@ def test_lns_changes_deeper_blocks():
     torch.manual_seed(0)
     base = Transformer(cfg(n_layers=3)).eval()
     lns = Transformer(
-        ModelConfig(
-            vocab_size=V, d_model=32, n_layers=3, n_heads=4, norm_eps=1e-12, norm=NormConfig(depth_scaling="lns")
-        )
+        ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, norm_eps=1e-12, norm=LNSConfig())
     ).eval()
     lns.load_state_dict(base.state_dict())
     assert not torch.allclose(lns(tokens()), base(tokens()))

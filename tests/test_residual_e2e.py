@@ -10,7 +10,7 @@ VARIANTS = {
     "hc": ["model=hc"],
     "mhc": ["model=mhc"],
     "lns": ["model=lns"],
-    "bslo": ["model.signal_scaling=bslo", "model.bslo.warmup_steps=5"],
+    "bslo": ["model/signal=bslo", "model.signal.warmup_steps=5"],
     "mhc_head_lns": ["model=mhc", "model.residual.collapse=head", "model/norm=lns"],
 }
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from stabletrain.config import DetectorConfig, MonitorConfig
-from stabletrain.optim import GatedAdamW, rewind_scheduler
-from stabletrain.training.spikes import RollingDetector, SkipList, SpikeMonitor
+from stabletrain.optim import GatedAdamW, UpdateGate, rewind_scheduler
+from stabletrain.training.detectors import RollingDetector, SkipList, SpikeMonitor
 
 
 def noisy(n, mean=3.0, sd=0.05, seed=0):
@@ -24,7 +24,7 @@ def test_zscore_fires_above_sigma_only_after_warmup():
     threshold = (window.mean() + 6 * window.std()).item()
     assert det.check(threshold * 0.999) is None
     firing = det.check(threshold * 1.001)
-    assert firing["rule"] == "zscore" and firing["threshold"] == pytest.approx(threshold)
+    assert firing.rule == "zscore" and firing.threshold == pytest.approx(threshold)
 
 
 def test_window_keeps_only_the_last_values():
@@ -40,11 +40,11 @@ def test_max_ratio_and_min_ratio_rules():
     for v in [1.0, 1.02, 0.98, 1.01, 0.99, 1.0]:
         det.accept(v)
     assert det.check(2.5) is None  # many sigmas, but under 3x the mean: small-batch noise
-    assert det.check(3.5)["rule"] == "zscore"
+    assert det.check(3.5).rule == "zscore"
     off = RollingDetector("grad_norm", DetectorConfig(window=8, sigma=0.0, max_ratio=10.0), warmup=0)
     for v in [1.0, 2.0]:
         off.accept(v)
-    assert off.check(19.0) is None and off.check(21.0)["rule"] == "max_ratio"
+    assert off.check(19.0) is None and off.check(21.0).rule == "max_ratio"
 
 
 def test_monitor_responses_severity_nonfinite_and_window_hygiene():
@@ -54,15 +54,15 @@ def test_monitor_responses_severity_nonfinite_and_window_hygiene():
     for step, (loss, gn) in enumerate(zip(noisy(20), noisy(20, 1.0, 0.02, seed=1)), 1):
         assert not mon.judge(step, loss, gn).fired
     v = mon.judge(21, 30.0, 50.0)
-    assert {f["metric"] for f in v.firings} == {"loss", "grad_norm"}
+    assert {f.metric for f in v.firings} == {"loss", "grad_norm"}
     assert v.response == "rollback" and not v.applied  # the more severe of log (loss) and rollback (grad norm)
     assert len(mon.detectors["loss"].values) == 20  # a spike does not widen the band for the next one
     only_loss = mon.judge(22, 30.0, 1.0)
     assert only_loss.response == "log" and only_loss.applied
     nan = mon.judge(23, float("nan"), None)
-    assert nan.firings[0]["kind"] == "nonfinite" and nan.response == "skip_step" and not nan.applied
+    assert nan.firings[0].kind == "nonfinite" and nan.response == "skip_step" and not nan.applied
     early = SpikeMonitor(MonitorConfig(warmup_steps=1000)).judge(1, 3.0, float("inf"))
-    assert early.firings[0]["kind"] == "nonfinite" and not early.applied  # no warm-up for NaN/Inf
+    assert early.firings[0].kind == "nonfinite" and not early.applied  # no warm-up for NaN/Inf
 
 
 def test_monitor_state_round_trips():
@@ -85,7 +85,7 @@ def test_vetoed_update_leaves_weights_and_moments_untouched(fused):
         opt.step()
     before = (w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items()})
     calls = []
-    opt.gate = lambda: calls.append(1) or False
+    opt.gate = UpdateGate(lambda: None, lambda norm: calls.append(1) or False)
     w.grad = torch.full((5,), float("nan"))
     opt.step()
     opt.step()  # DeepSpeed calls step() once per parameter group: one answer for the engine step

@@ -149,7 +149,7 @@ def test_skip_batches_are_honoured(tmp_path):
         "trainer.max_steps=6",
         "trainer.skip_batches=[[2,4]]",
         "optim.grad_clip_warmup_steps=4",
-        "model.qk_norm=true",
+        "model.attention.qk_norm=true",
         "model.logit_z_loss=1e-4",
     )
     rows = train_rows(run)

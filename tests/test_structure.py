@@ -2,12 +2,18 @@
 cycle, short files and functions, and a new residual variant as one module plus one YAML."""
 
 import ast
+import json
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO, TINY, read_jsonl, train_rows
+import numpy as np
+
+from stabletrain.data.setup import tokenizer_path
+from stabletrain.data.tokenizer import load_tokenizer
+from tests.helpers import REPO, TINY, composed, read_jsonl, train_rows
 
 PACKAGE = REPO / "stabletrain"
 # Heavy dependencies only some runs need may be imported where they are used.
@@ -74,3 +80,53 @@ def test_a_new_residual_variant_is_one_module_and_one_yaml(tmp_path, monkeypatch
     config = (run / "config.yaml").read_text()
     assert "kind: toy" in config and "gate: 0.25" in config
     assert [e["kind"] for e in read_jsonl(run / "events.jsonl")] == []
+
+
+def test_a_new_attention_kind_is_one_module_and_one_yaml(tmp_path, monkeypatch):
+    """tests/toy_attention.py registers an attention kind; a preset YAML of our own selects it; train.py trains it
+    (the other parts of the block, and the residual stream, unchanged)."""
+    conf = tmp_path / "conf" / "model"
+    conf.mkdir(parents=True)
+    (conf / "nope.yaml").write_text("defaults:\n  - mhc\n  - override attention: toy\n  - _self_\nname: nope\n")
+    run = tmp_path / "run"
+    args = [*TINY, "model=nope", "model.attention.temperature=2", "trainer.max_steps=4", "trainer.eval_interval=0",
+            "logging=none", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={run}"]  # fmt: skip
+    monkeypatch.setenv("STABLETRAIN_PLUGINS", "tests.toy_attention")
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
+    runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    rows = train_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
+    config = (run / "config.yaml").read_text()
+    assert "kind: toy" in config and "temperature: 2.0" in config and "kind: mhc" in config
+
+
+def test_a_new_data_source_is_one_module_and_one_yaml(tmp_path, monkeypatch):
+    """tests/toy_source.py registers a source (the bundled plays cut into scenes); a data preset YAML of our own
+    selects it; train.py trains on it, its token cache keyed by the source's own fingerprint."""
+    conf = tmp_path / "conf" / "data"
+    conf.mkdir(parents=True)
+    (conf / "scenes.yaml").write_text(
+        "defaults:\n  - source: scenes\n  - _self_\nname: scenes\nsource:\n"
+        "  plays: ${repo:data/shakespeare/train.jsonl}\n  val_plays: ${repo:data/shakespeare/val.jsonl}\n"
+    )
+    bundled = tokenizer_path(composed().data)  # a private copy: the scenes' token cache lands beside it
+    tok = tmp_path / "tok" / bundled.name
+    tok.parent.mkdir()
+    shutil.copy(bundled, tok)
+    run = tmp_path / "run"
+    args = [*TINY, "data=scenes", "data.source.min_chars=1000", f"data.tokenizer.path={tok}", "trainer.max_steps=4",
+            "trainer.eval_interval=0", "logging=none", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            f"hydra.run.dir={run}"]  # fmt: skip
+    monkeypatch.setenv("STABLETRAIN_PLUGINS", "tests.toy_source")
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
+    runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    rows = train_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
+    config = (run / "config.yaml").read_text()
+    assert "kind: scenes" in config and "min_chars: 1000" in config
+    from tests.toy_source import scenes
+
+    caches = {json.loads(p.read_text())["source"]["source"]["plays"]: p for p in tok.parent.glob("tokens-*.json")}
+    train = np.load(caches[str(REPO / "data/shakespeare/train.jsonl")].with_suffix(".npy"))
+    eos = load_tokenizer(tok).eos_id
+    assert (train == eos).sum() == len(list(scenes([str(REPO / "data/shakespeare/train.jsonl")], 1000)))  # one a scene

@@ -140,8 +140,11 @@ def test_corrupt_newest_checkpoint_of_the_right_size_falls_back(tmp_path):
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("data.train_files=[/nonexistent/corpus.jsonl]", "data.train_files: file not found: /nonexistent/corpus.jsonl"),
-        ("data.text_field=body", "no field 'body'"),
+        (
+            "data.source.train_files=[/nonexistent/corpus.jsonl]",
+            "data.source.train_files: file not found: /nonexistent/corpus.jsonl",
+        ),
+        ("data.source.text_field=body", "no field 'body'"),
     ],
 )
 def test_bad_data_input_is_one_line(tmp_path, override, needle):

@@ -14,7 +14,7 @@ import yaml
 
 from stabletrain.analysis.report import read_metrics, report_main
 from stabletrain.config import ResidualConfig
-from stabletrain.monitoring.plots import log_scale_if_positive
+from stabletrain.monitoring.plots import log_scale_if_positive, pyplot
 
 
 def load(run_dir: Path) -> dict:
@@ -66,10 +66,7 @@ def table(runs: list[dict]) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for r in runs:

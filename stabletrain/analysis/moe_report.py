@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from stabletrain.analysis.report import read_metrics, report_main
-from stabletrain.monitoring.plots import log_scale_if_positive
+from stabletrain.monitoring.plots import log_scale_if_positive, pyplot
 
 
 def load(run_dir: Path) -> dict:
@@ -39,10 +39,7 @@ def table(runs: list[dict], tail: int = 50) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:

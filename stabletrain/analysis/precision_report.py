@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from stabletrain.analysis.report import read_metrics, report_main
+from stabletrain.monitoring.plots import pyplot
 
 KINDS = ("attn", "mlp", "expert")
 
@@ -54,10 +55,7 @@ def table(runs: list[dict]) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     base = next((r for r in runs if r["name"] == "bf16"), None)

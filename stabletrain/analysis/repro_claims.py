@@ -71,7 +71,8 @@ def split(runs: list[Run], key, order: tuple = ()) -> dict:
 
 
 def norm_label(run: Run) -> str:
-    return "LNS" if run.cfg["model"]["norm"]["depth_scaling"] == "lns" else "pre-norm"
+    norm = run.cfg["model"]["norm"]
+    return "LNS" if norm.get("kind", norm.get("depth_scaling")) == "lns" else "pre-norm"  # older runs: depth_scaling
 
 
 def both(val: str, held: str) -> str:

@@ -21,6 +21,7 @@ from stabletrain.analysis.report import read_jsonl, read_metrics
 from stabletrain.analysis.repro_stats import block_output_variance, prune_increase
 from stabletrain.config import DataConfig, PrecisionConfig
 from stabletrain.data.setup import build_data
+from stabletrain.data.sources import LocalSourceConfig
 from stabletrain.interop.run import TrainedRun, load_run
 from stabletrain.parallel.fp8 import apply_fp8
 
@@ -114,8 +115,8 @@ def run_data_config(trained: TrainedRun) -> DataConfig:
 
 def heldout_config(trained: TrainedRun) -> DataConfig:
     """The run's data settings on the held-out corpus, tokenized with the run's own tokenizer."""
-    return dataclasses.replace(run_data_config(trained), name="kjv", sources={}, path=None, kind=None, hf_id=None,
-                               train_files=[str(HELDOUT)], val_files=[str(HELDOUT)])  # fmt: skip
+    source = LocalSourceConfig(train_files=[str(HELDOUT)], val_files=[str(HELDOUT)])
+    return dataclasses.replace(run_data_config(trained), name="kjv", sources={}, path=None, source=source)
 
 
 def val_batches(cfg: DataConfig, n: int = EVAL_BATCHES) -> list[torch.Tensor]:

@@ -18,8 +18,8 @@ import numpy as np
 
 from stabletrain.config import MonitorConfig
 from stabletrain.config.choices import DetectorStyle
-from stabletrain.monitoring.plots import log_scale_if_positive
-from stabletrain.training.spikes import SpikeMonitor
+from stabletrain.monitoring.plots import log_scale_if_positive, pyplot
+from stabletrain.training.detectors import SpikeMonitor
 
 
 @dataclass
@@ -91,10 +91,7 @@ def report(events: list[Event], scores: dict[str, dict]) -> str:
 
 
 def plot(loss, grad, fired: dict[str, list[int]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     steps = np.arange(1, len(loss) + 1)

@@ -5,8 +5,8 @@
     python -m stabletrain.cli.tokenizer ...  train a sentencepiece tokenizer
 
 `setup()` imports every component package (their registries fill the config groups: model/residual,
-model/ffn, model/ffn/router, the callbacks), the modules named in STABLETRAIN_PLUGINS (comma-separated: your own
-residual streams, routers or callbacks, registered the same way), and registers the schema.
+model/ffn, model/ffn/router, data/source, the callbacks), the modules named in STABLETRAIN_PLUGINS (comma-separated:
+your own residual streams, routers, data sources or callbacks, registered the same way), and registers the schema.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import os
 
 from hydra import compose, initialize_config_dir
 
-import stabletrain.models  # noqa: F401  (registers residual streams, feed-forwards, routers)
+import stabletrain.data.sources  # noqa: F401  (registers the data sources: data/source)
+import stabletrain.engine.pipeline  # noqa: F401  (registers the pipeline's layout rules)
+import stabletrain.models  # noqa: F401  (registers the block's parts)
 import stabletrain.monitoring  # noqa: F401  (registers the monitoring callbacks)
 from stabletrain import REPO_ROOT
 from stabletrain.config import Config, ConfigError, check_overrides, register, to_object

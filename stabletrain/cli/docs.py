@@ -20,8 +20,9 @@ from pathlib import Path
 
 from stabletrain import REPO_ROOT
 from stabletrain.cli import setup
-from stabletrain.config import Config
+from stabletrain.config import Config, SourceConfig
 from stabletrain.config.fields import Range
+from stabletrain.data.sources import SOURCES
 from stabletrain.models import FEED_FORWARDS, RESIDUAL_STREAMS, ROUTERS
 from stabletrain.training.callbacks import CALLBACKS
 
@@ -133,9 +134,12 @@ def _doc(cls: type) -> str:
     return "" if doc.startswith(cls.__name__ + "(") else " ".join(doc.split())
 
 
-def _registry(title: str, group: str, registry) -> list[str]:
-    """Each registered component of a group: its description and the fields it adds to its base config."""
+def _registry(title: str, group: str, registry, shared: type | None = None) -> list[str]:
+    """Each registered component of a group: its description and the fields it adds to its base config (`shared`:
+    a base that is no option itself, whose fields every option has, shown first)."""
     lines = [f"### `{group}`: {title}", ""]
+    if shared is not None:
+        lines += [_doc(shared), "", *_table(shared, group.replace("/", "."), {"kind"}), ""]
     for entry in registry:
         base = entry.config.__mro__[1]
         is_base = not dataclasses.is_dataclass(base)
@@ -163,6 +167,7 @@ def render() -> str:
     lines += _registry("the residual stream", "model/residual", RESIDUAL_STREAMS)
     lines += _registry("the feed-forward", "model/ffn", FEED_FORWARDS)
     lines += _registry("the MoE router (with model/ffn=moe)", "model/ffn/router", ROUTERS)
+    lines += _registry("the document source", "data/source", SOURCES, shared=SourceConfig)
     lines += ["### `trainer.callbacks`", "", "Registered callbacks: " + ", ".join(f"`{n}`" for n in CALLBACKS.names()),
               ""]  # fmt: skip
     lines += ["## Keys", ""]

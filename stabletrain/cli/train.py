@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from stabletrain import StableTrainError
 from stabletrain.cli import CONFIG_DIR, setup
 from stabletrain.config import check_overrides, to_container, to_object, validate
+from stabletrain.config.frozen import freeze
 from stabletrain.distributed import STOP_SIGNALS, agree_on_run_stamp, barrier, is_launched
 from stabletrain.planner.report import print_plan
 from stabletrain.training.startup import Startup
@@ -43,6 +44,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             return float("nan")
         if typed.logging.group is None and HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
             typed.logging.group = Path(HydraConfig.get().sweep.dir).name  # a sweep's runs form one W&B group
+        freeze(typed)  # read-only from here on: derived values go to config.resolved
         trainer = Trainer(typed, run_dir, to_container(cfg), startup)
         try:
             val_loss = trainer.fit()

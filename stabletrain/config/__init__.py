@@ -14,19 +14,19 @@ from stabletrain.config.layout import (
 )
 from stabletrain.config.monitor import DetectorConfig, InjectConfig, MonitorConfig
 from stabletrain.config.schema import (
-    BSLOConfig,
+    AttentionConfig,
     Config,
     DataConfig,
     EngineConfig,
     FFNConfig,
     LoggingConfig,
-    MLAConfig,
     ModelConfig,
     NormConfig,
     OptimConfig,
     PrecisionConfig,
     PrepareConfig,
     ResidualConfig,
+    SignalConfig,
     SourceConfig,
     TokenizerConfig,
     TrainerConfig,
@@ -34,7 +34,7 @@ from stabletrain.config.schema import (
 from stabletrain.config.validate import check_resume_path, validate, validate_data
 
 __all__ = [
-    "BSLOConfig",
+    "AttentionConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -43,7 +43,6 @@ __all__ = [
     "FFNConfig",
     "InjectConfig",
     "LoggingConfig",
-    "MLAConfig",
     "ModelConfig",
     "MonitorConfig",
     "NormConfig",
@@ -52,6 +51,7 @@ __all__ = [
     "PrepareConfig",
     "RankLayout",
     "ResidualConfig",
+    "SignalConfig",
     "SourceConfig",
     "TokenizerConfig",
     "TrainerConfig",

@@ -6,22 +6,6 @@ from __future__ import annotations
 from stabletrain.config.fields import Choice
 
 
-class DepthScaling(Choice):
-    none = "none"
-    lns = "lns"
-
-
-class SignalScaling(Choice):
-    none = "none"
-    bslo = "bslo"
-
-
-class Attention(Choice):
-    mha = "mha"
-    gqa = "gqa"
-    mla = "mla"
-
-
 class ResidualInit(Choice):
     scaled = "scaled"
     plain = "plain"
@@ -98,6 +82,7 @@ class WandbMode(Choice):
     auto = "auto"
     online = "online"
     offline = "offline"
+    disabled = "disabled"  # no W&B run (logging=none)
 
 
 class Preflight(Choice):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -9,7 +10,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from stabletrain import REPO_ROOT
-from stabletrain.config.schema import Config, DepthScaling, NormConfig
+from stabletrain.config.schema import Config, DataConfig
+from stabletrain.config.source import moved_source_key
 
 
 def _repo_path(rel: str) -> str:
@@ -17,15 +19,13 @@ def _repo_path(rel: str) -> str:
 
 
 def register() -> None:
-    """Register the schema, the options of model/norm and the `${repo:...}` resolver (absolute paths inside the
-    repository). The other component groups (model/residual, model/ffn, ...) are filled by the components'
+    """Register the schema and the `${repo:...}` resolver (absolute paths inside the repository). The component
+    groups (model/attention, model/residual, model/norm, model/ffn, model/signal, ...) are filled by the components'
     registries when their packages are imported (stabletrain.models)."""
     if not OmegaConf.has_resolver("repo"):
         OmegaConf.register_new_resolver("repo", _repo_path)
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
-    for scaling in DepthScaling:
-        store.store(group="model/norm", name=scaling.value, node=NormConfig(depth_scaling=scaling))
 
 
 def to_object(cfg: DictConfig) -> Config:
@@ -70,5 +70,5 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "confi
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             compose(config_name, overrides=overrides)
     except Exception as e:  # any composition failure is the user's input, reported as such
-        return one_line(e)
+        return moved_source_key(overrides, {f.name for f in fields(DataConfig)}) or one_line(e)
     return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from stabletrain.config.fields import ConfigError
 from stabletrain.config.schema import Config
@@ -47,11 +48,6 @@ def global_batch_size(cfg: Config, world: int) -> int:
     return cfg.trainer.micro_batch_size * grad_accum_steps(cfg, world) * data_parallel_size(cfg, world)
 
 
-def pipeline_layers(cfg: Config) -> int:
-    """Entries of the pipeline's layer list: the embedding, one per recomputed segment of blocks, the head."""
-    return 2 + math.ceil(cfg.model.n_layers / checkpoint_segment(cfg))
-
-
 def checkpoint_segment(cfg: Config, stage_blocks: int | None = None) -> int:
     """Blocks per layer of the layer list: 1, or block-mode activation checkpointing's segment length (0: the mHC
     paper's L_r = sqrt(n L / (n + 2)) over the blocks of one pipeline stage, rounded)."""
@@ -63,6 +59,11 @@ def checkpoint_segment(cfg: Config, stage_blocks: int | None = None) -> int:
     blocks = stage_blocks or math.ceil(cfg.model.n_layers / e.pipeline_stages)
     n = cfg.model.residual.streams
     return max(1, round(math.sqrt(n * blocks / (n + 2))))
+
+
+# The engines' own rules (a layout DeepSpeed's pipeline refuses, say), registered next to their engine when its
+# module is imported (stabletrain.cli imports the engines); each raises one ConfigError line.
+LAYOUT_RULES: list[Callable[[Config, int], None]] = []
 
 
 def check_layout(cfg: Config, world: int) -> None:
@@ -82,25 +83,8 @@ def check_layout(cfg: Config, world: int) -> None:
             f"engine.expert_parallel={ep} does not divide the {dp} data-parallel rank(s) of each pipeline stage "
             f"({world} ranks / engine.pipeline_stages={P})"
         )
-    if P > 1:
-        if e.zero_stage >= 2:
-            raise ConfigError(
-                f"engine.pipeline_stages={P} runs with engine.zero_stage 0 or 1 (DeepSpeed's pipeline engine "
-                f"refuses ZeRO-{e.zero_stage}, which would partition gradients the pipeline accumulates)"
-            )
-        if e.zero_stage == 0 and cfg.precision.dtype == "bf16":
-            raise ConfigError(
-                f"engine.pipeline_stages={P} with precision=bf16 needs engine=zero1 (DeepSpeed's bf16 pipeline on "
-                "ZeRO-0 cannot load its own checkpoints)"
-            )
-        if e.offload_optimizer != "none":
-            raise ConfigError(f"engine.offload_optimizer is not supported with engine.pipeline_stages={P}")
-        layers = pipeline_layers(cfg)
-        if P > layers:
-            raise ConfigError(
-                f"engine.pipeline_stages={P} is more than the {layers} layers of the pipeline's layer list "
-                f"(embedding, {layers - 2} block segment(s), head)"
-            )
+    for rule in LAYOUT_RULES:
+        rule(cfg, world)
     grad_accum_steps(cfg, world)
 
 

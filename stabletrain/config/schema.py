@@ -7,15 +7,13 @@ default (stabletrain.config.fields); `validate()` checks those and the cross-fie
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from stabletrain.config.choices import (
     ActivationCheckpointing,
-    Attention,
     Backend,
     DataFormat,
-    DepthScaling,
     Device,
     DType,
     FP8Backend,
@@ -25,7 +23,6 @@ from stabletrain.config.choices import (
     Preflight,
     ResidualInit,
     Schedule,
-    SignalScaling,
     TokenDtype,
     TokenizerModel,
     UTF8Errors,
@@ -33,6 +30,7 @@ from stabletrain.config.choices import (
 )
 from stabletrain.config.fields import ConfigError, at_least, between, positive
 from stabletrain.config.monitor import MonitorConfig
+from stabletrain.config.source import SourceConfig, source_from_entry
 
 
 @dataclass
@@ -54,29 +52,61 @@ class ResidualConfig:
 
 @dataclass
 class NormConfig:
-    depth_scaling: DepthScaling = DepthScaling.none  # lns: block l's pre-norm output times 1/sqrt(l)
+    """Depth scaling of a block's pre-norm outputs (model/norm=<name>): this class is `none`; LayerNorm Scaling and
+    any other rule come with their registered configs (stabletrain.models.blocks)."""
+
+    kind: str = "none"  # the registered name: set by model/norm=<name>
+
+    def scale(self, layer_index: int) -> float | None:
+        """The factor on block `layer_index`'s (0-based) pre-norm outputs; None: none."""
+        return None
+
+    def out_proj_init(self) -> ResidualInit:
+        """The output projections' init rule when model.residual_init is null."""
+        return ResidualInit.scaled
+
+    def check(self, model: "ModelConfig") -> None:
+        """Cross-field rules (ConfigError naming the key); subclasses extend."""
 
 
 @dataclass
-class BSLOConfig:
-    """Propagation scalar alpha_l = E|h_in| / (E|h_in + F| + eps), an EMA measured without gradient (experimental)."""
+class SignalConfig:
+    """Output scaling of each sublayer (model/signal=<name>): this class is `none`; the experimental BSLO
+    propagation scalar comes with its registered config (stabletrain.models.residual.base)."""
 
-    momentum: float = between(0, 1, 0.99, hi_open=True)  # EMA momentum of the norms
-    eps: float = positive(1e-6)
-    clamp_min: float = positive(0.1)  # alpha's lower clamp
-    clamp_max: float = positive(10.0)  # alpha's upper clamp
-    warmup_steps: int = at_least(0, 50)  # alpha = 1 until this many training forwards
+    kind: str = "none"  # the registered name: set by model/signal=<name>
+
+    def check(self, model: "ModelConfig") -> None:
+        """Cross-field rules (ConfigError naming the key); subclasses extend."""
 
 
 @dataclass
-class MLAConfig:
-    """Multi-head latent attention (DeepSeek-V2/V3): low-rank compressed Q and KV, decoupled RoPE key."""
+class AttentionConfig:
+    """Multi-head self-attention (model/attention=mha); grouped-query and latent attention, and any other kind,
+    come with their registered configs (stabletrain.models.layers, stabletrain.models.mla)."""
 
-    q_lora_rank: int = at_least(0, 0)  # 0: queries projected directly from x (no compression)
-    kv_lora_rank: int = at_least(1, 64)  # rank of the compressed key/value latent
-    qk_nope_head_dim: int = at_least(1, 32)  # per-head query/key dimension without RoPE
-    qk_rope_head_dim: int = at_least(2, 16)  # decoupled rotary key/query dimension (shared key)
-    v_head_dim: int = at_least(1, 32)  # per-head value dimension
+    kind: str = "mha"  # the registered name: set by model/attention=<name>
+    qk_norm: bool = False  # stabiliser: RMSNorm on each head's q and k before RoPE
+
+    doc_mask = True  # takes a per-document attention mask (data.doc_mask)
+
+    def kv_heads(self, model: "ModelConfig") -> int:
+        return model.n_heads
+
+    def head_dim(self, model: "ModelConfig") -> int:
+        """The query/key dimension of a head (the attention FLOPs count it)."""
+        return model.d_model // model.n_heads
+
+    def rope_dim(self, model: "ModelConfig") -> int:
+        """The rotary dimension of a head: the whole head."""
+        return self.head_dim(model)
+
+    def check(self, model: "ModelConfig") -> None:
+        """Cross-field rules (ConfigError naming the key); subclasses extend."""
+        if model.d_model % model.n_heads:
+            raise ConfigError(f"model.d_model={model.d_model} is not divisible by model.n_heads={model.n_heads}")
+        if self.rope_dim(model) % 2:
+            raise ConfigError(f"model head dimension {self.rope_dim(model)} must be even for rotary embeddings")
 
 
 @dataclass
@@ -100,20 +130,17 @@ class FFNConfig:
 
 @dataclass
 class ModelConfig:
-    """A model preset (model=<name>: the sizes) composes the concerns below, each its own config group:
-    model/residual (the residual stream), model/norm (depth scaling of the pre-norms), model/ffn (dense or
-    mixture-of-experts, with model/ffn/router)."""
+    """A model preset (model=<name>: the sizes) composes the parts of a block, each its own config group of
+    registered components: model/attention, model/residual (the residual stream), model/norm (depth scaling of the
+    pre-norms), model/ffn (dense or mixture-of-experts, with model/ffn/router), model/signal (output scaling)."""
 
     name: str = "baseline"  # the option's name (logged, W&B tags)
     vocab_size: Optional[int] = at_least(2, None)  # None: taken from the tokenizer
     d_model: int = at_least(1, 256)  # hidden size C
     n_layers: int = at_least(1, 4)  # blocks L
     n_heads: int = at_least(1, 4)  # attention heads
-    n_kv_heads: Optional[int] = at_least(1, None)  # None: equal to n_heads (multi-head attention)
-    attention: Attention = Attention.mha
-    qk_norm: bool = False  # stabiliser: RMSNorm on each head's q and k before RoPE (mha/gqa)
+    attention: Any = field(default_factory=AttentionConfig)  # model/attention=mha|gqa|mla
     logit_z_loss: float = at_least(0, 0.0)  # stabiliser: + coef * mean(logsumexp(logits)^2) in fp32 (PaLM 1e-4)
-    mla: MLAConfig = field(default_factory=MLAConfig)
     rope_theta: float = positive(10000.0)  # rotary base frequency
     norm_eps: float = positive(1e-6)  # RMSNorm eps
     tie_embeddings: bool = False  # share the embedding and output-head weights
@@ -122,14 +149,13 @@ class ModelConfig:
     # null: plain with LayerNorm Scaling (its paper found scaled init worse with it), scaled otherwise
     residual_init: Optional[ResidualInit] = None
     residual: Any = field(default_factory=ResidualConfig)
-    norm: NormConfig = field(default_factory=NormConfig)
+    norm: Any = field(default_factory=NormConfig)  # model/norm=none|lns
     ffn: Any = field(default_factory=FFNConfig)
-    signal_scaling: SignalScaling = SignalScaling.none  # bslo: the experimental propagation scalar
-    bslo: BSLOConfig = field(default_factory=BSLOConfig)
+    signal: Any = field(default_factory=SignalConfig)  # model/signal=none|bslo (experimental)
 
     @property
     def kv_heads(self) -> int:
-        return self.n_heads if self.attention == "mha" or self.n_kv_heads is None else self.n_kv_heads
+        return self.attention.kv_heads(self)
 
     @property
     def ffn_dim(self) -> int:
@@ -140,7 +166,7 @@ class ModelConfig:
     def out_proj_init(self) -> ResidualInit:
         if self.residual_init is not None:
             return ResidualInit(self.residual_init)
-        return ResidualInit.plain if self.norm.depth_scaling == DepthScaling.lns else ResidualInit.scaled
+        return self.norm.out_proj_init()
 
 
 @dataclass
@@ -156,31 +182,6 @@ class TokenizerConfig:
 
 
 @dataclass
-class SourceConfig:
-    """One document source: a Hugging Face hub dataset streamed with `datasets`, or local files.
-
-    A single-source data config sets these fields on `data` itself; a mixture sets them per entry of `data.sources`.
-    """
-
-    kind: Optional[str] = None  # a registered data source (hub, local); null: hub when hf_id is set, else local
-    hf_id: Optional[str] = None  # hub dataset id, e.g. allenai/c4; None: local files (train_files)
-    subset: Optional[str] = None  # hub config name, e.g. en
-    data_files: List[str] = field(default_factory=list)  # hub: json files inside the repo (no loading script)
-    split: str = "train"  # hub split for training
-    val_split: Optional[str] = None  # hub split held out for validation; None: see val_files / val_docs
-    train_files: List[str] = field(default_factory=list)  # jsonl, parquet or plain-text files or globs
-    val_files: List[str] = field(default_factory=list)  # empty (and no val_split): hold out val_docs documents
-    val_docs: int = at_least(0, 200)  # held out from the start of the training stream when there is no val split
-    text_field: str = "text"  # the field holding the text (jsonl, parquet, hub)
-    max_docs: Optional[int] = at_least(1, None)  # at most N training documents from each input shard
-    weight: float = positive(1.0)  # mixture weight (normalised over data.sources)
-
-    @property
-    def source_kind(self) -> str:
-        return self.kind or ("hub" if self.hf_id else "local")
-
-
-@dataclass
 class PrepareConfig:
     """`python -m stabletrain.cli.prepare`: pre-tokenization into memory-mapped shards."""
 
@@ -190,12 +191,14 @@ class PrepareConfig:
 
 
 @dataclass
-class DataConfig(SourceConfig):
+class DataConfig:
     name: str = "shakespeare"  # the option's name (logged, W&B tags)
     format: DataFormat = DataFormat.text  # text: tokenize on first use (cached) | pretokenized: read data.path
-    path: Optional[str] = None  # format=text: a glob of local files (replaces train_files); pretokenized: the dir
-    # A weighted mixture: name -> SourceConfig fields (a plain dict so that `+data.sources.<name>={...}` works on the
-    # command line; unknown keys fail in source_configs()). Empty: the single source set on `data` itself.
+    path: Optional[str] = None  # format=text: a glob of local files (data.source.train_files); pretokenized: the dir
+    # The document source, a config group: data/source=hub|local|<a plugin's> (the data presets select one)
+    source: Any = field(default_factory=SourceConfig)
+    # A weighted mixture instead: name -> a source's fields, its kind included (a plain dict so that
+    # `+data.sources.<name>={...}` works on the command line; a misspelt key fails in source_configs()).
     sources: Dict[str, Any] = field(default_factory=dict)
     seq_len: int = at_least(2, 256)  # tokens per training sequence
     doc_mask: bool = False  # attention stays within documents (per-position document ids go to the model)
@@ -204,24 +207,12 @@ class DataConfig(SourceConfig):
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     def source_configs(self) -> Dict[str, SourceConfig]:
-        """name -> source: the mixture's entries, or this config as its only source."""
+        """name -> source: the mixture's entries, or data.source as the only one (reading data.path, if set)."""
         if self.sources:
-            known, out = {f.name for f in fields(SourceConfig)}, {}
-            for name, entry in self.sources.items():
-                entry = dict(entry) if not isinstance(entry, SourceConfig) else entry.__dict__
-                unknown = sorted(set(entry) - known)
-                if unknown:
-                    raise ConfigError(
-                        f"data.sources.{name}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-                    )
-                for key in ("train_files", "val_files", "data_files"):  # a single path is a list of one
-                    if isinstance(entry.get(key), str):
-                        entry[key] = [entry[key]]
-                out[name] = SourceConfig(**entry)
-            return out
-        own = SourceConfig(**{f.name: getattr(self, f.name) for f in fields(SourceConfig)})
+            return {name: source_from_entry(entry, f"data.sources.{name}") for name, entry in self.sources.items()}
+        own = self.source
         if self.path and self.format == DataFormat.text:
-            own.train_files = [self.path]
+            own = own.with_path(self.path)
         return {self.name: own}
 
 
@@ -283,8 +274,7 @@ class OptimConfig:
 @dataclass
 class LoggingConfig:
     name: str = "wandb"  # the option's name (logged, W&B tags)
-    wandb: bool = True  # log to W&B (the wandb callback)
-    mode: WandbMode = WandbMode.auto  # auto: online with an API key, offline without
+    mode: WandbMode = WandbMode.auto  # W&B: auto (online with a key, offline without) | online | offline | disabled
     project: str = "stabletrain"  # W&B project
     entity: Optional[str] = None  # W&B entity (team or user); null: your default
     run_name: Optional[str] = None  # W&B run name; null: the run directory's name

@@ -4,7 +4,6 @@ asked for). Each failure is one ConfigError line naming the key; `validate` retu
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import re
 from dataclasses import fields, is_dataclass
@@ -15,7 +14,16 @@ from hydra.core.config_store import ConfigStore
 
 from stabletrain.config.fields import ConfigError, check_ranges
 from stabletrain.config.layout import check_layout, launched_world_size
-from stabletrain.config.schema import Config, DataConfig, FFNConfig, ResidualConfig
+from stabletrain.config.schema import (
+    AttentionConfig,
+    Config,
+    DataConfig,
+    FFNConfig,
+    NormConfig,
+    ResidualConfig,
+    SignalConfig,
+)
+from stabletrain.config.source import SourceConfig, source_classes
 
 CHECKPOINT_TAG = re.compile(r"^step_(\d+)$")
 
@@ -30,9 +38,9 @@ def validate(cfg: Config, world: int | None = None) -> list[str]:
     check_layout(cfg, world or launched_world_size(cfg))
     warnings = _training(cfg)
     validate_data(cfg.data)
-    if cfg.data.doc_mask and cfg.model.attention == "mla":
-        raise ConfigError("data.doc_mask=true is not supported with model.attention=mla (use mha or gqa)")
-    if cfg.model.signal_scaling == "bslo" or getattr(getattr(cfg.model.ffn, "router", None), "kind", "") == "bslo":
+    if cfg.data.doc_mask and not type(cfg.model.attention).doc_mask:
+        raise ConfigError(f"data.doc_mask=true is not supported with model/attention={cfg.model.attention.kind}")
+    if cfg.model.signal.kind == "bslo" or getattr(getattr(cfg.model.ffn, "router", None), "kind", "") == "bslo":
         warnings.append(
             "BSLO is experimental: our reading of one news article, not a published method (docs/methods.md)"
         )
@@ -59,24 +67,11 @@ def _component(node, key: str, base: type) -> None:
 
 def _model(cfg: Config) -> None:
     m = cfg.model
-    _component(m.residual, "model.residual", ResidualConfig)
-    _component(m.ffn, "model.ffn", FFNConfig)
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    if m.attention != "mla" and (m.d_model // m.n_heads) % 2:
-        raise ConfigError(f"model head dimension {m.d_model // m.n_heads} must be even for rotary embeddings")
-    if m.attention == "mla" and m.mla.qk_rope_head_dim % 2:
-        raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be even for rotary embeddings")
-    if m.attention == "gqa" and (m.n_kv_heads is None or m.n_heads % m.n_kv_heads):
-        raise ConfigError(
-            f"model.attention=gqa needs model.n_kv_heads dividing model.n_heads={m.n_heads}, got {m.n_kv_heads}"
-        )
-    if m.qk_norm and m.attention == "mla":
-        raise ConfigError("model.qk_norm applies to model.attention=mha|gqa (MLA normalises its latents already)")
-    if m.bslo.clamp_min > m.bslo.clamp_max:
-        raise ConfigError(f"model.bslo.clamp_min={m.bslo.clamp_min} is above model.bslo.clamp_max={m.bslo.clamp_max}")
-    m.residual.check(m)
-    m.ffn.check(m)
+    for key, base in (("attention", AttentionConfig), ("residual", ResidualConfig), ("norm", NormConfig),
+                      ("ffn", FFNConfig), ("signal", SignalConfig)):  # fmt: skip
+        _component(getattr(m, key), f"model.{key}", base)
+    for part in (m.attention, m.residual, m.norm, m.ffn, m.signal):
+        part.check(m)
 
 
 def _fp8(cfg: Config) -> None:
@@ -184,15 +179,13 @@ def validate_data(d: DataConfig) -> None:
             raise ConfigError(
                 f"data.tokenizer.path={d.tokenizer.path}: {parent} is a file, so no tokenizer can be written below it"
             )
+    if not d.sources:
+        if type(d.source) is SourceConfig:  # the base: a preset that selects none (data=mixture), no data.sources
+            options = ", ".join(sorted(source_classes()))
+            raise ConfigError(f"data.source: none selected: choose one with data/source=<name> (one of: {options})")
+        _component(d.source, "data.source", SourceConfig)
     for name, src in d.source_configs().items():
-        prefix = f"data.sources.{name}." if d.sources else "data."
-        check_ranges(src, prefix.rstrip("."))
-        if d.format == "pretokenized" or src.source_kind != "local":
-            continue  # the manifest is checked at load; hub sources are only reachable at run time
-        if not src.train_files:
-            hint = " (data=local needs data.path=<glob of jsonl/parquet/txt files>)" if not d.sources else ""
-            raise ConfigError(f"{prefix}train_files is empty{hint}")
-        for key in ("train_files", "val_files"):
-            for pattern in getattr(src, key):
-                if not (glob.glob(pattern) if glob.has_magic(pattern) else Path(pattern).is_file()):
-                    raise ConfigError(f"{prefix}{key}: file not found: {pattern}")
+        key = f"data.sources.{name}" if d.sources else "data.source"
+        check_ranges(src, key)
+        if d.format == "text":  # a prepared directory's sources are checked against its manifest at load
+            src.check(d, key)

@@ -12,6 +12,7 @@ documents are read again but not tokenized) and writes manifest.json last. The l
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -26,10 +27,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stabletrain import StableTrainError
-from stabletrain.config import DataConfig, SourceConfig
+from stabletrain.config import DataConfig
 from stabletrain.data.setup import ensure_tokenizer
 from stabletrain.data.shards import FORMAT, pick_dtype, write_atomic, write_shard
-from stabletrain.data.sources import open_source
+from stabletrain.data.sources import open_source, source_from_dict
 from stabletrain.data.tokenizer import encode_documents, load_tokenizer
 
 KILL_AFTER_ENV = "STABLETRAIN_PREPARE_KILL_AFTER"  # test hook: SIGKILL the whole prepare after N shards written
@@ -58,6 +59,7 @@ class Unit:
     index: int
     part: int
     parts: int
+    src_module: str = ""  # where the source's config is defined: a plugin's registers itself in spawned workers too
 
 
 class _ShardWriter:
@@ -94,7 +96,9 @@ class _ShardWriter:
 def prepare_unit(unit: Unit, report=None) -> dict:
     """Tokenize the unit's blocks; skip blocks already finished."""
     started = time.perf_counter()
-    stream = open_source(SourceConfig(**unit.src), unit.split, unit.utf8_errors, unit.holdout)
+    if unit.src_module:
+        importlib.import_module(unit.src_module)
+    stream = open_source(source_from_dict(unit.src), unit.split, unit.utf8_errors, unit.holdout)
     writer = _ShardWriter(unit, report or (_progress.put if _progress is not None else None))
     seen_invalid = 0
     for text_index, text in enumerate(stream.iter_shard(unit.index)):
@@ -184,7 +188,7 @@ def _units(cfg: DataConfig, out: Path, workers: int, tokenizer: str, dtype: str)
             parts = max(1, workers // n_in) if split == "train" else 1
             (out / name / split).mkdir(parents=True, exist_ok=True)
             units += [Unit(str(out), name, asdict(src), split, cfg.utf8_errors, holdout, tokenizer, dtype,
-                           cfg.prepare.shard_docs, index, part, parts)
+                           cfg.prepare.shard_docs, index, part, parts, type(src).__module__)
                       for index in range(n_in) for part in range(parts)]  # fmt: skip
     return units
 

@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from stabletrain import REPO_ROOT, StableTrainError
 from stabletrain.config import DataConfig
-from stabletrain.data.dataset import (
-    ConcatSequences,
-    GlobalOrder,
-    MixtureOrder,
-    OrderedView,
-    PackedSequences,
-    document_ids,
-    tokenize_stream,
-)
+from stabletrain.config.source import infer_kind
+from stabletrain.data.order import GlobalOrder, MixtureOrder, OrderedView
+from stabletrain.data.packing import ConcatSequences, PackedSequences, document_ids
 from stabletrain.data.shards import PreparedDir
-from stabletrain.data.sources import open_source
+from stabletrain.data.sources import SOURCES, open_source
+from stabletrain.data.token_cache import tokenize_stream
 from stabletrain.data.tokenizer import load_tokenizer, train_tokenizer
 from stabletrain.distributed import barrier
 
@@ -37,12 +33,27 @@ def tokenizer_path(cfg: DataConfig) -> Path:
     if cfg.tokenizer.path:
         return Path(cfg.tokenizer.path)
     key = json.dumps(
-        [[n, asdict(s)] for n, s in cfg.source_configs().items()]
+        [[n, s.identity()] for n, s in cfg.source_configs().items()]
         + [cfg.tokenizer.vocab_size, cfg.tokenizer.model_type, cfg.tokenizer.train_docs],
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return REPO_ROOT / "data" / cfg.name / "tokenizer" / f"sp{cfg.tokenizer.vocab_size}-{digest}.model"
+
+
+def data_config_from_dict(saved: dict) -> DataConfig:
+    """A run's saved `data` node (its config.yaml) as a typed DataConfig. Runs saved before sources were a config
+    group carry the source's fields on `data` itself, the fields of every kind."""
+    saved, node = dict(saved), OmegaConf.structured(DataConfig)
+    if "source" not in saved:
+        flat = {k: saved.pop(k) for k in list(saved) if k not in {f.name for f in fields(DataConfig)}}
+        kind = infer_kind(flat)
+        known = {f.name for f in fields(SOURCES[kind].config)}
+        saved["source"] = {**{k: v for k, v in flat.items() if k in known}, "kind": kind}
+    kind = saved["source"].get("kind")
+    if kind in SOURCES:
+        node.source = OmegaConf.structured(SOURCES[kind].config)
+    return OmegaConf.to_object(OmegaConf.merge(node, saved))
 
 
 def ensure_tokenizer(cfg: DataConfig, is_main: bool = True):
@@ -58,7 +69,7 @@ def ensure_tokenizer(cfg: DataConfig, is_main: bool = True):
               f"{cfg.tokenizer.train_docs} documents of {', '.join(sources)} -> {path}")  # fmt: skip
         try:
             train_tokenizer(None, path, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type, texts=texts,
-                            source={n: asdict(s) for n, s in sources.items()})  # fmt: skip
+                            source={n: s.identity() for n, s in sources.items()})  # fmt: skip
         except StableTrainError as e:
             raise StableTrainError(f"{'; '.join(s.desc for s in streams.values())}: {e}") from None
     barrier()

@@ -165,7 +165,7 @@ def train_tokenizer(
             if counted["docs"] == 0:
                 raise StableTrainError(
                     "no documents to train the tokenizer on: the source is empty, or every "
-                    "document is held out for validation (data.val_docs)"
+                    "document is held out for validation (data.source.val_docs)"
                 ) from None
             raise StableTrainError(
                 f"sentencepiece could not train a {vocab_size}-piece tokenizer on "

@@ -32,7 +32,15 @@ from stabletrain import StableTrainError, checkpoint
 from stabletrain.checkpoint import background, safe_load
 from stabletrain.config import Config, RankLayout, grad_accum_steps
 from stabletrain.engine.base import Engine, LossHook, ModelKwargs, RankPlan, StepOutcome
-from stabletrain.optim import GatedAdamW, clip_threshold, first_nonfinite, lr_multiplier, param_groups, rewind_scheduler
+from stabletrain.optim import (
+    GatedAdamW,
+    UpdateGate,
+    clip_threshold,
+    first_nonfinite,
+    lr_multiplier,
+    param_groups,
+    rewind_scheduler,
+)
 from stabletrain.parallel.materialize import Ownership
 from stabletrain.parallel.parallelize import Parallelized
 
@@ -160,17 +168,8 @@ class DeepSpeedEngine(Engine):
         for group in self.optimizer.param_groups:  # an escalation's cut, for this update (the schedule sets the next)
             group["lr"] *= self.lr_scale
         epoch_before = self.ds.lr_scheduler.last_epoch
-        seen: list[float | None] = []
-
-        def gate() -> bool:
-            lr = self.optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler advances after the step)
-            seen.append(self._norm_and_clip(clip))
-            applied = judge(seen[0])
-            if applied and self.experts is not None:
-                self.experts.apply(lr)
-            return applied
-
-        self.optimizer.gate = gate
+        apply_experts = self.experts.apply if self.experts is not None else None
+        gate = self.optimizer.gate = UpdateGate(lambda: self._norm_and_clip(clip), judge, apply_experts)
         try:
             self._optimizer_step()
         finally:
@@ -183,7 +182,7 @@ class DeepSpeedEngine(Engine):
             return StepOutcome(self._global_grad_norm(), None)
         if not answer:  # vetoed: DeepSpeed still stepped the LR schedule, which must not advance
             rewind_scheduler(self.ds.lr_scheduler, epoch_before)
-        return StepOutcome(seen[0], answer)
+        return StepOutcome(gate.grad_norm, answer)
 
     def _norm_and_clip(self, clip: float) -> torch.Tensor | float | None:
         """The global pre-clip gradient norm (replicated parameters and every expert once), left on the device where

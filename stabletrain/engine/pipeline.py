@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
-from stabletrain.config import Config, RankLayout, checkpoint_segment
+from stabletrain.config import Config, ConfigError, RankLayout, checkpoint_segment
+from stabletrain.config.layout import LAYOUT_RULES
 from stabletrain.engine.base import LossHook, ModelKwargs, RankPlan
 from stabletrain.engine.deepspeed_engine import DeepSpeedEngine
 from stabletrain.parallel.materialize import Ownership, under
@@ -126,6 +128,34 @@ def layer_list(model: nn.Module, cfg: Config) -> list[tuple[str, list[str]]]:
     if cfg.model.tie_embeddings:
         entries.append(("tied embedding", ["embed"]))
     return entries
+
+
+def check_pipeline(cfg: Config, world: int) -> None:
+    """The pipeline's layout rules (registered in config.layout.LAYOUT_RULES, run by validate())."""
+    e, P = cfg.engine, cfg.engine.pipeline_stages
+    if P == 1:
+        return
+    if e.zero_stage >= 2:
+        raise ConfigError(
+            f"engine.pipeline_stages={P} runs with engine.zero_stage 0 or 1 (DeepSpeed's pipeline engine "
+            f"refuses ZeRO-{e.zero_stage}, which would partition gradients the pipeline accumulates)"
+        )
+    if e.zero_stage == 0 and cfg.precision.dtype == "bf16":
+        raise ConfigError(
+            f"engine.pipeline_stages={P} with precision=bf16 needs engine=zero1 (DeepSpeed's bf16 pipeline on "
+            "ZeRO-0 cannot load its own checkpoints)"
+        )
+    if e.offload_optimizer != "none":
+        raise ConfigError(f"engine.offload_optimizer is not supported with engine.pipeline_stages={P}")
+    layers = 2 + math.ceil(cfg.model.n_layers / checkpoint_segment(cfg))  # embedding, segments, head
+    if P > layers:
+        raise ConfigError(
+            f"engine.pipeline_stages={P} is more than the {layers} layers of the pipeline's layer list "
+            f"(embedding, {layers - 2} block segment(s), head)"
+        )
+
+
+LAYOUT_RULES.append(check_pipeline)
 
 
 def _entry_blocks(name: str) -> range:

@@ -31,10 +31,10 @@ def llama_incompatibility(m: ModelConfig) -> str | None:
     """Why the model is not exactly a Llama (None: it is)."""
     checks = [
         (m.residual.kind != "standard", f"residual stream {m.residual.kind}"),
-        (m.norm.depth_scaling != "none", f"depth scaling {m.norm.depth_scaling}"),
-        (m.signal_scaling != "none", f"signal scaling {m.signal_scaling}"),
-        (m.attention not in ("mha", "gqa"), f"attention {m.attention}"),
-        (m.qk_norm, "QK-norm"),
+        (m.norm.kind != "none", f"depth scaling {m.norm.kind}"),
+        (m.signal.kind != "none", f"signal scaling {m.signal.kind}"),
+        (m.attention.kind not in ("mha", "gqa"), f"attention {m.attention.kind}"),
+        (m.attention.qk_norm, "QK-norm"),
         (m.ffn.kind != "dense", f"feed-forward {m.ffn.kind}"),
     ]
     return next((why for bad, why in checks if bad), None)

@@ -12,12 +12,12 @@ from typing import Callable
 
 import torch
 import yaml
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from stabletrain import StableTrainError, checkpoint
 from stabletrain.config import DataConfig, ModelConfig
-from stabletrain.data.setup import tokenizer_path
+from stabletrain.config.resolved import load_resolved
+from stabletrain.data.setup import data_config_from_dict, tokenizer_path
 from stabletrain.models import Transformer, build_model, model_config_from_dict
 
 
@@ -57,7 +57,7 @@ class TrainedRun:
 
 
 def data_config(saved: dict) -> DataConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved))
+    return data_config_from_dict(saved)
 
 
 def warn(message: str) -> None:
@@ -99,8 +99,9 @@ def load_run(run_dir: str | Path, step: int | None = None, accept_legacy: bool =
     tag_dir = find_checkpoint(run_dir, step, accept_legacy)
     model_cfg = model_config_from_dict(saved["model"])
     weights = checkpoint.model_weights(tag_dir)
-    if model_cfg.vocab_size is None:  # the run took it from its tokenizer
-        model_cfg.vocab_size = weights["embed.weight"].shape[0]
+    if model_cfg.vocab_size is None:  # the run took it from its tokenizer: resolved.yaml says which size
+        resolved = load_resolved(run_dir)
+        model_cfg.vocab_size = resolved.vocab_size if resolved else weights["embed.weight"].shape[0]  # older runs
     return TrainedRun(run_dir, tag_dir, checkpoint.step_of(tag_dir), model_cfg, data_config(saved["data"]), saved,
                       weights)  # fmt: skip
 

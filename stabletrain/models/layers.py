@@ -1,10 +1,18 @@
-"""Building blocks of the decoder: RMSNorm, rotary embeddings, causal attention (MHA/GQA), SwiGLU MLP."""
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, causal attention (MHA/GQA, registered as
+model/attention=mha|gqa), SwiGLU MLP."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stabletrain.config import AttentionConfig, ConfigError
+from stabletrain.config.fields import at_least
+from stabletrain.models.parts import ATTENTIONS
 
 
 class RMSNorm(nn.Module):
@@ -80,3 +88,29 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+@dataclass
+class GQAConfig(AttentionConfig):
+    """Grouped-query attention (model/attention=gqa): n_kv_heads key/value heads shared by groups of query heads."""
+
+    kind: str = "gqa"
+    n_kv_heads: Optional[int] = at_least(1, None)  # required; must divide model.n_heads
+
+    def kv_heads(self, model) -> int:
+        return self.n_kv_heads
+
+    def check(self, model) -> None:
+        super().check(model)
+        if self.n_kv_heads is None or model.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model/attention=gqa needs model.attention.n_kv_heads dividing model.n_heads={model.n_heads}, got "
+                f"{self.n_kv_heads}"
+            )
+
+
+@ATTENTIONS.register("mha", config=AttentionConfig)
+@ATTENTIONS.register("gqa", config=GQAConfig)
+def causal_self_attention(cfg, layer_index: int) -> CausalSelfAttention:
+    a = cfg.attention
+    return CausalSelfAttention(cfg.d_model, cfg.n_heads, a.kv_heads(cfg), a.qk_norm, cfg.norm_eps)

@@ -8,12 +8,44 @@ not needed for training and is not implemented here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stabletrain.config import MLAConfig
+from stabletrain.config import AttentionConfig, ConfigError
+from stabletrain.config.fields import at_least
 from stabletrain.models.layers import RMSNorm, apply_rope
+from stabletrain.models.parts import ATTENTIONS
+
+
+@dataclass
+class MLAConfig(AttentionConfig):
+    """Multi-head latent attention (model/attention=mla; DeepSeek-V2/V3): low-rank compressed Q and KV, decoupled
+    RoPE key."""
+
+    kind: str = "mla"
+    q_lora_rank: int = at_least(0, 0)  # 0: queries projected directly from x (no compression)
+    kv_lora_rank: int = at_least(1, 64)  # rank of the compressed key/value latent
+    qk_nope_head_dim: int = at_least(1, 32)  # per-head query/key dimension without RoPE
+    qk_rope_head_dim: int = at_least(2, 16)  # decoupled rotary key/query dimension (shared key)
+    v_head_dim: int = at_least(1, 32)  # per-head value dimension
+
+    doc_mask = False  # no per-document mask (data.doc_mask)
+
+    def head_dim(self, model) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def rope_dim(self, model) -> int:
+        return self.qk_rope_head_dim
+
+    def check(self, model) -> None:
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.attention.qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary "
+                              "embeddings")  # fmt: skip
+        if self.qk_norm:
+            raise ConfigError("model.attention.qk_norm applies to mha|gqa (MLA normalises its latents already)")
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -77,3 +109,8 @@ def mla_param_count(d_model: int, n_heads: int, cfg: MLAConfig) -> int:
         + cfg.kv_lora_rank * n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     )
     return q + kv + n_heads * cfg.v_head_dim * d_model
+
+
+@ATTENTIONS.register("mla", config=MLAConfig)
+def latent_attention(cfg, layer_index: int) -> MultiHeadLatentAttention:
+    return MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.attention, cfg.norm_eps)

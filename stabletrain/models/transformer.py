@@ -7,8 +7,7 @@ the model itself, built on the meta device (no memory), so every variant is coun
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +16,15 @@ from torch import nn
 from stabletrain.config import ModelConfig
 from stabletrain.models.feedforward import build_ffn
 from stabletrain.models.init import init_tensor, named_parameter_owners
-from stabletrain.models.layers import CausalSelfAttention, RMSNorm, rope_tables
-from stabletrain.models.mla import MultiHeadLatentAttention
+from stabletrain.models.layers import RMSNorm, rope_tables
 from stabletrain.models.moe import MoE
+from stabletrain.models.parts import ATTENTIONS, SIGNALS
 from stabletrain.models.residual import Connection, PropagationScalar, Sublayer, build_stream
 
 
 def rope_dim(cfg: ModelConfig) -> int:
-    """Rotary dimension per head: the decoupled RoPE part for MLA, the whole head otherwise."""
-    return cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.d_model // cfg.n_heads
+    """Rotary dimension per head, as the attention kind says (MLA: its decoupled RoPE part)."""
+    return cfg.attention.rope_dim(cfg)
 
 
 class BlockContext(NamedTuple):
@@ -34,33 +33,44 @@ class BlockContext(NamedTuple):
     attn_mask: torch.Tensor | None
 
 
+class BlockSpec(NamedTuple):
+    """The registered parts block `layer_index` is built from (stabletrain.models.parts)."""
+
+    attention: Callable[[], nn.Module]
+    ffn: Callable[[], nn.Module]
+    depth_scale: float | None
+    signal: Callable[[], nn.Module | None]
+
+
+def block_spec(cfg: ModelConfig, layer_index: int) -> BlockSpec:
+    return BlockSpec(
+        attention=lambda: ATTENTIONS[cfg.attention.kind].obj(cfg, layer_index),
+        ffn=lambda: build_ffn(cfg.d_model, cfg.ffn, layer_index),
+        depth_scale=cfg.norm.scale(layer_index),
+        signal=lambda: SIGNALS[cfg.signal.kind].obj(cfg.signal),
+    )
+
+
 class Block(nn.Module):
     """Pre-norm block of two sublayers (attention, feed-forward), each with a connection of the model's residual
-    stream, which runs the block as a whole. With the standard residual: x + attn(norm(x)), then + mlp(norm(x))."""
+    stream, which runs the block as a whole. With the standard residual: x + attn(norm(x)), then + mlp(norm(x)).
+    The parts come from the block's spec: attention kind, feed-forward, depth scaling, signal scaling."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int, stream):
         super().__init__()
-        # LayerNorm Scaling: block l (1-indexed) scales both pre-norm outputs by 1/sqrt(l).
-        depth_scale = 1.0 / math.sqrt(layer_index + 1) if cfg.norm.depth_scaling == "lns" else None
-
-        def signal():
-            return PropagationScalar(cfg.bslo) if cfg.signal_scaling == "bslo" else None
-
+        spec = block_spec(cfg, layer_index)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if cfg.attention == "mla":
-            self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps)
-        else:
-            self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.qk_norm, cfg.norm_eps)
-        self.attn_res = stream.connection(2 * layer_index, depth_scale, signal())
+        self.attn = spec.attention()
+        self.attn_res = stream.connection(2 * layer_index, spec.depth_scale, spec.signal())
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = build_ffn(cfg.d_model, cfg.ffn, layer_index)
-        self.mlp_res = stream.connection(2 * layer_index + 1, depth_scale, signal())
+        self.mlp = spec.ffn()
+        self.mlp_res = stream.connection(2 * layer_index + 1, spec.depth_scale, spec.signal())
         self.run_block = stream.block  # a bound method, not a submodule: the stream stays registered once
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        mask = () if attn_mask is None else (attn_mask,)  # MLA takes none: validate() rejects doc_mask with it
+        mask = () if attn_mask is None else (attn_mask,)  # only kinds that take one get one (validate)
         return self.run_block(
             x,
             [
@@ -163,6 +173,15 @@ class Transformer(nn.Module):
         """The MoE routers, in depth order (empty for dense models)."""
         return [b.mlp.router for b in self.blocks if isinstance(b.mlp, MoE)]
 
+    def routers_of(self, blocks) -> dict[int, nn.Module]:
+        """block index -> MoE router, for the MoE blocks among `blocks` (a pipeline stage's, say)."""
+        return {i: self.blocks[i].mlp.router for i in blocks if isinstance(self.blocks[i].mlp, MoE)}
+
+    def signal_scalars(self, blocks) -> list[nn.Module]:
+        """The sublayers' output scalars (model/signal=bslo) in `blocks`: their state is synchronised after each
+        step (stabletrain.training.callbacks)."""
+        return [m for i in blocks for m in self.blocks[i].modules() if isinstance(m, PropagationScalar)]
+
     def connections(self) -> list[Connection]:
         """The 2L residual connections in order (attention, MLP of block 0, then block 1, ...)."""
         return [c for b in self.blocks for c in (b.attn_res, b.mlp_res)]
@@ -202,8 +221,7 @@ def model_flops_per_token(model: Transformer, seq_len: int) -> float:
         if p.ndim >= 2 and not name.startswith("embed.")
     )
     matmul -= _inactive_expert_params(model)
-    mla = cfg.mla
-    qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.d_model // cfg.n_heads
+    qk_dim = cfg.attention.head_dim(cfg)
     return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.n_heads * qk_dim * seq_len
 
 

@@ -16,7 +16,6 @@ record and the plot.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -27,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from stabletrain import StableTrainError, checkpoint
+from stabletrain.config.frozen import thawed
 from stabletrain.models import build_model
 from stabletrain.models.moe import maxvio
 from stabletrain.monitoring.attribution import markdown, rank_documents
-from stabletrain.monitoring.plots import finite, log_scale_if_positive
+from stabletrain.monitoring.plots import finite, log_scale_if_positive, pyplot
 from stabletrain.training.callbacks import CALLBACKS, Callback, SpikeContext
 
 
@@ -42,10 +42,10 @@ class Forensics(Callback):
 
     @classmethod
     def build(cls, trainer) -> "Forensics | None":
-        return cls(trainer.cfg.model, trainer.data) if trainer.cfg.monitor.forensics else None
+        return cls(trainer.model.cfg, trainer.data) if trainer.cfg.monitor.forensics else None
 
     def __init__(self, model_cfg, data):
-        self.model_cfg, self.data = copy.deepcopy(model_cfg), data
+        self.model_cfg, self.data = thawed(model_cfg), data
         if hasattr(self.model_cfg.residual, "kernel"):
             self.model_cfg.residual.kernel = "eager"  # no compile for a one-off pass
         self.model_kwargs: Callable[[torch.Tensor], dict] = data.model_kwargs
@@ -162,16 +162,16 @@ def _classify(metric: str, now_value: float, old_value: float | None, mu: float,
 
 
 def _analyse(f: Forensics, ctx: SpikeContext) -> dict:
-    verdict, tokens = ctx.verdict, ctx.tokens.cpu()
-    out = ctx.checkpoints.parent / "spikes" / str(verdict.step)
+    result, tokens = ctx.result, ctx.tokens.cpu()
+    out = ctx.checkpoints.parent / "spikes" / str(result.step)
     out.mkdir(parents=True, exist_ok=True)
-    metric = verdict.firings[0]["metric"]
+    metric = result.firings[0].metric
     now = old = adam = previous = None
     if ctx.weights is not None:  # ranks holding shards (ZeRO-3, expert parallelism) get the batch record only
         model_now = _plain_model(f, ctx.weights)
         now = _examine(f, model_now, tokens)
         adam = _adam_update_norms(ctx.adam_state, model_now)
-        previous = _previous_weights(ctx.checkpoints, verdict.step)
+        previous = _previous_weights(ctx.checkpoints, result.step)
     if previous is not None:
         old = _examine(f, _plain_model(f, previous[1]), tokens)
     documents = None
@@ -181,10 +181,10 @@ def _analyse(f: Forensics, ctx: SpikeContext) -> dict:
     if old is not None:
         old.pop("per_token")
     mu = ctx.window_mean(metric)
-    observed = verdict.loss if metric == "loss" else verdict.grad_norm
+    observed = result.loss if metric == "loss" else result.grad_norm
     cause, why = _classify(metric, observed, None if old is None else old[metric], mu, ctx.would_fire)
     batch = {
-        "step": verdict.step,
+        "step": result.step,
         "batch_index": ctx.batch_index,
         "positions": ctx.positions,
         "sample_ids": ctx.sample_ids,
@@ -193,32 +193,32 @@ def _analyse(f: Forensics, ctx: SpikeContext) -> dict:
     }
     (out / "batch.json").write_text(json.dumps(batch) + "\n")
     facts = {
-        "step": verdict.step,
-        "firings": verdict.firings,
-        "response": verdict.response,
+        "step": result.step,
+        "firings": [{"kind": f.kind, **f.fields()} for f in result.firings],
+        "response": result.response,
         "cause": cause,
         "why": why,
         "window_mean": mu,
         "previous_checkpoint": str(previous[0]) if previous else None,
-        "weights": "before the update" if not verdict.applied else "after the update (response log)",
+        "weights": "before the update" if not result.applied else "after the update (response log)",
         "documents": documents,
         "now": now,
         "previous": old,
         "adam_update_norm_by_block": adam,
     }
     (out / "forensics.json").write_text(json.dumps(facts, indent=1, default=str) + "\n")
-    _plot(ctx.history, verdict, now, old, out / "spike.png")
-    (out / "report.md").write_text(_report(verdict, facts, batch))
+    _plot(ctx.history, result, now, old, out / "spike.png")
+    (out / "report.md").write_text(_report(result, facts, batch))
     return {"path": out, "cause": cause}
 
 
-def _report(verdict, f: dict, batch: dict) -> str:
-    lines = [f"# Spike at step {verdict.step}: {f['cause']}", "", f"**Cause: {f['cause']}** — {f['why']}.", ""]
-    for x in verdict.firings:
+def _report(result, f: dict, batch: dict) -> str:
+    lines = [f"# Spike at step {result.step}: {f['cause']}", "", f"**Cause: {f['cause']}** — {f['why']}.", ""]
+    for x in f["firings"]:
         thr = f", threshold {x['threshold']:.4g}" if "threshold" in x else ""
         lines.append(f"- {x['kind']} in `{x['metric']}` ({x['rule']}): {x['value']:.4g}{thr}")
     lines += [
-        f"- response: `{verdict.response}` (update {'applied' if verdict.applied else 'not applied'})",
+        f"- response: `{result.response}` (update {'applied' if result.applied else 'not applied'})",
         f"- batch: global batch {batch['batch_index']}, stream positions {batch['positions'][0]}.."
         f"{batch['positions'][-1]} (batch.json; replay around it with trainer.skip_batches)",
         f"- previous checkpoint: {f['previous_checkpoint']}",
@@ -258,11 +258,8 @@ def _report(verdict, f: dict, batch: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(history: list[tuple], verdict, now: dict | None, old: dict | None, path: Path) -> None:
-    import matplotlib  # an optional heavy import: only a spike pays it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot(history: list[tuple], result, now: dict | None, old: dict | None, path: Path) -> None:
+    plt = pyplot()
 
     hist = list(history)
     fig, axes = plt.subplots(1, 3 if now else 1, figsize=(15 if now else 6, 3.6), squeeze=False)
@@ -271,14 +268,14 @@ def _plot(history: list[tuple], verdict, now: dict | None, old: dict | None, pat
     losses, norms = finite(h[1] for h in hist), finite(h[2] for h in hist)
     ax.plot(steps, losses, label="loss", color="C0")
     log_scale_if_positive(ax)
-    ax.axvline(verdict.step, color="red", ls="--", lw=1)
+    ax.axvline(result.step, color="red", ls="--", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
     ax2.plot(steps, norms, color="C1", label="grad norm")
     log_scale_if_positive(ax2)
     ax2.set_ylabel("grad norm")
-    ax.set_title(f"step {verdict.step}: {verdict.firings[0]['kind']} in {verdict.firings[0]['metric']}")
+    ax.set_title(f"step {result.step}: {result.firings[0].kind} in {result.firings[0].metric}")
     if now:
         ax = axes[0][1]
         x = range(len(now["per_seq_loss"]))

@@ -2,7 +2,7 @@
 
     console   the progress bar (logging.progress)
     metrics   <run_dir>/metrics.jsonl and events.jsonl: one JSON object per logged step / per event
-    wandb     the W&B run (offline without an API key; logging.wandb)
+    wandb     the W&B run (offline without an API key; none with logging.mode=disabled, which logging=none sets)
 
 A torn last line (a crash mid-write) is dropped on start, and on resume the rows logged after the checkpoint
 are removed, so metrics.jsonl always holds one timeline.
@@ -178,7 +178,7 @@ class WandbRun(Callback):
 
     @classmethod
     def build(cls, trainer) -> "WandbRun | None":
-        return cls(trainer.cfg, trainer.run_dir, trainer.resolved) if trainer.cfg.logging.wandb else None
+        return cls(trainer.cfg, trainer.run_dir, trainer.composed) if trainer.cfg.logging.mode != "disabled" else None
 
     def __init__(self, cfg: Config, run_dir: Path, resolved_config: dict):
         import wandb  # an optional heavy import (1-2 s): only runs that log to W&B pay it

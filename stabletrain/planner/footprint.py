@@ -13,7 +13,6 @@ reference (the fused path keeps ~3% less).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from stabletrain.config import ModelConfig
+from stabletrain.config.frozen import thawed
 from stabletrain.models.layers import RMSNorm, rope_tables
 from stabletrain.models.moe import MoE
 from stabletrain.models.residual import build_stream
@@ -100,7 +100,7 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _eager(cfg: ModelConfig) -> ModelConfig:
-    cfg = copy.deepcopy(cfg)
+    cfg = thawed(cfg)
     if hasattr(cfg.residual, "kernel"):
         cfg.residual.kernel = "eager"  # compiled kernels cannot run on storage-less tensors
     return cfg

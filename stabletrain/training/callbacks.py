@@ -14,8 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from stabletrain.models.moe import MoE, maxvio
-from stabletrain.models.residual import PropagationScalar
+from stabletrain.models.moe import maxvio
 from stabletrain.registry import Registry
 
 CALLBACKS = Registry("callback")
@@ -23,9 +22,9 @@ CALLBACKS = Registry("callback")
 
 @dataclass
 class SpikeContext:
-    """What spike forensics may look at: the step's verdict and data, the weights, and where checkpoints are."""
+    """What spike forensics may look at: the step's result and data, the weights, and where checkpoints are."""
 
-    verdict: Any  # stabletrain.training.spikes.Verdict
+    result: Any  # stabletrain.training.detectors.StepResult
     batch_index: int
     positions: list[int]  # global stream positions of `tokens`' rows
     sample_ids: list[int] | None
@@ -85,10 +84,10 @@ class SignalScalarSync(Callback):
 
     @classmethod
     def build(cls, trainer) -> "SignalScalarSync | None":
-        return cls() if trainer.cfg.model.signal_scaling == "bslo" else None
+        return cls() if trainer.model.signal_scalars(range(len(trainer.model.blocks))) else None
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
-        scalars = [m for b in local_blocks(trainer) for m in b.modules() if isinstance(m, PropagationScalar)]
+        scalars = trainer.model.signal_scalars(trainer.engine.stage_blocks())
         if trainer.engine.layout.data_parallel > 1 and scalars:
             flat = trainer.engine.dp_all_reduce(torch.stack([t for m in scalars for t in (m.ema_in, m.ema_out)]))
             flat /= trainer.engine.layout.data_parallel
@@ -102,8 +101,7 @@ class SignalScalarSync(Callback):
 
 def local_routers(trainer) -> dict[int, object]:
     """block index -> router, for the MoE blocks this rank runs."""
-    return {i: trainer.model.blocks[i].mlp.router for i in trainer.engine.stage_blocks()
-            if isinstance(trainer.model.blocks[i].mlp, MoE)}  # fmt: skip
+    return trainer.model.routers_of(trainer.engine.stage_blocks())
 
 
 def global_loads(trainer, routers: dict[int, object]) -> torch.Tensor:

@@ -16,7 +16,7 @@ takes the same decision at the same step without a further collective.
 from __future__ import annotations
 
 from stabletrain.config.monitor import EscalateConfig
-from stabletrain.training.spikes import Decision
+from stabletrain.training.detectors import Action, Decision
 
 
 class Ladder:
@@ -34,14 +34,14 @@ class Ladder:
         self.last_firing = step
         if step <= self.cut_until:
             if self.rollbacks >= c.max_rollbacks:
-                return Decision("abort", f"{cause} during a learning-rate cut after {self.rollbacks} rollback(s) "
+                return Decision(Action.ABORT, f"{cause} during a learning-rate cut after {self.rollbacks} rollback(s) "
                                          "(monitor.escalate.max_rollbacks)")  # fmt: skip
-            return Decision("rollback", f"{cause} during a learning-rate cut", at_least=c.rollback_skip_batches)
+            return Decision(Action.ROLLBACK, f"{cause} during a learning-rate cut", at_least=c.rollback_skip_batches)
         if self.skipped < c.skips:
             self.skipped += 1
-            return Decision("skip", f"{cause} ({self.skipped} of {c.skips} skipped before a learning-rate cut)")
+            return Decision(Action.SKIP, f"{cause} ({self.skipped} of {c.skips} skipped before a learning-rate cut)")
         self.skipped, self.cut_until = 0, step + c.cooldown
-        return Decision("lr_cut", f"{cause} after {c.skips} skipped update(s)", lr_scale=c.lr_factor,
+        return Decision(Action.LR_CUT, f"{cause} after {c.skips} skipped update(s)", lr_scale=c.lr_factor,
                         until=self.cut_until)  # fmt: skip
 
     def rolled_back(self, restored_step: int) -> None:

@@ -3,8 +3,8 @@ injection, behind a narrow interface to the loop. It decides; the loop acts (vet
 
     guard.next_batch(index) -> index         the first global batch at or after `index` that no range skips
     guard.injection(step, batch) -> kind     monitor.inject (a testing aid); perturb_batches / perturb_loss apply it
-    guard.judge(step, loss, grad_norm)       the detectors' Verdict (applied or vetoed)
-    guard.decide(verdict, batch) -> Decision continue | skip | lr_cut | rollback (with the batches to skip) | stop
+    guard.judge(step, loss, grad_norm)       the detectors' StepResult (applied or vetoed)
+    guard.decide(result, batch) -> Decision continue | skip | lr_cut | rollback (with the batches to skip) | stop
                                              | abort (monitor.response=escalate climbs a ladder: stabletrain.
                                              training.escalation)
     guard.record_rollback(...) -> skip       after the loop restored a checkpoint: the batches it skips
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from stabletrain.config import MonitorConfig
+from stabletrain.training.detectors import Action, Decision, SkipList, SpikeMonitor, StepResult
 from stabletrain.training.escalation import Ladder
-from stabletrain.training.spikes import Decision, SkipList, SpikeMonitor, Verdict
 
 
 class SpikeGuard:
@@ -59,56 +59,66 @@ class SpikeGuard:
         return loss
 
     # ---------------------------------------------------------------- detection and response
-    def judge(self, step: int, loss: float, grad_norm: float | None) -> Verdict:
+    def judge(self, step: int, loss: float, grad_norm: float | None) -> StepResult:
         return self.monitor.judge(step, loss, grad_norm)
 
-    def engine_skipped(self, step: int, loss: float, grad_norm: float | None) -> Verdict:
+    def engine_skipped(self, step: int, loss: float, grad_norm: float | None) -> StepResult:
         """The engine dropped the update itself (its overflow check): judged, and never applied."""
-        verdict = self.monitor.judge(step, loss, grad_norm)
-        verdict.applied = False
-        return verdict
+        result = self.monitor.judge(step, loss, grad_norm)
+        result.applied = False
+        return result
 
-    def decide(self, verdict: Verdict, batch_index: int) -> Decision:
-        if not verdict.fired:
-            if verdict.applied:
-                return Decision("continue")
-            return Decision("skip", "DeepSpeed skipped the update (non-finite gradients)")
-        cause = verdict.firings[0]["kind"]
-        if verdict.response == "log":
-            return Decision("continue")
-        if verdict.response == "skip_step":
-            return Decision("skip", cause)
-        if verdict.response == "stop":
-            return Decision("stop", "monitor response 'stop'")
-        if verdict.response == "escalate":
-            return self.ladder.decide(verdict.step, cause)
+    def decide(self, result: StepResult, batch_index: int) -> Decision:
+        if not result.fired:
+            if result.applied:
+                return Decision(Action.CONTINUE)
+            return Decision(Action.SKIP, "DeepSpeed skipped the update (non-finite gradients)")
+        cause = result.firings[0].kind
+        if result.response == "log":
+            return Decision(Action.CONTINUE)
+        if result.response == "skip_step":
+            return Decision(Action.SKIP, cause)
+        if result.response == "stop":
+            return Decision(Action.STOP, "monitor response 'stop'")
+        if result.response == "escalate":
+            return self.ladder.decide(result.step, cause)
         m = self.cfg
-        recent = [s for s in self.rollbacks if s > verdict.step - m.rollback_window]
+        recent = [s for s in self.rollbacks if s > result.step - m.rollback_window]
         if len(recent) >= m.max_rollbacks:
-            return Decision("stop", f"{len(recent)} rollbacks within {m.rollback_window} steps (monitor.max_rollbacks)")
+            why = f"{len(recent)} rollbacks within {m.rollback_window} steps (monitor.max_rollbacks)"
+            return Decision(Action.STOP, why)
         n = m.rollback_skip_batches
-        return Decision("rollback", cause, [max(0, batch_index - n + 1), batch_index + 1] if n else None)
+        return Decision(Action.ROLLBACK, cause, [max(0, batch_index - n + 1), batch_index + 1] if n else None)
 
-    def firing_records(self, verdict: Verdict, batch_index: int) -> list[tuple[str, dict, str, str]]:
+    def firing_records(self, result: StepResult, batch_index: int) -> list[tuple[str, dict, str, str]]:
         """Per firing: (event kind, event fields, alert title, alert text)."""
         out = []
-        for f in verdict.firings:
-            fields = {"response": verdict.response, "batch": batch_index, **{k: v for k, v in f.items() if k != "kind"}}
-            threshold = f" > {f['threshold']:.4g}" if "threshold" in f else ""
-            text = (
-                f"step {verdict.step}: {f['metric']}={f['value']:.4g}{threshold} ({f['rule']}); "
-                f"response: {verdict.response}"
-            )
-            out.append((f["kind"], fields, f"stabletrain: {f['kind']} in {f['metric']}", text))
+        for f in result.firings:
+            fields = {"response": result.response, "batch": batch_index, **f.fields()}
+            threshold = f" > {f.threshold:.4g}" if f.threshold is not None else ""
+            text = f"step {result.step}: {f.metric}={f.value:.4g}{threshold} ({f.rule}); response: {result.response}"
+            out.append((f.kind, fields, f"stabletrain: {f.kind} in {f.metric}", text))
         return out
 
-    def stop_message(self, verdict: Verdict, decision: Decision, tag: str, batch_index: int) -> str:
-        f = verdict.firings[0]
+    def stop_message(self, result: StepResult, decision: Decision, tag: str, batch_index: int) -> str:
+        f = result.firings[0]
         return (
-            f"stopped at step {verdict.step} by {decision.reason}: {f['kind']} in {f['metric']} ({f['value']:.4g}); "
+            f"stopped at step {result.step} by {decision.reason}: {f.kind} in {f.metric} ({f.value:.4g}); "
             f"checkpoint {tag} holds the weights before that update (continue with trainer.resume=auto, "
             f"optionally with trainer.skip_batches=[[{batch_index},{batch_index + 1}]])"
         )
+
+    def window_mean(self, metric: str) -> float:
+        """The mean of a detector's window of clean values (forensics compares with it)."""
+        return self.monitor.detectors[metric].mean()
+
+    def history(self) -> list[tuple]:
+        """(step, loss, grad_norm, fired) of recent steps, for forensics' plot."""
+        return list(self.monitor.history)
+
+    def would_fire(self, metric: str, value: float) -> bool:
+        """Whether a metric's detector would fire on `value` now (nothing is recorded)."""
+        return self.monitor.detectors[metric].check(value) is not None
 
     def record_rollback(self, step: int, decision: Decision, restored: int, spike: int, now: int) -> list[int] | None:
         """After the loop restored the checkpoint of step `now` (global batch `restored`; the spike was at batch

@@ -18,13 +18,6 @@ from stabletrain.planner.preflight import preflight
 from stabletrain.training.perf import GiB, resident_gib
 
 
-def set_vocab_size(model, tokenizer_vocab: int) -> None:
-    """model.vocab_size from the tokenizer when unset; a set one must hold the tokenizer's ids."""
-    if model.vocab_size is not None and model.vocab_size < tokenizer_vocab:
-        raise StableTrainError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
-    model.vocab_size = model.vocab_size or tokenizer_vocab
-
-
 def process_age() -> float:
     """Seconds since this process started (0 where /proc is missing): the config phase includes the imports."""
     try:

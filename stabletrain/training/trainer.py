@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ from tqdm import tqdm
 from stabletrain import StableTrainError, checkpoint
 from stabletrain import distributed as dist_utils
 from stabletrain.config import Config, RankLayout, grad_accum_steps
-from stabletrain.data.dataset import RankLoader
+from stabletrain.config.resolved import resolve
+from stabletrain.data.loader import RankLoader
 from stabletrain.data.setup import build_data
 from stabletrain.engine.build import engine_class
 from stabletrain.models import count_params, meta_model, model_flops_per_token
@@ -30,6 +32,7 @@ from stabletrain.optim import clip_threshold
 from stabletrain.parallel.materialize import materialize
 from stabletrain.parallel.parallelize import parallelize
 from stabletrain.training.callbacks import CALLBACKS, build_callbacks
+from stabletrain.training.detectors import Action, StepResult
 from stabletrain.training.evaluation import evaluate
 from stabletrain.training.perf import peak_flops, peak_memory_gib
 from stabletrain.training.responder import SpikeResponder
@@ -37,16 +40,23 @@ from stabletrain.training.resume import resume
 from stabletrain.training.saving import Saver
 from stabletrain.training.signals import PREEMPT_FILE, StopSignals, pack_with_stop_flags, read_step
 from stabletrain.training.spike_guard import SpikeGuard
-from stabletrain.training.spikes import Verdict
-from stabletrain.training.startup import Startup, set_vocab_size
+from stabletrain.training.startup import Startup
+
+
+@dataclass
+class TrainedStep:
+    metrics: dict  # the step's metrics row
+    result: StepResult  # what the spike detectors made of it; whether its update was applied
+    batch_index: int  # the global batch it read
+    batches: list[torch.Tensor]  # its micro-batches (forensics replays them)
 
 
 class Trainer:
     """Start-up: config (frozen) -> pre-flight (does the layout fit this rank?) -> data -> the model on the meta
     device -> parallelize -> each rank materializes what it owns -> the engine adapter. Each phase prints a line."""
 
-    def __init__(self, cfg: Config, run_dir: Path, resolved: dict, startup: Startup | None = None):
-        self.cfg, self.run_dir, self.resolved = cfg, run_dir, resolved
+    def __init__(self, cfg: Config, run_dir: Path, composed: dict, startup: Startup | None = None):
+        self.cfg, self.run_dir, self.composed = cfg, run_dir, composed  # composed: config.yaml's content
         t = cfg.trainer
         for name in t.callbacks:
             CALLBACKS[name]  # an unknown name fails here, before anything heavy
@@ -58,13 +68,13 @@ class Trainer:
         self.is_main = self.rank == 0
         self.startup.preflight(cfg, self.world, self.device)
         self.data = build_data(cfg.data, t.seed, self.is_main)
-        set_vocab_size(cfg.model, self.data.tokenizer.vocab_size)
+        self.resolved = resolve(cfg, self.world, self.data.tokenizer.vocab_size)  # vocabulary, batch, layout
         accum = grad_accum_steps(cfg, self.world)
         self.loader = RankLoader(self.data.train, self.data.order, t.micro_batch_size, accum, self.layout.dp_rank,
                                  self.layout.data_parallel)  # fmt: skip
-        self.startup.phase("data", f"{cfg.data.name}, vocabulary {cfg.model.vocab_size}")
+        self.startup.phase("data", f"{cfg.data.name}, vocabulary {self.resolved.vocab_size}")
         self._build_model()
-        self.guard = SpikeGuard(cfg.monitor, t.skip_batches, cfg.model.vocab_size)
+        self.guard = SpikeGuard(cfg.monitor, t.skip_batches, self.resolved.vocab_size)
         self.responder, self.saver = SpikeResponder(self), Saver(self)
         self.step, self.stop_signal, self.callbacks, self.load_s = 0, None, [], None
         self._signals = StopSignals(self.say)  # entered by fit(); train_step() alone sees no signal
@@ -72,7 +82,8 @@ class Trainer:
         self.resumed_step = self.step if events else None
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed))
+            self.resolved.save(run_dir)
         self.callbacks = build_callbacks(t.callbacks, self, self.is_main)
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # torchrun's agent restarted the group
         if restarts:
@@ -90,7 +101,7 @@ class Trainer:
         on its device (layout-independent values), then wrapped by the engine."""
         cfg, t = self.cfg, self.cfg.trainer
         torch.manual_seed(t.seed)
-        self.model = meta_model(cfg.model)
+        self.model = meta_model(self.resolved.model(cfg))
         self.n_params = count_params(self.model)
         self.flops_per_token = model_flops_per_token(self.model, cfg.data.seq_len)
         self.startup.phase("meta build", f"{self.n_params:,} parameters")
@@ -117,10 +128,11 @@ class Trainer:
             while self.step < last and self.stop_signal is None:
                 self.saver.poll()  # completes an asynchronous save once every rank's writer is done
                 self.hook("on_step_begin", self.step + 1)
-                metrics, verdict, batch_index, batches = self.train_step()
+                done = self.train_step()
+                metrics = done.metrics
                 self.startup.first_steps(metrics, self.step, self.parallel.compiled, self.device)
-                if not verdict.applied or verdict.fired:
-                    if self.responder.respond(verdict, batch_index, batches) == "rollback":
+                if not done.result.applied or done.result.fired:
+                    if self.responder.respond(done.result, done.batch_index, done.batches) == Action.ROLLBACK:
                         continue
                 self.hook("on_step_end", self.step, metrics)
                 if self.step % t.log_interval == 0 or self.step == last or any(k.startswith("gain/") for k in metrics):
@@ -138,7 +150,7 @@ class Trainer:
             return float("nan")
         return val["val_loss"] if val else float("nan")
 
-    def train_step(self) -> tuple[dict, Verdict, int, list[torch.Tensor]]:
+    def train_step(self) -> TrainedStep:
         step = self.step + 1
         self.engine.lr_scale = self.guard.lr_scale(step)  # an escalation's learning-rate cut, while it lasts
         t0, lr = time.perf_counter(), self.engine.lr
@@ -150,17 +162,17 @@ class Trainer:
         perturb = lambda loss: self.guard.perturb_loss(inject, loss)  # noqa: E731
         local = self.engine.forward_backward(batches, self.data.model_kwargs, perturb)
         packed = pack_with_stop_flags(local, self._signals.poll(), self.world)
-        verdicts: list[Verdict] = []
+        judged: list[StepResult] = []
         read: list = []  # (loss, grad norm): read from the device once per step, by the judge
 
-        def judge(grad_norm) -> bool:  # asked from inside the optimizer, before anything changes
+        def judge(grad_norm) -> bool:  # the UpdateGate asks it from inside the optimizer, before anything changes
             read[:] = self._read(packed, grad_norm)
-            verdicts.append(self.guard.judge(step, *read))
-            return verdicts[0].applied
+            judged.append(self.guard.judge(step, *read))
+            return judged[0].applied
 
         outcome = self.engine.step(step, judge)
         loss, grad_norm = read or self._read(packed, outcome.grad_norm)
-        verdict = verdicts[0] if verdicts else self.guard.engine_skipped(step, loss, grad_norm)
+        result = judged[0] if judged else self.guard.engine_skipped(step, loss, grad_norm)
         self.step, elapsed, samples = step, time.perf_counter() - t0, self.loader.samples_consumed
         tps = G * self.cfg.data.seq_len / elapsed
         row = {"step": step, "tokens": samples * self.cfg.data.seq_len, "samples": samples,
@@ -169,9 +181,9 @@ class Trainer:
                "step_time_s": elapsed, "mem/peak_gib": peak_memory_gib(self.device)}  # fmt: skip
         if self.cfg.optim.grad_clip_warmup_steps:
             row["grad_clip"] = clip_threshold(self.cfg, step)
-        if not verdict.applied:
+        if not result.applied:
             row["update_skipped"] = 1
-        return row, verdict, batch_index, batches
+        return TrainedStep(row, result, batch_index, batches)
 
     def _read(self, packed: torch.Tensor, grad_norm) -> tuple[float, float | None]:
         loss, grad_norm, stop = read_step(packed, grad_norm)

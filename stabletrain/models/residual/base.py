@@ -15,17 +15,39 @@ A variant is one module: a ResidualStream subclass registered with its config da
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from stabletrain.config import BSLOConfig, ResidualConfig
+from stabletrain.config import ConfigError, ResidualConfig, SignalConfig
+from stabletrain.config.fields import at_least, between, positive
+from stabletrain.models.parts import SIGNALS
 from stabletrain.registry import Registry
 
 RESIDUAL_STREAMS = Registry("residual stream", group="model/residual")
 
 
+@dataclass
+class BSLOConfig(SignalConfig):
+    """model/signal=bslo: the propagation scalar alpha_l = E|h_in| / (E|h_in + F| + eps) on each sublayer's
+    output, an EMA measured without gradient (experimental)."""
+
+    kind: str = "bslo"
+    momentum: float = between(0, 1, 0.99, hi_open=True)  # EMA momentum of the norms
+    eps: float = positive(1e-6)
+    clamp_min: float = positive(0.1)  # alpha's lower clamp
+    clamp_max: float = positive(10.0)  # alpha's upper clamp
+    warmup_steps: int = at_least(0, 50)  # alpha = 1 until this many training forwards
+
+    def check(self, model) -> None:
+        if self.clamp_min > self.clamp_max:
+            raise ConfigError(f"model.signal.clamp_min={self.clamp_min} is above model.signal.clamp_max="
+                              f"{self.clamp_max}")  # fmt: skip
+
+
+@SIGNALS.register("bslo", config=BSLOConfig)
 class PropagationScalar(nn.Module):
     """BSLO alpha = EMA|h| / (EMA|h + F(h)| + eps) on the sublayer output; no gradient, frozen in eval (experimental).
 

@@ -10,6 +10,7 @@ With identical streams and rows summing to 1, H_res keeps the streams identical:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -260,7 +261,7 @@ def set_kernel(model: nn.Module, kernel: str) -> None:
     on one model; the parameters are shared by all three."""
     Kernel(kernel)  # an unknown name fails here
     for m in model.modules():
-        if isinstance(m, ManifoldStream):
-            m.cfg.kernel = kernel
-        elif isinstance(m, ManifoldConnection):
+        if isinstance(m, (ManifoldStream, ManifoldConnection)):  # a copy: the run's configuration is read-only
+            m.cfg = dataclasses.replace(m.cfg, kernel=kernel)
+        if isinstance(m, ManifoldConnection):
             m.kernel, m.fused = kernel, kernel == "fused"

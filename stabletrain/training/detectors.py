@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
 import torch
 
@@ -37,34 +38,24 @@ class RollingDetector:
         self.values: deque[float] = deque(maxlen=cfg.window)
         self.accepted = 0
 
-    def check(self, value: float) -> dict | None:
+    def check(self, value: float) -> Firing | None:
         """The firing (rule, threshold) for this value, or None."""
         c = self.cfg
         if not c.enabled or self.accepted < self.warmup or len(self.values) < 2:
             return None
         vals = torch.tensor(list(self.values), dtype=torch.float64)
         mean, std = vals.mean().item(), vals.std().item()
+        z = (value - mean) / max(std, 1e-12)
         if self.style == "olmo_core":
             if c.sigma and abs(value - mean) > c.sigma * std:
-                return {
-                    "metric": self.metric,
-                    "rule": "zscore_two_sided",
-                    "value": value,
-                    "threshold": mean + math.copysign(c.sigma * std, value - mean),
-                    "zscore": (value - mean) / max(std, 1e-12),
-                }
+                threshold = mean + math.copysign(c.sigma * std, value - mean)
+                return Firing("spike", self.metric, "zscore_two_sided", value, threshold, z)
             return None
         if c.sigma and value > mean + c.sigma * std and value >= c.min_ratio * mean:
-            return {
-                "metric": self.metric,
-                "rule": "zscore",
-                "value": value,
-                "threshold": mean + c.sigma * std,
-                "zscore": (value - mean) / max(std, 1e-12),
-            }
+            return Firing("spike", self.metric, "zscore", value, mean + c.sigma * std, z)
         recent_max = vals.max().item()
         if c.max_ratio and value > c.max_ratio * recent_max:
-            return {"metric": self.metric, "rule": "max_ratio", "value": value, "threshold": c.max_ratio * recent_max}
+            return Firing("spike", self.metric, "max_ratio", value, c.max_ratio * recent_max)
         return None
 
     def accept(self, value: float) -> None:
@@ -75,14 +66,43 @@ class RollingDetector:
         return sum(self.values) / len(self.values) if self.values else float("nan")
 
 
+class Action(StrEnum):
+    """What the loop does about a step (the guard's decision)."""
+
+    CONTINUE = "continue"
+    SKIP = "skip"  # the update was vetoed; go on
+    LR_CUT = "lr_cut"  # vetoed, and the learning rate cut for a while (the escalation ladder)
+    ROLLBACK = "rollback"  # restore the newest verified checkpoint, skip the batches around the spike
+    STOP = "stop"  # save and stop with a user error's status
+    ABORT = "abort"  # save and stop with the escalation ladder's own status
+
+
+@dataclass(frozen=True)
+class Firing:
+    """One detector's firing: a spike (a rule over a rolling window) or a non-finite value."""
+
+    kind: str  # spike | nonfinite
+    metric: str  # loss | grad_norm
+    rule: str  # zscore | zscore_two_sided | max_ratio | nonfinite
+    value: float
+    threshold: float | None = None
+    zscore: float | None = None
+
+    def fields(self) -> dict:
+        """The event's fields (None-valued ones left out)."""
+        return {k: v for k, v in asdict(self).items() if k != "kind" and v is not None}
+
+
 @dataclass
-class Verdict:
+class StepResult:
+    """What the detectors made of one step, and whether its update reached the weights."""
+
     step: int
     loss: float
     grad_norm: float | None
-    firings: list[dict] = field(default_factory=list)  # each with kind spike|nonfinite, metric, rule, value, threshold
-    response: str = "log"
-    applied: bool = True  # whether the optimizer update reached the weights
+    firings: list[Firing] = field(default_factory=list)
+    response: str = "log"  # the configured response to the firings (the most severe one)
+    applied: bool = True
 
     @property
     def fired(self) -> bool:
@@ -91,7 +111,7 @@ class Verdict:
 
 @dataclass
 class Decision:
-    action: str  # continue | skip | lr_cut | rollback | stop | abort
+    action: Action
     reason: str = ""
     skip: list[int] | None = None  # rollback: [start, end) of the global batches to skip
     at_least: int = 0  # rollback (escalate): skip at least this many batches from the restored one
@@ -111,12 +131,12 @@ class SpikeMonitor:
         }
         self.history: deque[tuple[int, float, float | None, bool]] = deque(maxlen=512)
 
-    def judge(self, step: int, loss: float, grad_norm: float | None) -> Verdict:
-        v = Verdict(step, loss, grad_norm)
+    def judge(self, step: int, loss: float, grad_norm: float | None) -> StepResult:
+        v = StepResult(step, loss, grad_norm)
         values = {"loss": loss, "grad_norm": grad_norm}
         nonfinite = [m for m, x in values.items() if x is not None and not math.isfinite(x)]
         if nonfinite:
-            v.firings = [{"kind": "nonfinite", "metric": m, "rule": "nonfinite", "value": values[m]} for m in nonfinite]
+            v.firings = [Firing("nonfinite", m, "nonfinite", values[m]) for m in nonfinite]
             v.response = self.cfg.nonfinite.response
         else:
             for name, det in self.detectors.items():
@@ -124,9 +144,9 @@ class SpikeMonitor:
                     continue
                 firing = det.check(values[name])
                 if firing:
-                    v.firings.append({"kind": "spike", **firing})
+                    v.firings.append(firing)
             if v.firings:
-                responses = [getattr(self.cfg, f["metric"]).response or self.cfg.response for f in v.firings]
+                responses = [getattr(self.cfg, f.metric).response or self.cfg.response for f in v.firings]
                 v.response = max(responses, key=SEVERITY.__getitem__)
             if not v.firings or self.cfg.style == "olmo_core":  # olmo_core keeps spikes in its window
                 for name, det in self.detectors.items():
