@@ -67,8 +67,9 @@ def init_process_group(backend: str) -> None:
             # would send gloo to ports of dead processes (a hang). Each attempt gets its own key space.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                                  timeout=timeout)  # fmt: skip
+            agent = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+            )
             store = dist.PrefixStore(f"stabletrain/attempt_{attempt}", agent)
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:

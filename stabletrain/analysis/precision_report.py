@@ -36,9 +36,11 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 def table(runs: list[dict]) -> str:
     base = next((r for r in runs if r["name"] == "bf16"), runs[0])["vals"][-1]["val_loss"]
-    out = ["| precision | final val loss | gap vs bf16 | underflow (mean, attn / mlp) | saturated (mean) | "
-           "FP8 GEMM rel. error vs bf16 (mean, mlp) | scales (min .. max) |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = [
+        "| precision | final val loss | gap vs bf16 | underflow (mean, attn / mlp) | saturated (mean) | "
+        "FP8 GEMM rel. error vs bf16 (mean, mlp) | scales (min .. max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         final = r["vals"][-1]["val_loss"]
         row = [r["name"], f"{final:.4f}", f"{(final - base) / base:+.3%}"]

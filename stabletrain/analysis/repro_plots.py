@@ -37,10 +37,18 @@ def gains(groups: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for kind in sorted({k for k, _ in groups}):
         depths = sorted(L for k, L in groups if k == kind)
-        peaks = [[max(r["gain/amax_fwd_max"] for r in run.rows if "gain/amax_fwd_max" in r)
-                  for run in groups[(kind, L)]] for L in depths]  # fmt: skip
-        a.errorbar(depths, [np.mean(p) for p in peaks], yerr=[np.std(p) for p in peaks], marker="o", capsize=3,
-                   label=f"{kind} forward")  # fmt: skip
+        peaks = [
+            [max(r["gain/amax_fwd_max"] for r in run.rows if "gain/amax_fwd_max" in r) for run in groups[(kind, L)]]
+            for L in depths
+        ]
+        a.errorbar(
+            depths,
+            [np.mean(p) for p in peaks],
+            yerr=[np.std(p) for p in peaks],
+            marker="o",
+            capsize=3,
+            label=f"{kind} forward",
+        )
         deepest = groups[(kind, depths[-1])]
         for key, style in (("gain/amax_fwd_max", "-"), ("gain/amax_bwd_max", "--")):
             steps, values = _curve(deepest, key)
@@ -96,8 +104,14 @@ def moe(groups: dict, u_groups: dict, path: Path) -> None:
         _band(a, steps[w - 1 :], smooth, name)
     us = sorted(u_groups)
     vio = [[r.vals[-1]["moe/maxvio_global"] for r in u_groups[u]] for u in us]
-    b.errorbar(us, [np.mean(v) for v in vio], yerr=[np.std(v) for v in vio], marker="o", capsize=3,
-               label="aux_free MaxVio global")  # fmt: skip
+    b.errorbar(
+        us,
+        [np.mean(v) for v in vio],
+        yerr=[np.std(v) for v in vio],
+        marker="o",
+        capsize=3,
+        label="aux_free MaxVio global",
+    )
     a.set(title="MaxVio per batch (10-step moving average)", xlabel="step")
     b.set(title="aux_free: MaxVio over the validation set against u", xlabel="bias update rate u", xscale="log")
     log_scale_if_positive(a)

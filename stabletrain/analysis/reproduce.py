@@ -23,18 +23,38 @@ from stabletrain.analysis.repro_claims import Section, recipe_line
 from stabletrain.analysis.repro_runs import by_group, find_runs
 
 NOT_RUN = {
-    "1": ["1. mHC keeps the composite Amax gain from growing with depth; HC's grows", "27B: ~3000 (HC, Fig. 3b) vs "
-          "~1.6 (mHC, Fig. 7b)", "no runs (experiment=repro_gains)", "not run"],
-    "2": ["2. At equal tokens mHC reaches a lower loss than the baseline (2a) and HC (2b)", "27B: 0.021 below the "
-          "baseline (Fig. 5a)", "no runs (experiment=repro_residual)", "not run"],
-    "3": ["3. Curse of Depth: LNS", "Sun et al.", "no runs (experiment=repro_lns, and repro_residual's baseline)",
-          "not run"],
-    "4": ["4. Aux-loss-free balancing", "Wang et al., 1B: MaxVio global 0.04 vs 0.72", "no runs (experiment=repro_moe)",
-          "not run"],
+    "1": [
+        "1. mHC keeps the composite Amax gain from growing with depth; HC's grows",
+        "27B: ~3000 (HC, Fig. 3b) vs ~1.6 (mHC, Fig. 7b)",
+        "no runs (experiment=repro_gains)",
+        "not run",
+    ],
+    "2": [
+        "2. At equal tokens mHC reaches a lower loss than the baseline (2a) and HC (2b)",
+        "27B: 0.021 below the baseline (Fig. 5a)",
+        "no runs (experiment=repro_residual)",
+        "not run",
+    ],
+    "3": [
+        "3. Curse of Depth: LNS",
+        "Sun et al.",
+        "no runs (experiment=repro_lns, and repro_residual's baseline)",
+        "not run",
+    ],
+    "4": [
+        "4. Aux-loss-free balancing",
+        "Wang et al., 1B: MaxVio global 0.04 vs 0.72",
+        "no runs (experiment=repro_moe)",
+        "not run",
+    ],
     "5": ["5. FP8 within 0.25% of bf16", "DeepSeek-V3", "no runs (experiment=repro_fp8)", "not run"],
-    "6": ["6. BSLO (our reading of an article)", "—", "no runs (experiment=repro_bslo, with repro_lns and "
-          "repro_residual)", "not run"],
-}  # fmt: skip
+    "6": [
+        "6. BSLO (our reading of an article)",
+        "—",
+        "no runs (experiment=repro_bslo, with repro_lns and repro_residual)",
+        "not run",
+    ],
+}
 
 
 def build_sections(groups: dict, figdir: Path) -> list[Section]:

@@ -68,8 +68,10 @@ def summarize(sweep: Path) -> list[dict]:
 
 def write(sweep: Path, jobs: list[dict]) -> None:
     head = ["job", "overrides", "status", "final val_loss", "steps", "spikes", "error"]
-    rows = [[j["job"], " ".join(j["varied"]), j["status"], f"{j['val_loss']:.4f}", j["steps"], j["spikes"], j["error"]]
-            for j in jobs]  # fmt: skip
+    rows = [
+        [j["job"], " ".join(j["varied"]), j["status"], f"{j['val_loss']:.4f}", j["steps"], j["spikes"], j["error"]]
+        for j in jobs
+    ]
     (sweep / "summary.md").write_text(f"# Sweep {sweep.name}\n\n" + markdown_table(head, rows))
     with open(sweep / "summary.csv", "w", newline="") as f:
         csv.writer(f).writerows([head, *rows])

@@ -34,7 +34,7 @@ def sections(layers: int, moe_layers: list[int] | None = None) -> dict[str, list
             ["fp8/gemm_rel_err/mlp"],
             ["fp8/scale_min", "fp8/scale_max"],
             ["fp8/coverage"],
-        ],  # fmt: skip
+        ],
         "Throughput and memory": [["tokens_per_s"], ["mfu"], ["step_time_s"], ["mem/peak_gib"]],
         "Checkpoints": [["ckpt/blocking_s", "ckpt/save_s"], ["ckpt/bytes"], ["ckpt/load_s"]],
     }
@@ -44,8 +44,14 @@ def panel_keys(layers: int, moe_layers: list[int] | None = None) -> set[str]:
     return {k for panels in sections(layers, moe_layers).values() for keys in panels for k in keys}
 
 
-def build(entity: str, project: str, layers: int, group: str | None = None, name: str | None = None,
-          moe_layers: list[int] | None = None):  # fmt: skip
+def build(
+    entity: str,
+    project: str,
+    layers: int,
+    group: str | None = None,
+    name: str | None = None,
+    moe_layers: list[int] | None = None,
+):
     """The workspace object (nothing is sent until .save())."""
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
@@ -55,8 +61,13 @@ def build(entity: str, project: str, layers: int, group: str | None = None, name
         plots = [wr.LinePlot(title=keys[0] if len(keys) == 1 else title, x="Step", y=list(keys)) for keys in panels]
         built.append(ws.Section(name=title, panels=plots, is_open=True))
     runsets = ws.RunsetSettings(filters=[ws.Metric("Group") == group]) if group else ws.RunsetSettings()
-    return ws.Workspace(entity=entity, project=project, name=name or f"stabletrain {group or project}",
-                        sections=built, runset_settings=runsets)  # fmt: skip
+    return ws.Workspace(
+        entity=entity,
+        project=project,
+        name=name or f"stabletrain {group or project}",
+        sections=built,
+        runset_settings=runsets,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

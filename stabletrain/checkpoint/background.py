@@ -104,8 +104,11 @@ class BackgroundWriter:
         self.written.append(path)
 
     def _finish(self, tag_dir: Path) -> None:
-        mine = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "digest": store.file_digest(p)}
-                for p in self.written if p.parent == tag_dir or tag_dir in p.parents}  # fmt: skip
+        mine = {
+            str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "digest": store.file_digest(p)}
+            for p in self.written
+            if p.parent == tag_dir or tag_dir in p.parents
+        }
         out = tag_dir / DIGESTS.format(self.rank)
         out.with_suffix(".tmp").write_text(json.dumps(mine))
         _fsync(out.with_suffix(".tmp"))
@@ -147,8 +150,12 @@ def complete(tag_dir: Path, step: int, layout: dict | None, keep: int) -> None:
         files = {}
         for r in range(dist_utils.world_size()):
             part = tag_dir / DIGESTS.format(r)
-            files.update({rel: {"bytes": e["bytes"], store.DIGEST: e["digest"]}
-                          for rel, e in json.loads(part.read_text()).items()})  # fmt: skip
+            files.update(
+                {
+                    rel: {"bytes": e["bytes"], store.DIGEST: e["digest"]}
+                    for rel, e in json.loads(part.read_text()).items()
+                }
+            )
         skip = {store.MANIFEST, store.SAVE_MARKER}
         for p in sorted(tag_dir.rglob("*")):
             rel = str(p.relative_to(tag_dir))

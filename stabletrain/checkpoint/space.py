@@ -90,8 +90,9 @@ def is_no_space(exc: BaseException, root: Path, needed: int | None) -> bool:
     return is_write_error(exc) and free_bytes(root) < max(needed or 0, FULL_BYTES)
 
 
-def write_failure(exc: BaseException, root: Path, step: int, needed: int | None, intact: str | None,
-                  written: int) -> StableTrainError:  # fmt: skip
+def write_failure(
+    exc: BaseException, root: Path, step: int, needed: int | None, intact: str | None, written: int
+) -> StableTrainError:
     """The one-line error for a checkpoint write that failed; called before the caller removes the partial tag.
     `needed`: the newest checkpoint's size (None: none yet), `intact`: the newest intact checkpoint, `written`: the
     bytes of the partial checkpoint."""

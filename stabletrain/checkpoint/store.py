@@ -121,8 +121,16 @@ def _gather(obj) -> list:
 
 
 # ---------------------------------------------------------------- save
-def save(engine, root: Path, step: int, client_state: dict, keep: int, rank_state: dict | None = None,
-         layout: dict | None = None, writer=None) -> Path:  # fmt: skip
+def save(
+    engine,
+    root: Path,
+    step: int,
+    client_state: dict,
+    keep: int,
+    rank_state: dict | None = None,
+    layout: dict | None = None,
+    writer=None,
+) -> Path:
     """Collective: every rank calls it. Rank 0 writes the manifest after all ranks finished writing and hashing.
     `rank_state` is this rank's own state that DeepSpeed does not save (e.g. its expert-parallel experts);
     `layout` (ranks, pipeline stages, ZeRO stage, ...) goes into the manifest, readable before any loading.
@@ -176,8 +184,13 @@ def _write_manifest(tag_dir: Path, step: int, layout: dict | None) -> None:
 
 def write_manifest(tag_dir: Path, step: int, layout: dict | None, files: dict) -> None:
     """COMPLETE.json, written atomically and last (the checkpoint is complete from here on); the marker goes."""
-    manifest = {"step": step, "world_size": dist_utils.world_size(), "layout": layout, "digest": DIGEST,
-                "files": dict(sorted(files.items()))}  # fmt: skip
+    manifest = {
+        "step": step,
+        "world_size": dist_utils.world_size(),
+        "layout": layout,
+        "digest": DIGEST,
+        "files": dict(sorted(files.items())),
+    }
     (tag_dir / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
     (tag_dir / (MANIFEST + ".tmp")).rename(tag_dir / MANIFEST)
     (tag_dir / SAVE_MARKER).unlink(missing_ok=True)
@@ -211,8 +224,10 @@ def _manifest_files(tag_dir: Path, accept_legacy: bool = False) -> tuple[dict | 
     if not manifest.is_file():
         if (tag_dir / SAVE_MARKER).is_file():
             return None, Rejection(None, "the save of this checkpoint was interrupted (no manifest)", interrupted=True)
-        return None, Rejection(None, "no completeness manifest (COMPLETE.json is missing and no save was under way: "
-                                     "it was deleted or lost)")  # fmt: skip
+        return None, Rejection(
+            None,
+            "no completeness manifest (COMPLETE.json is missing and no save was under way: it was deleted or lost)",
+        )
     try:
         recorded = json.loads(manifest.read_text())
         # Manifests written before digests existed list sizes only.

@@ -93,8 +93,9 @@ def _table(cls: type, prefix: str, skip: set[str] = frozenset()) -> list[str]:
             nested.append((tp, f"{prefix}.{f.name}"))
             continue
         shown = f.metadata.get("shown_type") or _type_name(tp)
-        rows.append(f"| `{prefix}.{f.name}` | {_cell(shown)} | {_default(f)} | {_range(f)} | "
-                    f"{_cell(notes.get(f.name, ''))} |")  # fmt: skip
+        rows.append(
+            f"| `{prefix}.{f.name}` | {_cell(shown)} | {_default(f)} | {_range(f)} | {_cell(notes.get(f.name, ''))} |"
+        )
     out = rows
     for tp, key in nested:
         out += ["", f"`{key}`:", "", *_table(tp, key)]
@@ -152,24 +153,36 @@ def _registry(title: str, group: str, registry, shared: type | None = None) -> l
 
 def render() -> str:
     setup()
-    lines = ["# Configuration reference", "",
-             "Generated from the schemas by `python -m stabletrain.cli.docs` (the test suite checks it is current).",
-             "Every run composes one option of each group in `conf/config.yaml`; any key can be overridden on the "
-             "command line (`python train.py optim.lr=3e-4 model/residual=mhc`). A value outside its range or "
-             "vocabulary, a misspelt key or a wrong type fails before anything starts, in one line naming the key.",
-             ""]  # fmt: skip
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the schemas by `python -m stabletrain.cli.docs` (the test suite checks it is current).",
+        "Every run composes one option of each group in `conf/config.yaml`; any key can be overridden on the "
+        "command line (`python train.py optim.lr=3e-4 model/residual=mhc`). A value outside its range or "
+        "vocabulary, a misspelt key or a wrong type fails before anything starts, in one line naming the key.",
+        "",
+    ]
     lines += ["## Config groups", "", "| option | what it is |", "|---|---|"]
     for group in GROUPS + ["model/ffn", "model/ffn/router"]:
         lines += _yaml_options(group)
-    lines += ["", "## Components", "",
-              "Open sets come from registries: a component registers itself with its config dataclass, which becomes "
-              "an option of its group.", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Components",
+        "",
+        "Open sets come from registries: a component registers itself with its config dataclass, which becomes "
+        "an option of its group.",
+        "",
+    ]
     lines += _registry("the residual stream", "model/residual", RESIDUAL_STREAMS)
     lines += _registry("the feed-forward", "model/ffn", FEED_FORWARDS)
     lines += _registry("the MoE router (with model/ffn=moe)", "model/ffn/router", ROUTERS)
     lines += _registry("the document source", "data/source", SOURCES, shared=SourceConfig)
-    lines += ["### `trainer.callbacks`", "", "Registered callbacks: " + ", ".join(f"`{n}`" for n in CALLBACKS.names()),
-              ""]  # fmt: skip
+    lines += [
+        "### `trainer.callbacks`",
+        "",
+        "Registered callbacks: " + ", ".join(f"`{n}`" for n in CALLBACKS.names()),
+        "",
+    ]
     lines += ["## Keys", ""]
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):

@@ -113,8 +113,10 @@ def evaluate_main(argv: list[str] | None = None) -> None:
         tok = Tokenizer(trained.tokenizer_path)  # the model's own vocabulary, whatever the data
         if a.lm_eval_task is not None:
             task = lm_eval_task((t for _, t in documents(data, a.max_docs)), Path(a.lm_eval_task))
-            print(f"wrote {task} (lm_eval --tasks {task.stem} --include_path {task.parent} "
-                  f"--model_args pretrained=EXPORT_DIR,prefix_token_id={tok.eos_id})")  # fmt: skip
+            print(
+                f"wrote {task} (lm_eval --tasks {task.stem} --include_path {task.parent} "
+                f"--model_args pretrained=EXPORT_DIR,prefix_token_id={tok.eos_id})"
+            )
         encode = lambda text: tok.encode([text])[0]  # noqa: E731
         scores = evaluate(trained.model(), data, encode, tok.eos_id, a.max_docs)
         print(f"step {trained.step} of {path}, data {data.name}, windows of {data.seq_len} tokens")

@@ -45,12 +45,23 @@ def resolve(cfg: Config, world: int, tokenizer_vocab: int) -> Resolved:
     e, vocab = cfg.engine, cfg.model.vocab_size
     if vocab is not None and vocab < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
-    layout = {"zero_stage": e.zero_stage, "expert_parallel": e.expert_parallel,
-              "activation_checkpointing": str(e.activation_checkpointing),
-              "checkpoint_segment": checkpoint_segment(cfg), "micro_batch_size": cfg.trainer.micro_batch_size,
-              "precision": str(cfg.precision.dtype)}  # fmt: skip
-    return Resolved(world, data_parallel_size(cfg, world), e.pipeline_stages, grad_accum_steps(cfg, world),
-                    global_batch_size(cfg, world), vocab or tokenizer_vocab, layout)  # fmt: skip
+    layout = {
+        "zero_stage": e.zero_stage,
+        "expert_parallel": e.expert_parallel,
+        "activation_checkpointing": str(e.activation_checkpointing),
+        "checkpoint_segment": checkpoint_segment(cfg),
+        "micro_batch_size": cfg.trainer.micro_batch_size,
+        "precision": str(cfg.precision.dtype),
+    }
+    return Resolved(
+        world,
+        data_parallel_size(cfg, world),
+        e.pipeline_stages,
+        grad_accum_steps(cfg, world),
+        global_batch_size(cfg, world),
+        vocab or tokenizer_vocab,
+        layout,
+    )
 
 
 def load_resolved(run_dir: Path) -> Resolved | None:

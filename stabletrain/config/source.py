@@ -60,8 +60,11 @@ class SourceConfig:
 def source_classes() -> dict[str, type]:
     """kind -> config dataclass of every registered source (the options of data/source)."""
     group = ConfigStore.instance().repo.get("data", {}).get("source", {})
-    return {name.removesuffix(".yaml"): OmegaConf.get_type(node.node) for name, node in group.items()
-            if name.endswith(".yaml")}  # fmt: skip
+    return {
+        name.removesuffix(".yaml"): OmegaConf.get_type(node.node)
+        for name, node in group.items()
+        if name.endswith(".yaml")
+    }
 
 
 def infer_kind(entry: dict) -> str:
@@ -83,8 +86,9 @@ def source_from_entry(entry: Any, key: str) -> SourceConfig:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(entry) - known)
     if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)} for a {kind} source "
-                          f"(known: {', '.join(sorted(known))})")  # fmt: skip
+        raise ConfigError(
+            f"{key}: unknown key(s) {', '.join(unknown)} for a {kind} source (known: {', '.join(sorted(known))})"
+        )
     defaults = cls()
     for f in fields(cls):  # a single path is a list of one
         if isinstance(entry.get(f.name), str) and isinstance(getattr(defaults, f.name), list):
@@ -107,7 +111,9 @@ def moved_source_key(overrides: list[str], data_fields: set[str]) -> str | None:
         name = key.removeprefix("data.")
         if key.startswith("data.") and name in moved:
             if name == "kind":
-                return (f"data.kind={value}: the source is a config group: use data/source={value or '<name>'} "
-                        f"(registered: {', '.join(sorted(classes))})")  # fmt: skip
+                return (
+                    f"data.kind={value}: the source is a config group: use data/source={value or '<name>'} "
+                    f"(registered: {', '.join(sorted(classes))})"
+                )
             return f"{key} is a field of the source: data.source.{name}={value} (in a mixture: data.sources.<name>)"
     return None

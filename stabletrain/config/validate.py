@@ -67,8 +67,13 @@ def _component(node, key: str, base: type) -> None:
 
 def _model(cfg: Config) -> None:
     m = cfg.model
-    for key, base in (("attention", AttentionConfig), ("residual", ResidualConfig), ("norm", NormConfig),
-                      ("ffn", FFNConfig), ("signal", SignalConfig)):  # fmt: skip
+    for key, base in (
+        ("attention", AttentionConfig),
+        ("residual", ResidualConfig),
+        ("norm", NormConfig),
+        ("ffn", FFNConfig),
+        ("signal", SignalConfig),
+    ):
         _component(getattr(m, key), f"model.{key}", base)
     for part in (m.attention, m.residual, m.norm, m.ffn, m.signal):
         part.check(m)

@@ -163,8 +163,10 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, workers: int | None = None,
     out.mkdir(parents=True, exist_ok=True)
     recorded = out / "prepare.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != fingerprint:
-        raise StableTrainError(f"{out} holds a preparation with other settings (source files, tokenizer, dtype or "
-                               "shard_docs differ): choose another out= or delete it")  # fmt: skip
+        raise StableTrainError(
+            f"{out} holds a preparation with other settings (source files, tokenizer, dtype or "
+            "shard_docs differ): choose another out= or delete it"
+        )
     write_atomic(recorded, (json.dumps(fingerprint, indent=1, sort_keys=True) + "\n").encode())
     for stale in out.rglob(".*.tmp*"):  # half-written files of a killed run (one prepare per directory at a time)
         stale.unlink()
@@ -187,9 +189,25 @@ def _units(cfg: DataConfig, out: Path, workers: int, tokenizer: str, dtype: str)
             n_in = stream.num_shards
             parts = max(1, workers // n_in) if split == "train" else 1
             (out / name / split).mkdir(parents=True, exist_ok=True)
-            units += [Unit(str(out), name, asdict(src), split, cfg.utf8_errors, holdout, tokenizer, dtype,
-                           cfg.prepare.shard_docs, index, part, parts, type(src).__module__)
-                      for index in range(n_in) for part in range(parts)]  # fmt: skip
+            units += [
+                Unit(
+                    str(out),
+                    name,
+                    asdict(src),
+                    split,
+                    cfg.utf8_errors,
+                    holdout,
+                    tokenizer,
+                    dtype,
+                    cfg.prepare.shard_docs,
+                    index,
+                    part,
+                    parts,
+                    type(src).__module__,
+                )
+                for index in range(n_in)
+                for part in range(parts)
+            ]
     return units
 
 
@@ -226,25 +244,41 @@ def _run(units: list[Unit], workers: int, desc: str, progress: bool, out: Path) 
                 report(queue.get())
         return results
     except BrokenProcessPool:
-        raise StableTrainError(f"a prepare worker died (killed, or out of memory); rerun the same command to "
-                               f"resume {out} from its finished shards") from None  # fmt: skip
+        raise StableTrainError(
+            f"a prepare worker died (killed, or out of memory); rerun the same command to "
+            f"resume {out} from its finished shards"
+        ) from None
     finally:
         bar.close()
 
 
 def _manifest(cfg: DataConfig, out: Path, fingerprint: dict, tokenizer, tok_file: str, dtype: str) -> dict:
     """manifest.json: the settings, the tokenizer, and every source's per-split totals and shard records."""
-    tok = {"file": tok_file, "kind": tokenizer.kind, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
-           "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}  # fmt: skip
-    manifest = {"format": FORMAT, "dtype": dtype, "shard_docs": cfg.prepare.shard_docs,
-                "utf8_errors": cfg.utf8_errors, "tokenizer": tok, "sources": {}}  # fmt: skip
+    tok = {
+        "file": tok_file,
+        "kind": tokenizer.kind,
+        "sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+    }
+    manifest = {
+        "format": FORMAT,
+        "dtype": dtype,
+        "shard_docs": cfg.prepare.shard_docs,
+        "utf8_errors": cfg.utf8_errors,
+        "tokenizer": tok,
+        "sources": {},
+    }
     for name, src in cfg.source_configs().items():
         splits = {}
         for split in ("train", "val"):
             records = [json.loads(p.read_text()) for p in sorted((out / name / split).glob("*.json"))]
             if not records:
-                raise StableTrainError(f"source {name!r} split {split!r} ({open_source(src, split).desc}) yielded "
-                                       "no documents (empty file?)")  # fmt: skip
+                raise StableTrainError(
+                    f"source {name!r} split {split!r} ({open_source(src, split).desc}) yielded "
+                    "no documents (empty file?)"
+                )
             splits[split] = {k: sum(r[k] for r in records) for k in ("tokens", "docs", "invalid_utf8_docs")}
             splits[split]["shards"] = records
         manifest["sources"][name] = {"source": fingerprint["sources"][name], "weight": src.weight, "splits": splits}
@@ -259,5 +293,11 @@ def _stats(results: list[dict], wall: float, workers: int) -> dict:
         w["tokens"] += r["tokens"]
         w["wall_s"] += r["wall_s"]
     rates = [w["tokens"] / w["wall_s"] for w in per_worker.values() if w["wall_s"]]
-    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0, "workers": workers,
-            "skipped_shards": sum(r["skipped_shards"] for r in results), "per_worker_tokens_per_s": rates}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "workers": workers,
+        "skipped_shards": sum(r["skipped_shards"] for r in results),
+        "per_worker_tokens_per_s": rates,
+    }

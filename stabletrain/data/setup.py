@@ -65,11 +65,19 @@ def ensure_tokenizer(cfg: DataConfig, is_main: bool = True):
         streams = {name: open_source(src, "train", cfg.utf8_errors) for name, src in sources.items()}
         share = {name: max(1, round(cfg.tokenizer.train_docs * src.weight / total)) for name, src in sources.items()}
         texts = (text for name, stream in streams.items() for text in stream.sample(share[name]))
-        print(f"training a {cfg.tokenizer.vocab_size}-piece sentencepiece tokenizer on up to "
-              f"{cfg.tokenizer.train_docs} documents of {', '.join(sources)} -> {path}")  # fmt: skip
+        print(
+            f"training a {cfg.tokenizer.vocab_size}-piece sentencepiece tokenizer on up to "
+            f"{cfg.tokenizer.train_docs} documents of {', '.join(sources)} -> {path}"
+        )
         try:
-            train_tokenizer(None, path, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type, texts=texts,
-                            source={n: s.identity() for n, s in sources.items()})  # fmt: skip
+            train_tokenizer(
+                None,
+                path,
+                cfg.tokenizer.vocab_size,
+                cfg.tokenizer.model_type,
+                texts=texts,
+                source={n: s.identity() for n, s in sources.items()},
+            )
         except StableTrainError as e:
             raise StableTrainError(f"{'; '.join(s.desc for s in streams.values())}: {e}") from None
     barrier()

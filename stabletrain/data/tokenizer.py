@@ -128,9 +128,20 @@ def _paragraphs(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 # Byte fallback, no normalisation, newlines as pieces: the model round-trips any text exactly.
-_SENTENCEPIECE = dict(character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-                      remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=["\n"],
-                      max_sentence_length=8192, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)  # fmt: skip
+_SENTENCEPIECE = dict(
+    character_coverage=1.0,
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    split_digits=True,
+    user_defined_symbols=["\n"],
+    max_sentence_length=8192,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    minloglevel=2,
+)
 
 
 def train_tokenizer(
@@ -158,9 +169,14 @@ def train_tokenizer(
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         prefix = Path(tmp) / "sp"
         try:
-            spm.SentencePieceTrainer.train(sentence_iterator=_paragraphs(stream, 8192), model_prefix=str(prefix),
-                                           vocab_size=vocab_size, model_type=model_type,
-                                           num_threads=os.cpu_count() or 1, **_SENTENCEPIECE)  # fmt: skip
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_paragraphs(stream, 8192),
+                model_prefix=str(prefix),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                num_threads=os.cpu_count() or 1,
+                **_SENTENCEPIECE,
+            )
         except RuntimeError as e:  # e.g. a vocabulary larger than the text can support
             if counted["docs"] == 0:
                 raise StableTrainError(
@@ -173,7 +189,14 @@ def train_tokenizer(
             ) from None
         os.replace(f"{prefix}.model", out)  # atomic: a concurrent reader never sees half a file
     tok = Tokenizer(out)
-    meta = {"vocab_size": tok.vocab_size, "model_type": model_type, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "sha256": tok.sha256, "sources": files or source, "train_docs": counted["docs"]}  # fmt: skip
+    meta = {
+        "vocab_size": tok.vocab_size,
+        "model_type": model_type,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "sha256": tok.sha256,
+        "sources": files or source,
+        "train_docs": counted["docs"],
+    }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return out

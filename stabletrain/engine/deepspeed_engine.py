@@ -113,8 +113,9 @@ class DeepSpeedEngine(Engine):
         # AdamW with a veto on the update (the spike responses): DeepSpeed wraps it as its client optimizer. On a GPU
         # its fused kernel (one launch for every parameter), unless the states live in host memory (ZeRO-Offload).
         fused = self._device().type == "cuda" and e.offload_optimizer == "none"
-        self.optimizer = GatedAdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                    fused=fused or None)  # fmt: skip
+        self.optimizer = GatedAdamW(
+            param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_multiplier, cfg=cfg))
         if e.pipeline_stages == 1:
             ds_groups.mpu = None  # a pipeline engine built earlier in this process leaves its grid there
@@ -249,8 +250,13 @@ class DeepSpeedEngine(Engine):
 
     def layout_record(self) -> dict:
         e = self.cfg.engine
-        return {"world": self.layout.world, "pipeline_stages": e.pipeline_stages, "zero_stage": e.zero_stage,
-                "expert_parallel": e.expert_parallel, "dtype": str(self.cfg.precision.dtype)}  # fmt: skip
+        return {
+            "world": self.layout.world,
+            "pipeline_stages": e.pipeline_stages,
+            "zero_stage": e.zero_stage,
+            "expert_parallel": e.expert_parallel,
+            "dtype": str(self.cfg.precision.dtype),
+        }
 
     def _check_layout(self, saved: dict | None) -> None:
         """Before DeepSpeed reads anything: a layout it cannot resume from is one line, not a KeyError deep inside.

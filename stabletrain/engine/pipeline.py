@@ -122,8 +122,10 @@ def layer_list(model: nn.Module, cfg: Config) -> list[tuple[str, list[str]]]:
     recomputed segment of blocks, the head, and with tied embeddings the embedding's second use on the last stage."""
     segment, L = checkpoint_segment(cfg), len(model.blocks)
     entries = [("embedding", ["embed"])]
-    entries += [(f"blocks {s}-{min(s + segment, L) - 1}", [f"blocks.{i}" for i in range(s, min(s + segment, L))])
-                for s in range(0, L, segment)]  # fmt: skip
+    entries += [
+        (f"blocks {s}-{min(s + segment, L) - 1}", [f"blocks.{i}" for i in range(s, min(s + segment, L))])
+        for s in range(0, L, segment)
+    ]
     entries.append(("head", ["stream", "norm"] + ([] if cfg.model.tie_embeddings else ["head"])))
     if cfg.model.tie_embeddings:
         entries.append(("tied embedding", ["embed"]))
@@ -191,8 +193,10 @@ class PipelineEngine(DeepSpeedEngine):
         """This rank's stage: its layer-list entries, the blocks in them, and the modules they hold (the tied
         embedding on the first and the last stage)."""
         entries = layer_list(model, cfg)
-        weights = [sum(p.numel() for m in mods for p in model.get_submodule(m).parameters() if p.requires_grad)
-                   for _, mods in entries]  # fmt: skip
+        weights = [
+            sum(p.numel() for m in mods for p in model.get_submodule(m).parameters() if p.requires_grad)
+            for _, mods in entries
+        ]
         parts = stage_bounds(weights, layout.stages, str(cfg.engine.pipeline_partition))
         mine = entries[parts[layout.stage] : parts[layout.stage + 1]]
         blocks = [b for name, _ in mine for b in _entry_blocks(name)]
@@ -206,9 +210,12 @@ class PipelineEngine(DeepSpeedEngine):
         self.segments = [(s, min(s + segment, len(model.blocks))) for s in range(0, len(model.blocks), segment)]
         if cfg.model.tie_embeddings:
             first = TiedLayerSpec("embed", EmbedLayer, model, self.carry, tied_weight_attr="embed.weight")
-            last = [HeadLayer(model, self.carry),
-                    TiedLayerSpec("embed", EmbedLayer, model, self.carry, forward_fn=tied_logits,
-                                  tied_weight_attr="embed.weight")]  # fmt: skip
+            last = [
+                HeadLayer(model, self.carry),
+                TiedLayerSpec(
+                    "embed", EmbedLayer, model, self.carry, forward_fn=tied_logits, tied_weight_attr="embed.weight"
+                ),
+            ]
         else:
             first, last = EmbedLayer(model, self.carry), [HeadLayer(model, self.carry)]
         layers = [first, *(BlockLayer(model, s, e, self.carry) for s, e in self.segments), *last]

@@ -77,8 +77,9 @@ def documents(cfg: DataConfig, max_docs: int | None) -> Iterator[tuple[str, str]
                 yield name, text
 
 
-def evaluate(model, cfg: DataConfig, encode, prefix: int, max_docs: int | None = None,
-             progress: bool = True) -> dict[str, Score]:  # fmt: skip
+def evaluate(
+    model, cfg: DataConfig, encode, prefix: int, max_docs: int | None = None, progress: bool = True
+) -> dict[str, Score]:
     """Score per source and in total ("all")."""
     scores: dict[str, Score] = {}
     total = Score()

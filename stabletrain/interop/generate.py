@@ -63,8 +63,9 @@ def pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tenso
 
 
 @torch.no_grad()
-def generate(model: nn.Module, ids: torch.Tensor, s: Sampling, eos_id: int | None = None,
-             use_cache: bool = True) -> torch.Tensor:  # fmt: skip
+def generate(
+    model: nn.Module, ids: torch.Tensor, s: Sampling, eos_id: int | None = None, use_cache: bool = True
+) -> torch.Tensor:
     """Continue ids [B, T]; returns the new tokens [B, <= max_new_tokens] (stops when every row produced EOS)."""
     check_ranges(s, "")  # a value out of range is a one-line ConfigError, not a crash inside the loop
     gen = torch.Generator(device=ids.device).manual_seed(s.seed)

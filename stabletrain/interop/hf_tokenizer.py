@@ -26,12 +26,18 @@ def hf_tokenizer(spm_path: Path, max_length: int):
         model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
     else:
         vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-        model = models.BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=pieces[spec.unk_id][0],
-                           fuse_unk=True, byte_fallback=spec.byte_fallback)  # fmt: skip
+        model = models.BPE(
+            vocab=vocab,
+            merges=generate_merges(vocab),
+            unk_token=pieces[spec.unk_id][0],
+            fuse_unk=True,
+            byte_fallback=spec.byte_fallback,
+        )
     tk = Tokenizer(model)
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])  # fmt: skip
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tk.add_special_tokens(
         [AddedToken(p, special=True, normalized=False) for p, _, t in pieces if t in (UNKNOWN, CONTROL)]
     )
@@ -40,5 +46,10 @@ def hf_tokenizer(spm_path: Path, max_length: int):
     def piece(i: int) -> str | None:
         return pieces[i][0] if 0 <= i < len(pieces) else None
 
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=piece(spec.unk_id), bos_token=piece(spec.bos_id),
-                                   eos_token=piece(spec.eos_id), model_max_length=max_length)  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token=piece(spec.unk_id),
+        bos_token=piece(spec.bos_id),
+        eos_token=piece(spec.eos_id),
+        model_max_length=max_length,
+    )

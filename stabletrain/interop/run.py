@@ -64,8 +64,9 @@ def warn(message: str) -> None:
     print(f"stabletrain: warning: {message}", file=sys.stderr)
 
 
-def find_checkpoint(run_dir: Path, step: int | None = None, accept_legacy: bool = False,
-                    say: Callable[[str], None] = warn) -> Path:  # fmt: skip
+def find_checkpoint(
+    run_dir: Path, step: int | None = None, accept_legacy: bool = False, say: Callable[[str], None] = warn
+) -> Path:
     """The newest intact checkpoint of a run (or the one of `step`), verified as training verifies it. A newer one
     skipped is said in one line each (`say`); one named by `step` that cannot be used is an error with the reason."""
     tags = checkpoint.tags_newest_first(run_dir / "checkpoints")
@@ -82,8 +83,10 @@ def find_checkpoint(run_dir: Path, step: int | None = None, accept_legacy: bool 
             for why in skipped:
                 say(f"skipping checkpoint {why}; using {tag_dir.name}")
             if checkpoint.legacy(tag_dir):
-                say(f"{tag_dir.name} has a manifest without digests (an older stabletrain's): used because "
-                    "accept_legacy_checkpoints=true, but the content of its files is not checked")  # fmt: skip
+                say(
+                    f"{tag_dir.name} has a manifest without digests (an older stabletrain's): used because "
+                    "accept_legacy_checkpoints=true, but the content of its files is not checked"
+                )
             return tag_dir
         if step is not None:
             raise StableTrainError(f"{tag_dir} cannot be used: {rejection}")
@@ -102,8 +105,9 @@ def load_run(run_dir: str | Path, step: int | None = None, accept_legacy: bool =
     if model_cfg.vocab_size is None:  # the run took it from its tokenizer: resolved.yaml says which size
         resolved = load_resolved(run_dir)
         model_cfg.vocab_size = resolved.vocab_size if resolved else weights["embed.weight"].shape[0]  # older runs
-    return TrainedRun(run_dir, tag_dir, checkpoint.step_of(tag_dir), model_cfg, data_config(saved["data"]), saved,
-                      weights)  # fmt: skip
+    return TrainedRun(
+        run_dir, tag_dir, checkpoint.step_of(tag_dir), model_cfg, data_config(saved["data"]), saved, weights
+    )
 
 
 def model_from_export(export_dir: Path) -> Transformer:

@@ -42,8 +42,9 @@ class MLAConfig(AttentionConfig):
 
     def check(self, model) -> None:
         if self.qk_rope_head_dim % 2:
-            raise ConfigError(f"model.attention.qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary "
-                              "embeddings")  # fmt: skip
+            raise ConfigError(
+                f"model.attention.qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary embeddings"
+            )
         if self.qk_norm:
             raise ConfigError("model.attention.qk_norm applies to mha|gqa (MLA normalises its latents already)")
 

@@ -41,8 +41,12 @@ def _upgrade(saved: dict) -> dict:
 def model_config_from_dict(saved: dict) -> ModelConfig:
     saved = _upgrade(saved)
     node = OmegaConf.structured(ModelConfig)
-    for key, registry in (("attention", ATTENTIONS), ("residual", RESIDUAL_STREAMS), ("norm", DEPTH_SCALINGS),
-                          ("signal", SIGNALS)):  # fmt: skip
+    for key, registry in (
+        ("attention", ATTENTIONS),
+        ("residual", RESIDUAL_STREAMS),
+        ("norm", DEPTH_SCALINGS),
+        ("signal", SIGNALS),
+    ):
         if key in saved:
             node[key] = OmegaConf.structured(registry[saved[key]["kind"]].config)
     ffn = OmegaConf.structured(FEED_FORWARDS[saved["ffn"]["kind"]].config)

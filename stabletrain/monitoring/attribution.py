@@ -18,8 +18,14 @@ import torch
 TOP = 10  # documents listed in a report
 
 
-def rank_documents(per_token_loss: torch.Tensor, sources: list[str], documents: np.ndarray, tokens: torch.Tensor,
-                   decode=None, top: int = TOP) -> list[dict]:  # fmt: skip
+def rank_documents(
+    per_token_loss: torch.Tensor,
+    sources: list[str],
+    documents: np.ndarray,
+    tokens: torch.Tensor,
+    decode=None,
+    top: int = TOP,
+) -> list[dict]:
     """Documents of a batch, highest contribution first. per_token_loss [rows, T] (the loss of predicting target
     t), sources [rows], documents [rows, T] (the document of each target), tokens [rows, T + 1]."""
     loss = per_token_loss.detach().double().cpu().numpy()
@@ -33,20 +39,32 @@ def rank_documents(per_token_loss: torch.Tensor, sources: list[str], documents: 
         values = np.concatenate([loss[row][mask] for row, mask in parts])
         first_row, first_mask = parts[0]
         ids = tokens[first_row, 1:][torch.from_numpy(first_mask)].tolist()[:48]
-        out.append({"source": source, "record": record, "rows": sorted({r for r, _ in parts}),
-                    "tokens": int(values.size), "contribution": float((values - mean).sum()),
-                    "mean_loss": float(values.mean()), "loss_share": float(values.sum() / total) if total else 0.0,
-                    "excerpt": decode(ids)[:100] if decode is not None else None})  # fmt: skip
+        out.append(
+            {
+                "source": source,
+                "record": record,
+                "rows": sorted({r for r, _ in parts}),
+                "tokens": int(values.size),
+                "contribution": float((values - mean).sum()),
+                "mean_loss": float(values.mean()),
+                "loss_share": float(values.sum() / total) if total else 0.0,
+                "excerpt": decode(ids)[:100] if decode is not None else None,
+            }
+        )
     out.sort(key=lambda d: (-d["contribution"], -d["mean_loss"]))
     return out[:top]
 
 
 def markdown(ranked: list[dict]) -> str:
     """The report's table of documents."""
-    lines = ["| rank | source | record | rows | tokens | contribution | mean loss | share of loss | text |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| rank | source | record | rows | tokens | contribution | mean loss | share of loss | text |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, d in enumerate(ranked, 1):
         text = (d["excerpt"] or "").replace("\n", " ").replace("|", "/")[:60]
-        lines.append(f"| {i} | {d['source']} | {d['record']} | {','.join(map(str, d['rows']))} | {d['tokens']} | "
-                     f"{d['contribution']:.1f} | {d['mean_loss']:.3f} | {d['loss_share']:.1%} | {text} |")  # fmt: skip
+        lines.append(
+            f"| {i} | {d['source']} | {d['record']} | {','.join(map(str, d['rows']))} | {d['tokens']} | "
+            f"{d['contribution']:.1f} | {d['mean_loss']:.3f} | {d['loss_share']:.1%} | {text} |"
+        )
     return "\n".join(lines)

@@ -64,8 +64,9 @@ class _FP8AllToAll(torch.autograd.Function):
         out_data = data.new_empty((sum(recv), data.shape[1]))
         out_scales = q.scales.new_empty((sum(recv), q.scales.shape[1]))
         dist.all_to_all_single(out_data, data, output_split_sizes=recv, input_split_sizes=send, group=group)
-        dist.all_to_all_single(out_scales, q.scales.contiguous(), output_split_sizes=recv, input_split_sizes=send,
-                               group=group)  # fmt: skip
+        dist.all_to_all_single(
+            out_scales, q.scales.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group
+        )
         received = fp8.Quantized(out_data.view(fp8.E4M3), out_scales, q.block, (sum(recv), x.shape[1]))
         return received.dequantize().to(x.dtype)
 
@@ -187,10 +188,14 @@ class ExpertParallel:
                 p.register_post_accumulate_grad_hook(lambda p, m=self.master[n]: self._accumulate(p, m))
         masters = list(self.master.values())
         self.optimizer = torch.optim.AdamW(
-            [{"params": [m for m in masters if m.ndim >= 2], "weight_decay": weight_decay},
-             {"params": [m for m in masters if m.ndim < 2], "weight_decay": 0.0}],
-            lr=0.0, betas=betas, eps=eps,
-        )  # fmt: skip
+            [
+                {"params": [m for m in masters if m.ndim >= 2], "weight_decay": weight_decay},
+                {"params": [m for m in masters if m.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=0.0,
+            betas=betas,
+            eps=eps,
+        )
 
     @staticmethod
     def _accumulate(p: torch.Tensor, master: torch.Tensor) -> None:

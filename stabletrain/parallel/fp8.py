@@ -64,8 +64,15 @@ class Stats:
         self.scale_min, self.scale_max = math.inf, 0.0
         self.gemm_rel_err: dict[str, float] = {}
 
-    def record(self, kind: str, x: torch.Tensor, scaled: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
-               amax: torch.Tensor) -> None:  # fmt: skip
+    def record(
+        self,
+        kind: str,
+        x: torch.Tensor,
+        scaled: torch.Tensor,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        amax: torch.Tensor,
+    ) -> None:
         c = self.counts[kind]
         c[0] += float((scaled.abs() > E4M3_MAX * (1 + 1e-6)).sum())  # beyond the rounding of amax / s itself
         c[1] += float(((q.float() == 0) & (x != 0)).sum())

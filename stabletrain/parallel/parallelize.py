@@ -40,8 +40,10 @@ class Parallelized:
         f = cfg.precision.fp8
         if f.enabled:
             padded = f", {len(self.fp8.padded)} padded to the backend's tile" if self.fp8.padded else ""
-            parts.append(f"fp8 ({f.backend}, {f.recipe}) on {len(self.fp8.converted)} block Linear(s){padded}, "
-                         f"coverage {self.fp8.coverage:.0%}")  # fmt: skip
+            parts.append(
+                f"fp8 ({f.backend}, {f.recipe}) on {len(self.fp8.converted)} block Linear(s){padded}, "
+                f"coverage {self.fp8.coverage:.0%}"
+            )
         if cfg.engine.activation_checkpointing != "none":
             parts.append(f"recomputation {cfg.engine.activation_checkpointing}")
         if self.experts is not None:

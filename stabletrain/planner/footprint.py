@@ -121,8 +121,7 @@ def block_footprint(cfg: ModelConfig, layer_index: int, seq_len: int, dtype: str
         with torch.no_grad(), kept:
             stream.materialize(block(x, cos, sin, None))
         stream_bytes = x.numel() * x.element_size()
-    return BlockFootprint(saved.bytes / seq_len, (kept.bytes + stream_bytes) / seq_len,
-                         stream_bytes / seq_len)  # fmt: skip
+    return BlockFootprint(saved.bytes / seq_len, (kept.bytes + stream_bytes) / seq_len, stream_bytes / seq_len)
 
 
 def head_footprint(cfg: ModelConfig, seq_len: int, dtype: str) -> float:

@@ -16,16 +16,33 @@ from stabletrain.planner.search import Estimate, GiB, Layout, ModelProfile, esti
 
 SHOWN = 10  # layouts printed
 # Overrides the printed layouts set themselves (or that only concern planning), dropped from the user's command.
-OWN_KEYS = ("engine", "engine.zero_stage", "engine.pipeline_stages", "engine.expert_parallel",
-            "engine.activation_checkpointing", "engine.activation_checkpointing_blocks", "trainer.micro_batch_size",
-            "trainer.grad_accum_steps", "trainer.global_batch_size", "trainer.plan", "trainer.plan_world_size",
-            "trainer.plan_gpu_mem_gib", "trainer.preflight")  # fmt: skip
+OWN_KEYS = (
+    "engine",
+    "engine.zero_stage",
+    "engine.pipeline_stages",
+    "engine.expert_parallel",
+    "engine.activation_checkpointing",
+    "engine.activation_checkpointing_blocks",
+    "trainer.micro_batch_size",
+    "trainer.grad_accum_steps",
+    "trainer.global_batch_size",
+    "trainer.plan",
+    "trainer.plan_world_size",
+    "trainer.plan_gpu_mem_gib",
+    "trainer.preflight",
+)
 
 
 def configured_layout(cfg: Config) -> Layout:
     e = cfg.engine
-    return Layout(e.pipeline_stages, e.expert_parallel, e.zero_stage, str(e.activation_checkpointing),
-                  cfg.trainer.micro_batch_size, checkpoint_segment(cfg))  # fmt: skip
+    return Layout(
+        e.pipeline_stages,
+        e.expert_parallel,
+        e.zero_stage,
+        str(e.activation_checkpointing),
+        cfg.trainer.micro_batch_size,
+        checkpoint_segment(cfg),
+    )
 
 
 def plan(cfg: Config) -> dict:

@@ -150,8 +150,9 @@ def stage_params(profile: ModelProfile, layout: Layout, blocks: range, first: bo
     return (replicated + routed, 0.0) if ep == 1 else (replicated, routed / ep)
 
 
-def _stage_memory(profile: ModelProfile, layout: Layout, dp: int, accum: int, blocks: range, first: bool,
-                  last: bool, stage: int) -> dict[str, float]:  # fmt: skip
+def _stage_memory(
+    profile: ModelProfile, layout: Layout, dp: int, accum: int, blocks: range, first: bool, last: bool, stage: int
+) -> dict[str, float]:
     P, z = layout.pipeline_stages, layout.zero_stage
     bf16 = profile.dtype == "bf16"
     w = 2 if bf16 else 4
@@ -169,8 +170,9 @@ def _stage_memory(profile: ModelProfile, layout: Layout, dp: int, accum: int, bl
     mode = layout.activation_checkpointing
     if mode == "block":
         per_micro = sum(fp.stream for fp in fps[:: layout.segment])
-        transient = max((sum(f.saved for f in fps[i : i + layout.segment]) for i in range(0, len(fps), layout.segment)),
-                        default=0.0)  # fmt: skip
+        transient = max(
+            (sum(f.saved for f in fps[i : i + layout.segment]) for i in range(0, len(fps), layout.segment)), default=0.0
+        )
     else:
         per_micro, transient = sum(fp.selective if mode == "selective" else fp.saved for fp in fps), 0.0
     if last:  # the head's backward holds the fp32 logits' gradient and its cast: 4 + w bytes per vocabulary entry
@@ -223,8 +225,9 @@ def estimate(profile: ModelProfile, layout: Layout, world: int, global_batch: in
     if global_batch % (layout.micro_batch_size * dp):
         return None
     accum = global_batch // (layout.micro_batch_size * dp)
-    stages = stage_partition(profile, layout.pipeline_stages, layout.segment,
-                             str(profile.cfg.engine.pipeline_partition))  # fmt: skip
+    stages = stage_partition(
+        profile, layout.pipeline_stages, layout.segment, str(profile.cfg.engine.pipeline_partition)
+    )
     worst: dict[str, float] = {}
     for s, (blocks, first, last) in enumerate(stages):
         mem = _stage_memory(profile, layout, dp, accum, blocks, first, last, s)
@@ -256,12 +259,16 @@ def candidate_layouts(profile: ModelProfile, world: int) -> list[Layout]:
     return out
 
 
-def search(cfg: Config, world: int, gpu_mem_gib: float, global_batch: int,
-           profile: ModelProfile | None = None) -> tuple[list[Estimate], int]:  # fmt: skip
+def search(
+    cfg: Config, world: int, gpu_mem_gib: float, global_batch: int, profile: ModelProfile | None = None
+) -> tuple[list[Estimate], int]:
     """Feasible layouts, fastest first, and how many were considered."""
     profile = profile or ModelProfile(cfg)
-    estimates = [e for e in (estimate(profile, lay, world, global_batch) for lay in candidate_layouts(profile, world))
-                 if e is not None]  # fmt: skip
+    estimates = [
+        e
+        for e in (estimate(profile, lay, world, global_batch) for lay in candidate_layouts(profile, world))
+        if e is not None
+    ]
     feasible = [e for e in estimates if e.total_gib <= HEADROOM * gpu_mem_gib]
     feasible.sort(key=lambda e: (e.step_s, e.total_gib))
     return feasible, len(estimates)
@@ -269,10 +276,13 @@ def search(cfg: Config, world: int, gpu_mem_gib: float, global_batch: int,
 
 def layout_overrides(layout: Layout) -> list[str]:
     """The command-line overrides that select a layout."""
-    out = [f"engine=zero{layout.zero_stage}", f"engine.pipeline_stages={layout.pipeline_stages}",
-           f"engine.expert_parallel={layout.expert_parallel}",
-           f"engine.activation_checkpointing={layout.activation_checkpointing}",
-           f"trainer.micro_batch_size={layout.micro_batch_size}"]  # fmt: skip
+    out = [
+        f"engine=zero{layout.zero_stage}",
+        f"engine.pipeline_stages={layout.pipeline_stages}",
+        f"engine.expert_parallel={layout.expert_parallel}",
+        f"engine.activation_checkpointing={layout.activation_checkpointing}",
+        f"trainer.micro_batch_size={layout.micro_batch_size}",
+    ]
     if layout.activation_checkpointing == "block":
         out.append(f"engine.activation_checkpointing_blocks={layout.segment}")
     return out

@@ -134,8 +134,10 @@ class MoEBalance(Callback):
         loads = global_loads(trainer, routers)
         if not metrics.get("update_skipped"):  # a vetoed step leaves the balancing state alone too
             update_router_biases(routers.values(), loads)
-        part = {i: (load, r.aux_loss.item() if r.aux_loss is not None else None)
-                for (i, r), load in zip(routers.items(), loads)}  # fmt: skip
+        part = {
+            i: (load, r.aux_loss.item() if r.aux_loss is not None else None)
+            for (i, r), load in zip(routers.items(), loads)
+        }
         layers = merge_stages(trainer, part)
         if layers:
             per_layer = {i: maxvio(load) for i, (load, _) in sorted(layers.items())}

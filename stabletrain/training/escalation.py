@@ -34,15 +34,19 @@ class Ladder:
         self.last_firing = step
         if step <= self.cut_until:
             if self.rollbacks >= c.max_rollbacks:
-                return Decision(Action.ABORT, f"{cause} during a learning-rate cut after {self.rollbacks} rollback(s) "
-                                         "(monitor.escalate.max_rollbacks)")  # fmt: skip
+                return Decision(
+                    Action.ABORT,
+                    f"{cause} during a learning-rate cut after {self.rollbacks} rollback(s) "
+                    "(monitor.escalate.max_rollbacks)",
+                )
             return Decision(Action.ROLLBACK, f"{cause} during a learning-rate cut", at_least=c.rollback_skip_batches)
         if self.skipped < c.skips:
             self.skipped += 1
             return Decision(Action.SKIP, f"{cause} ({self.skipped} of {c.skips} skipped before a learning-rate cut)")
         self.skipped, self.cut_until = 0, step + c.cooldown
-        return Decision(Action.LR_CUT, f"{cause} after {c.skips} skipped update(s)", lr_scale=c.lr_factor,
-                        until=self.cut_until)  # fmt: skip
+        return Decision(
+            Action.LR_CUT, f"{cause} after {c.skips} skipped update(s)", lr_scale=c.lr_factor, until=self.cut_until
+        )
 
     def rolled_back(self, restored_step: int) -> None:
         """After the rollback restored `restored_step`: the cut lasts `cooldown` steps from there."""
@@ -53,8 +57,12 @@ class Ladder:
         return self.cfg.lr_factor if step <= self.cut_until else 1.0
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped, "last_firing": self.last_firing, "cut_until": self.cut_until,
-                "rollbacks": self.rollbacks}  # fmt: skip
+        return {
+            "skipped": self.skipped,
+            "last_firing": self.last_firing,
+            "cut_until": self.cut_until,
+            "rollbacks": self.rollbacks,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.last_firing = state["skipped"], state["last_firing"]

@@ -39,8 +39,10 @@ class SpikeResponder:
             t.event("skip_step", result.step, reason=decision.reason)
         elif decision.action == Action.LR_CUT:
             t.event("lr_cut", result.step, reason=decision.reason, factor=decision.lr_scale, until=decision.until)
-            t.say(f"step {result.step}: {decision.reason}; learning rate x{decision.lr_scale:g} through step "
-                  f"{decision.until}")  # fmt: skip
+            t.say(
+                f"step {result.step}: {decision.reason}; learning rate x{decision.lr_scale:g} through step "
+                f"{decision.until}"
+            )
         elif decision.action in (Action.STOP, Action.ABORT):
             t.save()  # the vetoed update never reached these weights
             t.event(decision.action, result.step, reason=decision.reason)
@@ -78,8 +80,13 @@ class SpikeResponder:
         for tag_dir, rejection in checkpoint.candidates(t.run_dir / "checkpoints"):
             rejection = rejection or checkpoint.verify(tag_dir)
             if rejection is not None:
-                t.event("checkpoint_rejected", result.step, checkpoint=str(tag_dir), file=rejection.file,
-                        reason=rejection.reason)  # fmt: skip
+                t.event(
+                    "checkpoint_rejected",
+                    result.step,
+                    checkpoint=str(tag_dir),
+                    file=rejection.file,
+                    reason=rejection.reason,
+                )
                 continue
             if (rejection := t.load(tag_dir)) is not None:
                 raise StableTrainError(f"rollback at step {result.step} could not load {tag_dir}: {rejection}")
@@ -87,8 +94,14 @@ class SpikeResponder:
             skip = t.guard.record_rollback(result.step, decision, restored, batch_index, t.step)
             t.hook("on_rewind", t.step)
             count = skip[1] - skip[0] if skip else 0
-            t.event("rollback", t.step, from_step=result.step, checkpoint=str(tag_dir), skip_batches=skip,
-                    batches_skipped=count)  # fmt: skip
+            t.event(
+                "rollback",
+                t.step,
+                from_step=result.step,
+                checkpoint=str(tag_dir),
+                skip_batches=skip,
+                batches_skipped=count,
+            )
             t.log({"step": t.step, "ckpt/load_s": t.load_s})
             skipped = f"; skipping global batches {skip[0]}..{skip[1] - 1} ({count})" if skip else ""
             t.say(f"step {result.step}: rolled back to step {t.step} ({tag_dir.name}){skipped}")

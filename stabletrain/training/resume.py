@@ -26,8 +26,13 @@ from stabletrain.checkpoint import Rejection
 Events = list[tuple[str, dict]]
 
 
-def resume(mode: str, run_dir: Path, load: Callable[[Path], Rejection | None], say: Callable[[str], None],
-           accept_legacy: bool = False) -> Events:  # fmt: skip
+def resume(
+    mode: str,
+    run_dir: Path,
+    load: Callable[[Path], Rejection | None],
+    say: Callable[[str], None],
+    accept_legacy: bool = False,
+) -> Events:
     """Verify and `load` the checkpoint `mode` names (collective: every rank calls it); the events to record."""
     own = run_dir / "checkpoints"
     if mode == "none":
@@ -69,8 +74,9 @@ def _legacy(tag_dir: Path, say: Callable[[str], None]) -> Events:
     return [("checkpoint_legacy", {"checkpoint": str(tag_dir)})]
 
 
-def _nothing_usable(mode: str, path: Path, tags: list[Path], rejected: list[Rejection],
-                    say: Callable[[str], None]) -> Events:  # fmt: skip
+def _nothing_usable(
+    mode: str, path: Path, tags: list[Path], rejected: list[Rejection], say: Callable[[str], None]
+) -> Events:
     """No checkpoint could be used: a fresh start where nothing would be lost by one, else an error."""
     listing = "; ".join(f"{d.name}: {r}" for d, r in zip(tags, rejected))
     if any(r.partial for r in rejected) or (mode == "auto" and not all(r.interrupted for r in rejected)):
@@ -87,8 +93,10 @@ def _nothing_usable(mode: str, path: Path, tags: list[Path], rejected: list[Reje
             for tag_dir in tags:
                 shutil.rmtree(tag_dir, ignore_errors=True)
         names = ", ".join(d.name for d in tags)
-        say(f"resume=auto: {path} holds only the interrupted first save {names} (nothing to resume from); removed "
-            "it, starting fresh")  # fmt: skip
+        say(
+            f"resume=auto: {path} holds only the interrupted first save {names} (nothing to resume from); removed "
+            "it, starting fresh"
+        )
     else:
         say(f"resume=auto: no checkpoint in {path}; starting fresh")
     return [("resume", {"checkpoint": None, "rejected": [[d.name, str(r)] for d, r in zip(tags, rejected)]})]

@@ -64,8 +64,14 @@ class Saver:
         if done:
             self.pending = None
             background.complete(tag_dir, step, self.t.engine.layout_record(), self.t.cfg.trainer.keep_checkpoints)
-            self.t.log({"step": self.t.step, "ckpt/save_s": time.perf_counter() - t0,
-                        "ckpt/bytes": space.manifest_bytes(tag_dir) or 0, "ckpt/completed_step": step})  # fmt: skip
+            self.t.log(
+                {
+                    "step": self.t.step,
+                    "ckpt/save_s": time.perf_counter() - t0,
+                    "ckpt/bytes": space.manifest_bytes(tag_dir) or 0,
+                    "ckpt/completed_step": step,
+                }
+            )
 
     def wait(self) -> None:
         while self.pending is not None:

@@ -69,7 +69,8 @@ class Startup:
         self.steps += 1
         if self.steps == 1:
             self.first_step_s = metrics["step_time_s"]
-            self.phase("first step", f"step {step} took {self.first_step_s:.2f} s; started in {self.total():.1f} s",
-                       device)  # fmt: skip
+            self.phase(
+                "first step", f"step {step} took {self.first_step_s:.2f} s; started in {self.total():.1f} s", device
+            )
         elif self.steps == 2 and compiled:
             metrics["perf/compile_s"] = max(0.0, self.first_step_s - metrics["step_time_s"])

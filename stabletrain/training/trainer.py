@@ -70,8 +70,9 @@ class Trainer:
         self.data = build_data(cfg.data, t.seed, self.is_main)
         self.resolved = resolve(cfg, self.world, self.data.tokenizer.vocab_size)  # vocabulary, batch, layout
         accum = grad_accum_steps(cfg, self.world)
-        self.loader = RankLoader(self.data.train, self.data.order, t.micro_batch_size, accum, self.layout.dp_rank,
-                                 self.layout.data_parallel)  # fmt: skip
+        self.loader = RankLoader(
+            self.data.train, self.data.order, t.micro_batch_size, accum, self.layout.dp_rank, self.layout.data_parallel
+        )
         self.startup.phase("data", f"{cfg.data.name}, vocabulary {self.resolved.vocab_size}")
         self._build_model()
         self.guard = SpikeGuard(cfg.monitor, t.skip_batches, self.resolved.vocab_size)
@@ -118,9 +119,11 @@ class Trainer:
     def fit(self) -> float:
         t = self.cfg.trainer
         last = t.stop_at or t.max_steps
-        self.say(f"model: {self.n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; {self.world} "
-                 f"rank(s), global batch {self.loader.global_batch_size}×{self.cfg.data.seq_len} tokens; MFU "
-                 f"peak: {self.peak / 1e12:.2f} TFLOP/s ({self.peak_source})")  # fmt: skip
+        self.say(
+            f"model: {self.n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; {self.world} "
+            f"rank(s), global batch {self.loader.global_batch_size}×{self.cfg.data.seq_len} tokens; MFU "
+            f"peak: {self.peak / 1e12:.2f} TFLOP/s ({self.peak_source})"
+        )
         val = None
         with StopSignals(self.say, self.run_dir / PREEMPT_FILE if self.is_main else None) as self._signals:
             if self.step == 0:
@@ -145,8 +148,10 @@ class Trainer:
         if self.stop_signal:
             if self.stop_signal != signal.SIGINT:  # a scheduler's preemption or time limit: requeue and resume
                 self.event("preempted", self.step, signal=dist_utils.signal_name(self.stop_signal))
-            self.say(f"stopped by {dist_utils.signal_name(self.stop_signal)} at step {self.step}; checkpoint "
-                     f"{checkpoint.tag_for(self.step)} saved (continue with trainer.resume=auto)")  # fmt: skip
+            self.say(
+                f"stopped by {dist_utils.signal_name(self.stop_signal)} at step {self.step}; checkpoint "
+                f"{checkpoint.tag_for(self.step)} saved (continue with trainer.resume=auto)"
+            )
             return float("nan")
         return val["val_loss"] if val else float("nan")
 
@@ -175,10 +180,19 @@ class Trainer:
         result = judged[0] if judged else self.guard.engine_skipped(step, loss, grad_norm)
         self.step, elapsed, samples = step, time.perf_counter() - t0, self.loader.samples_consumed
         tps = G * self.cfg.data.seq_len / elapsed
-        row = {"step": step, "tokens": samples * self.cfg.data.seq_len, "samples": samples,
-               **self.data.source_tokens(samples), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-               "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.peak * self.world),
-               "step_time_s": elapsed, "mem/peak_gib": peak_memory_gib(self.device)}  # fmt: skip
+        row = {
+            "step": step,
+            "tokens": samples * self.cfg.data.seq_len,
+            "samples": samples,
+            **self.data.source_tokens(samples),
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tps,
+            "mfu": self.flops_per_token * tps / (self.peak * self.world),
+            "step_time_s": elapsed,
+            "mem/peak_gib": peak_memory_gib(self.device),
+        }
         if self.cfg.optim.grad_clip_warmup_steps:
             row["grad_clip"] = clip_threshold(self.cfg, step)
         if not result.applied:
@@ -202,8 +216,12 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> None:
         self.refuse_nonfinite_state()
-        state = {"step": self.step, "samples_consumed": self.loader.samples_consumed, "world_size": self.world,
-                 **self.guard.state_dict()}  # fmt: skip
+        state = {
+            "step": self.step,
+            "samples_consumed": self.loader.samples_consumed,
+            "world_size": self.world,
+            **self.guard.state_dict(),
+        }
         tag_dir = self.saver.save(state)  # warns when the disk is nearly full
         self.hook("on_checkpoint", self.step, tag_dir)
 
@@ -233,9 +251,11 @@ class Trainer:
         where = where or "a tensor on another rank"
         intact = [d.name for d, r in checkpoint.candidates(self.run_dir / "checkpoints") if r is None] + ["none"]
         self.event("checkpoint_refused", self.step, reason=f"{where} holds NaN/Inf")
-        raise StableTrainError(f"step {self.step}: {where} holds NaN/Inf; refusing to write a checkpoint (newest "
-                               f"intact one: {intact[0]}; continue from it with trainer.resume=auto, optionally "
-                               "with trainer.skip_batches)")  # fmt: skip
+        raise StableTrainError(
+            f"step {self.step}: {where} holds NaN/Inf; refusing to write a checkpoint (newest "
+            f"intact one: {intact[0]}; continue from it with trainer.resume=auto, optionally "
+            "with trainer.skip_batches)"
+        )
 
     # ---------------------------------------------------------------- output
     def hook(self, name: str, *args) -> list:

@@ -21,9 +21,20 @@ SOURCES = Registry("data source", group=GROUP)
 # Before sources were a config group, every source had the fields of every kind, with `kind` null. Tokenizers
 # trained then are cached under a digest of that layout (data/<name>/tokenizer/sp<V>-<digest>.model), so the
 # built-in kinds keep naming themselves in it: those tokenizers, and the token caches beside them, stay valid.
-_FLAT = {"kind": None, "hf_id": None, "subset": None, "data_files": [], "split": "train", "val_split": None,
-         "train_files": [], "val_files": [], "val_docs": 200, "text_field": "text", "max_docs": None,
-         "weight": 1.0}  # fmt: skip
+_FLAT = {
+    "kind": None,
+    "hf_id": None,
+    "subset": None,
+    "data_files": [],
+    "split": "train",
+    "val_split": None,
+    "train_files": [],
+    "val_files": [],
+    "val_docs": 200,
+    "text_field": "text",
+    "max_docs": None,
+    "weight": 1.0,
+}
 
 
 def flat_identity(src: SourceConfig) -> dict:

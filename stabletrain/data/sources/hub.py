@@ -33,8 +33,12 @@ class HubSourceConfig(SourceConfig):
         return self.val_split if split == "val" and self.val_split else self.split
 
     def fingerprint(self, split: str) -> dict:
-        return {"hf_id": self.hf_id, "subset": self.subset, "data_files": list(self.data_files),
-                "split": self.split_name(split)}  # fmt: skip
+        return {
+            "hf_id": self.hf_id,
+            "subset": self.subset,
+            "data_files": list(self.data_files),
+            "split": self.split_name(split),
+        }
 
     def identity(self) -> dict:
         return flat_identity(self)

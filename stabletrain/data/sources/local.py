@@ -91,12 +91,15 @@ class LocalFiles:
 
     def load(self, utf8_errors: str):
         extra = {"sample_by": "document", "encoding_errors": utf8_errors} if self.builder == "text" else {}
-        return datasets_module().load_dataset(self.builder, data_files=self.files, split="train", streaming=True,
-                                              **extra)  # fmt: skip
+        return datasets_module().load_dataset(
+            self.builder, data_files=self.files, split="train", streaming=True, **extra
+        )
 
     def error(self, where: str, e: Exception) -> StableTrainError:
         """One line naming the file for whatever `datasets`/pyarrow raise while reading it."""
         if isinstance(e, UnicodeDecodeError):  # plain text with utf8_errors=strict: `datasets` decodes those files
-            return StableTrainError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                                    "data.utf8_errors=replace decodes such bytes as U+FFFD")  # fmt: skip
+            return StableTrainError(
+                f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                "data.utf8_errors=replace decodes such bytes as U+FFFD"
+            )
         return StableTrainError(f"{where}: cannot be read as {self.builder} ({type(e).__name__}: {first_line(e)})")

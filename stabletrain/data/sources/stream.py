@@ -52,9 +52,15 @@ class DocumentStream:
         fingerprint, and what every source shares (a split held out of the training stream differs from that
         stream only in `split`)."""
         s = self.src
-        return {"kind": s.kind, "split": self.split, "source": s.fingerprint(self.split), "text_field": s.text_field,
-                "holdout": s.val_docs if (self.holdout_only or self.skip_holdout) else 0, "max_docs": s.max_docs,
-                "utf8_errors": self.utf8_errors}  # fmt: skip
+        return {
+            "kind": s.kind,
+            "split": self.split,
+            "source": s.fingerprint(self.split),
+            "text_field": s.text_field,
+            "holdout": s.val_docs if (self.holdout_only or self.skip_holdout) else 0,
+            "max_docs": s.max_docs,
+            "utf8_errors": self.utf8_errors,
+        }
 
     def dataset(self):
         """The `datasets` IterableDataset (opened once; a hub source fails here when the hub is unreachable)."""

@@ -43,8 +43,9 @@ class BSLOConfig(SignalConfig):
 
     def check(self, model) -> None:
         if self.clamp_min > self.clamp_max:
-            raise ConfigError(f"model.signal.clamp_min={self.clamp_min} is above model.signal.clamp_max="
-                              f"{self.clamp_max}")  # fmt: skip
+            raise ConfigError(
+                f"model.signal.clamp_min={self.clamp_min} is above model.signal.clamp_max={self.clamp_max}"
+            )
 
 
 @SIGNALS.register("bslo", config=BSLOConfig)

@@ -11,9 +11,8 @@ one tl.dot accumulator of the projection; phi, bias and alpha are gathered into 
 - `_bwd_coef_kernel`: recomputes x_s, RMS and projection, the gradient of the logits through sigmoid and
   Sinkhorn (the iterations recomputed into a per-token scratch, never kept from the forward).
 - `_bwd_stream_kernel`: the stream gradient of the read (H_pre, RMS and projection terms) and of the write.
-
-The kernels are plain functions decorated on first use (`load`), so TRITON_INTERPRET is read then, not when
-stabletrain is imported (the tests set it after other modules imported the package).
+Kernels are decorated on first use (`load`): TRITON_INTERPRET is read then, not at import (tests set it late).
+The four kernel signatures keep `# fmt: skip`: one argument per line would make each kernel twice as long.
 """
 
 from __future__ import annotations
@@ -109,8 +108,8 @@ def _stats(X, Y, PW, RW, XS, DH, PHI, rows, M, n, C: tl.constexpr, NP: tl.conste
         pw, rw = _load_coef(PW, RW, rows, M, n, NP)
         for c0 in range(0, C, BC):
             offs, mask, offs_y, mask_y = _tile(rows, c0, n, C, NP, BC, M)
-            x = _mix(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32),
-                     tl.load(Y + offs_y, mask=mask_y, other=0.0).to(tl.float32), pw, rw, n, NP)  # fmt: skip
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            x = _mix(x, tl.load(Y + offs_y, mask=mask_y, other=0.0).to(tl.float32), pw, rw, n, NP)
             tl.store(XS + offs, x.to(XS.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the pass below reads back this program's own stores
         X = XS
@@ -222,8 +221,8 @@ def _bwd_coef_kernel(X, Y, PW, RW, XS, DH, DPOST, DRES, PHI, BIAS, ALPHA, SCR, D
     """Per token: dz (logits), dz*u (for alpha), dmix = dz alpha / rms (for phi and the stream), a = drms/(N rms)
     (the RMS term of the stream gradient is a * x_s) and H_pre."""
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    sumsq, acc_r, acc_p, dpre = _stats(X, Y, PW, RW, XS, DH, PHI, rows, M, n, C, NP, BC, PPW, BM, WRITE, True, True,
-                                       PREC)  # fmt: skip
+    stats = _stats(X, Y, PW, RW, XS, DH, PHI, rows, M, n, C, NP, BC, PPW, BM, WRITE, True, True, PREC)
+    sumsq, acc_r, acc_p, dpre = stats
     rms = tl.sqrt_rn(sumsq / (n * C) + eps)
     zr, ur, alpha_r = _logits(acc_r, rms, BIAS, ALPHA, n, NP, PPW, True)
     zp, up, alpha_p = _logits(acc_p, rms, BIAS, ALPHA, n, NP, PPW, False)
@@ -282,8 +281,8 @@ def _bwd_stream_kernel(X, Y, PW, RW, XS, DXS, DH, PRE, A, DMIX, PHI, DX, DY, DPW
             dh = tl.load(DH + offs_y, mask=mask_y, other=0.0).to(tl.float32)
             phi_r = tl.trans(_phi_tile(PHI, c0, n, C, NP, BC, NP * NP, src_r, valid_r, K))
             proj = tl.dot(dmix_r, phi_r, input_precision=PREC)
-            proj += tl.dot(dmix_p, tl.trans(_phi_tile(PHI, c0, n, C, NP, BC, PPW, src_p, valid_p, K)),
-                           input_precision=PREC)  # fmt: skip
+            phi_p = tl.trans(_phi_tile(PHI, c0, n, C, NP, BC, PPW, src_p, valid_p, K))
+            proj += tl.dot(dmix_p, phi_p, input_precision=PREC)
             g += pre[:, :, None] * dh[:, None, :] + a[:, None, None] * xs + tl.reshape(proj, [BM, NP, BC])
         if WRITE:
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -305,9 +304,8 @@ def _bwd_stream_kernel(X, Y, PW, RW, XS, DXS, DH, PRE, A, DMIX, PHI, DX, DY, DPW
         tl.store(DRW + offs_r, drw, mask=mv[:, :, None] & (i[None, None, :] < n))
 
 
-_JIT = ("_cols", "_take", "_put", "_tile", "_mix", "_load_coef", "_phi_tile", "_stats", "_div", "_logits",
-        "_sinkhorn", "_sinkhorn_bwd", "_fwd_kernel", "_store_cols", "_bwd_coef_kernel", "_load_cols",
-        "_bwd_stream_kernel")  # fmt: skip
+# every function above, decorated by load()
+_JIT = [k for k, v in dict(globals()).items() if k.startswith("_") and getattr(v, "__module__", "") == __name__]
 
 
 @functools.cache
@@ -379,9 +377,11 @@ def backward_coef(x, y, pw, rw, dh, dpost, dres, phi, bias, alpha, eps: float, i
     dz, dzu, dmix = (torch.empty(s.M, s.n * s.n + 2 * s.n, **f32) for _ in range(3))
     a, pre = torch.empty(s.M, **f32), torch.empty(s.M, s.n, **f32)
     scratch = torch.empty(s.grid[0] * s.BM, 2 * iters, s.NP, s.NP, **f32)  # the Sinkhorn half-steps, transient
-    _bwd_coef_kernel[s.grid](x, y if write else x, pw if write else dz, rw if write else dz, xs, dh, dpost, dres,
-                             phi, bias, alpha, scratch, dz, dzu, dmix, a, pre, s.M, eps, s.n, s.C, s.NP, s.BC, s.PPW,
-                             s.BM, iters, write, s.precision, num_warps=s.warps)  # fmt: skip
+    ins = (x, y if write else x, pw if write else dz, rw if write else dz, xs, dh, dpost, dres, phi, bias, alpha)
+    outs = (scratch, dz, dzu, dmix, a, pre)
+    _bwd_coef_kernel[s.grid](
+        *ins, *outs, s.M, eps, s.n, s.C, s.NP, s.BC, s.PPW, s.BM, iters, write, s.precision, num_warps=s.warps
+    )
     return xs, dz, dzu, dmix, a, pre
 
 
