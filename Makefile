@@ -27,10 +27,10 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest -q -n $(WORKERS) tests $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup tests $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -n $(WORKERS) tests -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup tests -m "not slow" $(ARGS)
 
 # The papers' claims at small scale (CPU): every repro_* recipe, then docs/reproduction.md and
 # docs/reproduction/*.png (docs/reproducing.md). The recipes run in two lanes of single-threaded processes: tiny

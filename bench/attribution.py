@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from bench.throughput import compose_config  # noqa: E402
 from stabletrain.config import to_object  # noqa: E402
-from stabletrain.data.setup import build_data  # noqa: E402
+from stabletrain.data.build import build_data  # noqa: E402
 
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "data.seq_len=64", "trainer.micro_batch_size=8",
         "optim.lr=3e-3", "optim.warmup_steps=2", "logging=none", "logging.progress=false",

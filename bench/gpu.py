@@ -34,8 +34,9 @@ import torch  # noqa: E402
 
 from bench.throughput import BareLoop, compose_config  # noqa: E402
 from stabletrain.config import to_container, to_object, validate  # noqa: E402
+from stabletrain.config.schema import GPU_PEAK_TFLOPS  # noqa: E402
 from stabletrain.models.residual.manifold import set_kernel  # noqa: E402
-from stabletrain.training.perf import GPU_PEAK_TFLOPS, peak_flops  # noqa: E402
+from stabletrain.training.perf import peak_flops  # noqa: E402
 from stabletrain.training.trainer import Trainer  # noqa: E402
 
 GPU = ["trainer.device=cuda", "precision=bf16", "data.seq_len=2048", "trainer.micro_batch_size=4"]

@@ -34,9 +34,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 from stabletrain.cli import compose_config  # noqa: E402
+from stabletrain.data.build import build_data, ensure_tokenizer  # noqa: E402
 from stabletrain.data.loader import RankLoader  # noqa: E402
 from stabletrain.data.prepare import prepare  # noqa: E402
-from stabletrain.data.setup import build_data, ensure_tokenizer  # noqa: E402
 from stabletrain.data.sources import iter_texts  # noqa: E402
 
 

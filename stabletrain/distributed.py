@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import importlib
 import os
@@ -74,7 +75,15 @@ def init_process_group(backend: str) -> None:
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
+        atexit.register(_destroy_process_group)
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def _destroy_process_group() -> None:
+    # Left to interpreter finalization, gloo's worker threads can still hold tensors whose release needs the GIL:
+    # the process then aborts ("terminate called without an active exception") after a successful run.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def agree_on_run_stamp() -> str:

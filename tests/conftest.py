@@ -22,12 +22,27 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    # Under `make test` (-n 2 --dist loadgroup): the tests of a module with a module-scoped fixture (a set of
+    # training runs, a torchrun launch) go to one worker, so the fixture is built once, not once per worker; they and
+    # the slow tests are handed out first, so that the end is not one worker finishing a long test alone.
+    for item in items:
+        if _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: 0 if item.get_closest_marker("xdist_group") else 1 if "slow" in item.keywords else 2)
+
+
+def _shares_a_module_fixture(item) -> bool:
+    defs = getattr(item, "_fixtureinfo", None)  # pytest's own record of the fixtures a test uses
+    return defs is not None and any(
+        d.scope == "module" for name in item.fixturenames for d in defs.name2fixturedefs.get(name, ())
+    )
 
 
 @pytest.fixture(autouse=True)

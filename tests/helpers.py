@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -194,3 +195,21 @@ def tensor_paths(x, prefix: str, out: dict | None = None) -> dict:
         for i, v in enumerate(x):
             tensor_paths(v, f"{prefix}/{i}", out)
     return out
+
+
+def run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """What `python -m <module> <args>` run in `cwd` does, in this process (a stabletrain tool: the interpreter
+    start-up is not paid again). Returns the exit status and output."""
+    out, err, status, saved = io.StringIO(), io.StringIO(), 0, (sys.argv, Path.cwd())
+    try:
+        sys.argv = [module, *args]
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        err.write("" if isinstance(e.code, int) or e.code is None else str(e.code))
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+    return subprocess.CompletedProcess([module, *args], status, out.getvalue(), err.getvalue())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.attribution import trial
-from stabletrain.data.setup import build_data
+from stabletrain.data.build import build_data
 from stabletrain.monitoring.attribution import rank_documents
 from tests.helpers import REPO, TINY, composed
 

@@ -182,7 +182,7 @@ def test_every_number_in_the_schema_declares_its_range():
 
 # --- data-level input: files the pipeline reads (one line naming the file, no traceback from a library)
 def _data_error(tmp_path: Path, *overrides: str) -> str:
-    from stabletrain.data.setup import build_data
+    from stabletrain.data.build import build_data
     from tests.helpers import compose_data
 
     try:

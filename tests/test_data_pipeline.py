@@ -17,10 +17,10 @@ import zstandard
 
 from stabletrain import StableTrainError
 from stabletrain.config import ConfigError, DataConfig
+from stabletrain.data.build import build_data, data_config_from_dict, ensure_tokenizer, tokenizer_path
 from stabletrain.data.loader import RankLoader
 from stabletrain.data.packing import document_ids
 from stabletrain.data.prepare import KILL_AFTER_ENV, prepare
-from stabletrain.data.setup import build_data, data_config_from_dict, ensure_tokenizer, tokenizer_path
 from stabletrain.data.shards import PreparedDir, pick_dtype
 from stabletrain.data.sources import HubSourceConfig, LocalSourceConfig, open_source
 from stabletrain.data.token_cache import cache_key

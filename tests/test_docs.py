@@ -21,7 +21,7 @@ from stabletrain.cli import setup
 from stabletrain.cli.docs import OUT as CONFIG_REFERENCE
 from stabletrain.cli.docs import render
 from stabletrain.config import check_overrides
-from tests.helpers import PYTHON, REPO, _train_here, env
+from tests.helpers import PYTHON, REPO, _train_here, env, run_module
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 MARKS = {"": "run", "cluster": "not run", "long": "not run", "no-run": "not run"}
@@ -167,6 +167,8 @@ def _run(command: str, root: Path, n: int) -> subprocess.CompletedProcess:
             os.chdir(cwd)
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    if argv[:2] == ["python", "-m"] and argv[2].startswith("stabletrain.") and not assignments:
+        return run_module(argv[2], argv[3:], root)
     argv = [PYTHON if w == "python" else w for w in argv]
     if argv[0] == "torchrun":  # the launcher of this interpreter, on a free port
         argv = [PYTHON, "-m", "torch.distributed.run", "--standalone", *argv[1:]]
@@ -176,7 +178,9 @@ def _run(command: str, root: Path, n: int) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
 
 
+# A block repeated verbatim elsewhere (the planner's example in three documents) runs once.
 RUN_BLOCKS = [(p, i, commands(body)) for i, (p, lang, mark, body) in enumerate(BLOCKS) if lang == "bash" and mark == ""]
+RUN_BLOCKS = [b for n, b in enumerate(RUN_BLOCKS) if b[2] not in [earlier[2] for earlier in RUN_BLOCKS[:n]]]
 
 
 @pytest.mark.slow

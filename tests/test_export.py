@@ -13,7 +13,7 @@ from stabletrain.interop.export import export
 from stabletrain.interop.generate import Sampling, generate
 from stabletrain.interop.hf_tokenizer import hf_tokenizer
 from stabletrain.interop.run import load_run
-from tests.helpers import PYTHON, REPO, env, train, train_jobs
+from tests.helpers import PYTHON, REPO, env, run_module, train, train_jobs
 
 pytestmark = pytest.mark.slow
 
@@ -174,8 +174,8 @@ def test_rolling_windows_predict_every_token_once():
     assert windows[0][0][0] == 0 and windows[-1][0] == ids[-9:-1]  # the last window sees a full context
 
 
-def _cli(*args):
-    return subprocess.run([PYTHON, "-m", *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+def _cli(module, *args):
+    return run_module(module, list(args), REPO)
 
 
 def test_bad_input_is_one_line(runs, exports, tmp_path):

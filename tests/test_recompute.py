@@ -45,7 +45,11 @@ def _run(model, steps=2):
     return torch.stack(losses), grads, {n: b.clone() for n, b in model.named_buffers()}
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+# The fused kernels compile in the worker that compiled them for test_residual (same shapes): ~40 s once, not twice.
+INDUCTOR = pytest.mark.xdist_group("inductor")
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=INDUCTOR) if v == "mhc_fused" else v for v in VARIANTS])
 @pytest.mark.parametrize("mode, blocks", [("block", 1), ("block", 3), ("selective", 1)])
 def test_recomputation_gives_the_same_losses_and_gradients(variant, mode, blocks):
     plain = _model(VARIANTS[variant])

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stabletrain.data.setup import tokenizer_path
+from stabletrain.data.build import tokenizer_path
 from stabletrain.data.tokenizer import load_tokenizer
 from tests.helpers import REPO, TINY, composed, read_jsonl, train_rows
 
 PACKAGE = REPO / "stabletrain"
-# Heavy dependencies only some runs need may be imported where they are used.
 # Optional or heavy packages, imported where used (by top-level package name).
 LAZY_OK = {"matplotlib", "wandb", "datasets", "torchao", "transformers", "lm_eval", "submitit",
            "wandb_workspaces"}  # fmt: skip
@@ -61,6 +60,10 @@ def test_files_and_functions_stay_short():
                 long_functions.append(f"{path.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1})")
     assert long_files == [] and long_functions == []
     assert len((PACKAGE / "training/trainer.py").read_text().splitlines()) < 300
+    # Shortness comes from the code, not from lines hidden from the formatter: a few, each with its reason.
+    lines = [(path, i, line) for path in _sources() for i, line in enumerate(path.read_text().splitlines(), 1)]
+    unformatted = [f"{path.relative_to(REPO)}:{i}" for path, i, line in lines if line.endswith("# fmt: skip")]
+    assert len(unformatted) <= 15, unformatted
 
 
 def test_a_new_residual_variant_is_one_module_and_one_yaml(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ def baseline_run(tmp_path_factory):
 
 def unigram_entropy_nats() -> float:
     """Entropy of the training tokens' unigram distribution: what a model with no context can reach."""
-    from stabletrain.data.setup import build_data
+    from stabletrain.data.build import build_data
     from tests.helpers import compose_data
 
     tokens = build_data(compose_data(["data.seq_len=64"]), seed=0, is_main=True).train.tokens  # the run's cache

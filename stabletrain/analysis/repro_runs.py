@@ -20,7 +20,7 @@ from stabletrain import REPO_ROOT
 from stabletrain.analysis.report import read_jsonl, read_metrics
 from stabletrain.analysis.repro_stats import block_output_variance, prune_increase
 from stabletrain.config import DataConfig, PrecisionConfig
-from stabletrain.data.setup import build_data
+from stabletrain.data.build import build_data
 from stabletrain.data.sources import LocalSourceConfig
 from stabletrain.interop.run import TrainedRun, load_run
 from stabletrain.parallel.fp8 import apply_fp8

@@ -12,7 +12,7 @@ from pathlib import Path
 from stabletrain import StableTrainError
 from stabletrain.cli import compose_config
 from stabletrain.config import validate_data
-from stabletrain.data.setup import ensure_tokenizer
+from stabletrain.data.build import ensure_tokenizer
 from stabletrain.data.tokenizer import load_tokenizer, train_tokenizer
 
 

@@ -284,11 +284,16 @@ class LoggingConfig:
     workspace_url: Optional[str] = None  # the W&B dashboard (stabletrain.analysis.wandb_workspace): alerts link it
 
 
+# Dense (no sparsity) datasheet peak TFLOP/s per GPU: (bf16, fp32 via TF32). The one table: the planner's default
+# roofline below and the trainer's MFU (training/perf.py) both read it.
+GPU_PEAK_TFLOPS = {"H200": (989.0, 494.5), "H100": (989.0, 494.5), "A100": (312.0, 156.0), "L40S": (362.0, 183.0)}
+
+
 @dataclass
 class HardwareConfig:
     """The planner's roofline of one GPU and its node (defaults: an H100 SXM node, datasheet numbers)."""
 
-    peak_tflops: float = positive(989.0)  # dense bf16 matmul peak
+    peak_tflops: float = positive(GPU_PEAK_TFLOPS["H100"][0])  # dense bf16 matmul peak
     hbm_gbps: float = positive(3350.0)  # memory bandwidth
     intra_node_gbps: float = positive(450.0)  # per GPU, one direction (NVLink 4)
     inter_node_gbps: float = positive(50.0)  # per GPU, one direction (400 Gb/s InfiniBand per GPU)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from stabletrain import StableTrainError
 from stabletrain.config import DataConfig
-from stabletrain.data.setup import ensure_tokenizer
+from stabletrain.data.build import ensure_tokenizer
 from stabletrain.data.shards import FORMAT, pick_dtype, write_atomic, write_shard
 from stabletrain.data.sources import open_source, source_from_dict
 from stabletrain.data.tokenizer import encode_documents, load_tokenizer

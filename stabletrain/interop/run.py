@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from stabletrain import StableTrainError, checkpoint
 from stabletrain.config import DataConfig, ModelConfig
 from stabletrain.config.resolved import load_resolved
-from stabletrain.data.setup import data_config_from_dict, tokenizer_path
+from stabletrain.data.build import data_config_from_dict, tokenizer_path
 from stabletrain.models import Transformer, build_model, model_config_from_dict
 
 

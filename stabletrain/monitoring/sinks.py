@@ -228,3 +228,6 @@ class WandbRun(Callback):
 
     def close(self) -> None:
         self.run.finish()
+        # finish() can return before the W&B service has flushed the run file's last records (seen: the last
+        # three steps missing when the file was read right after); teardown waits for the service to exit.
+        self.wandb.teardown()

@@ -7,8 +7,7 @@ import time
 
 import torch
 
-# Dense (no sparsity) peak TFLOP/s per device: (bf16, fp32 via TF32).
-GPU_PEAK_TFLOPS = {"H200": (989.0, 494.5), "H100": (989.0, 494.5), "A100": (312.0, 156.0), "L40S": (362.0, 183.0)}
+from stabletrain.config.schema import GPU_PEAK_TFLOPS
 
 
 def measured_cpu_peak(seconds: float = 0.3, n: int = 1024) -> float:

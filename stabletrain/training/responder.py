@@ -22,7 +22,7 @@ class SpikeResponder:
     def __init__(self, trainer):
         self.t = trainer
 
-    def respond(self, result: StepResult, batch_index: int, batches: list[torch.Tensor]) -> str:
+    def respond(self, result: StepResult, batch_index: int, batches: list[torch.Tensor]) -> Action:
         """Record a firing (events, alerts, forensics) and carry out the guard's decision; returns its action."""
         t = self.t
         for kind, fields, title, text in t.guard.firing_records(result, batch_index):

@@ -24,8 +24,8 @@ from stabletrain import StableTrainError, checkpoint
 from stabletrain import distributed as dist_utils
 from stabletrain.config import Config, RankLayout, grad_accum_steps
 from stabletrain.config.resolved import resolve
+from stabletrain.data.build import build_data
 from stabletrain.data.loader import RankLoader
-from stabletrain.data.setup import build_data
 from stabletrain.engine.build import engine_class
 from stabletrain.models import count_params, meta_model, model_flops_per_token
 from stabletrain.optim import clip_threshold
@@ -33,7 +33,6 @@ from stabletrain.parallel.materialize import materialize
 from stabletrain.parallel.parallelize import parallelize
 from stabletrain.training.callbacks import CALLBACKS, build_callbacks
 from stabletrain.training.detectors import Action, StepResult
-from stabletrain.training.evaluation import evaluate
 from stabletrain.training.perf import peak_flops, peak_memory_gib
 from stabletrain.training.responder import SpikeResponder
 from stabletrain.training.resume import resume
@@ -41,6 +40,7 @@ from stabletrain.training.saving import Saver
 from stabletrain.training.signals import PREEMPT_FILE, StopSignals, pack_with_stop_flags, read_step
 from stabletrain.training.spike_guard import SpikeGuard
 from stabletrain.training.startup import Startup
+from stabletrain.training.validation import validation_loss
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Trainer:
         val = None
         with StopSignals(self.say, self.run_dir / PREEMPT_FILE if self.is_main else None) as self._signals:
             if self.step == 0:
-                val = self._evaluate_and_log()
+                val = self._validate_and_log()
             while self.step < last and self.stop_signal is None:
                 self.saver.poll()  # completes an asynchronous save once every rank's writer is done
                 self.hook("on_step_begin", self.step + 1)
@@ -141,7 +141,7 @@ class Trainer:
                 if self.step % t.log_interval == 0 or self.step == last or any(k.startswith("gain/") for k in metrics):
                     self.log(metrics)
                 if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == last:
-                    val = self._evaluate_and_log()
+                    val = self._validate_and_log()
                 if (t.ckpt_interval and self.step % t.ckpt_interval == 0) or self.step == last or self.stop_signal:
                     self.save()
             self.saver.wait()
@@ -204,10 +204,10 @@ class Trainer:
         self.stop_signal = self.stop_signal or stop
         return loss, grad_norm
 
-    def _evaluate_and_log(self) -> dict:
+    def _validate_and_log(self) -> dict:
         t = self.cfg.trainer
         self.hook("on_eval_begin", self.step)
-        val = evaluate(self.engine, self.data, t.micro_batch_size, t.eval_batches)
+        val = validation_loss(self.engine, self.data, t.micro_batch_size, t.eval_batches)
         self.hook("on_eval_end", self.step, val)
         self.log({"step": self.step, **val})
         self.say(f"step {self.step}: val_loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})")

@@ -12,7 +12,7 @@ from stabletrain.engine.base import Engine
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, data, micro: int, batches: int) -> dict:
+def validation_loss(engine: Engine, data, micro: int, batches: int) -> dict:
     """{val_loss, val_ppl} over `batches` global batches of `micro` samples per replica from data.val."""
     layout = engine.layout
     engine.eval()
