@@ -42,7 +42,8 @@ def test_mhc_27b_gets_layouts_without_zero3_that_compose_and_validate(world):
 
 # A model whose activations dwarf the process's other memory at one CPU step (about 0.45 GiB between the modes).
 AC_RUN = ["model=mhc", "model.d_model=256", "model.n_layers=8", "model.n_heads=4", "data.seq_len=256",
-          "trainer.micro_batch_size=8", "trainer.max_steps=1", "trainer.eval_interval=0", "logging=none"]  # fmt: skip
+          "trainer.micro_batch_size=8", "trainer.max_steps=1", "trainer.eval_interval=0", "trainer.eval_batches=1",
+          "logging=none"]  # fmt: skip
 
 
 @pytest.mark.slow
