@@ -47,5 +47,5 @@ def test_a_poisoned_document_is_ranked_first_by_the_spikes_forensics(tmp_path: P
     tokenizer.parent.mkdir()
     tokenizer.write_bytes(next((REPO / "data/shakespeare/tokenizer").glob("sp4096-*.model")).read_bytes())
     rng = random.Random(7)
-    results = [trial(tmp_path, seed, rng, tokenizer) for seed in (11, 12)]
-    assert all(r["hit"] for r in results), results
+    result = trial(tmp_path, 11, rng, tokenizer)  # one seed; bench/attribution.py runs 20 (19 ranked first)
+    assert result["hit"], result

@@ -216,10 +216,11 @@ def test_the_report_is_built_from_the_runs(tmp_path, capsys):
     # A run whose tokenizer is not where its config says (made in another checkout): an error, never a new one.
     moved = tmp_path / "moved" / "fp8_s0"
     shutil.copytree(runs / "fp8_s0", moved)
+    shutil.copytree(runs / "bf16_s0", moved.parent / "bf16_s0")  # claim 5's other side
     cfg = (moved / "config.yaml").read_text()
     (moved / "config.yaml").write_text(cfg.replace("vocab_size: 4096", "vocab_size: 4095", 1))
     with pytest.raises(SystemExit):
-        reproduce_main([str(runs), str(moved.parent), "--out", str(tmp_path / "docs2")])
+        reproduce_main([str(moved.parent), "--out", str(tmp_path / "docs2")])  # with its pair only
     assert "its tokenizer" in capsys.readouterr().err
     assert not list((REPO / "data" / "shakespeare" / "tokenizer").glob("sp4095-*"))
 

@@ -66,66 +66,52 @@ def test_files_and_functions_stay_short():
     assert len(unformatted) <= 15, unformatted
 
 
-def test_a_new_residual_variant_is_one_module_and_one_yaml(tmp_path, monkeypatch):
-    """tests/toy_residual.py registers a stream; a preset YAML in a directory of our own selects it; train.py
-    trains it with no file of the repository touched."""
-    conf = tmp_path / "conf" / "model"
+def _train_plugin(tmp_path, monkeypatch, plugin: str, group: str, preset: str, yaml: str, *overrides: str) -> str:
+    """Train 4 steps through train.py with `plugin` loaded (STABLETRAIN_PLUGINS) and one preset YAML of our own in
+    conf/<group>/<preset>.yaml, no file of the repository touched; returns the run's config.yaml."""
+    conf = tmp_path / "conf" / group
     conf.mkdir(parents=True)
-    (conf / "toy.yaml").write_text("defaults:\n  - baseline\n  - override residual: toy\n  - _self_\nname: toy\n")
+    (conf / f"{preset}.yaml").write_text(yaml)
     run = tmp_path / "run"
-    args = [*TINY, "model=toy", "model.residual.gate=0.25", "trainer.max_steps=4", "trainer.eval_interval=0",
-            "logging=none", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={run}"]  # fmt: skip
-    monkeypatch.setenv("STABLETRAIN_PLUGINS", "tests.toy_residual")
+    args = [*TINY, f"{group}={preset}", *overrides, "trainer.max_steps=4", "trainer.eval_interval=0", "logging=none",
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={run}"]  # fmt: skip
+    monkeypatch.setenv("STABLETRAIN_PLUGINS", plugin)
     monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
     runpy.run_path(str(REPO / "train.py"), run_name="__main__")
     rows = train_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
-    config = (run / "config.yaml").read_text()
-    assert "kind: toy" in config and "gate: 0.25" in config
     assert [e["kind"] for e in read_jsonl(run / "events.jsonl")] == []
+    return (run / "config.yaml").read_text()
+
+
+def test_a_new_residual_variant_is_one_module_and_one_yaml(tmp_path, monkeypatch):
+    """tests/toy_residual.py registers a stream; a preset YAML of our own selects it."""
+    yaml = "defaults:\n  - baseline\n  - override residual: toy\n  - _self_\nname: toy\n"
+    config = _train_plugin(tmp_path, monkeypatch, "tests.toy_residual", "model", "toy", yaml, "model.residual.gate=.25")
+    assert "kind: toy" in config and "gate: 0.25" in config
 
 
 def test_a_new_attention_kind_is_one_module_and_one_yaml(tmp_path, monkeypatch):
-    """tests/toy_attention.py registers an attention kind; a preset YAML of our own selects it; train.py trains it
-    (the other parts of the block, and the residual stream, unchanged)."""
-    conf = tmp_path / "conf" / "model"
-    conf.mkdir(parents=True)
-    (conf / "nope.yaml").write_text("defaults:\n  - mhc\n  - override attention: toy\n  - _self_\nname: nope\n")
-    run = tmp_path / "run"
-    args = [*TINY, "model=nope", "model.attention.temperature=2", "trainer.max_steps=4", "trainer.eval_interval=0",
-            "logging=none", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={run}"]  # fmt: skip
-    monkeypatch.setenv("STABLETRAIN_PLUGINS", "tests.toy_attention")
-    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
-    runpy.run_path(str(REPO / "train.py"), run_name="__main__")
-    rows = train_rows(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
-    config = (run / "config.yaml").read_text()
+    """tests/toy_attention.py registers an attention kind; a preset YAML of our own selects it (the other parts of
+    the block, and the residual stream, unchanged)."""
+    yaml = "defaults:\n  - mhc\n  - override attention: toy\n  - _self_\nname: nope\n"
+    config = _train_plugin(
+        tmp_path, monkeypatch, "tests.toy_attention", "model", "nope", yaml, "model.attention.temperature=2"
+    )
     assert "kind: toy" in config and "temperature: 2.0" in config and "kind: mhc" in config
 
 
 def test_a_new_data_source_is_one_module_and_one_yaml(tmp_path, monkeypatch):
     """tests/toy_source.py registers a source (the bundled plays cut into scenes); a data preset YAML of our own
-    selects it; train.py trains on it, its token cache keyed by the source's own fingerprint."""
-    conf = tmp_path / "conf" / "data"
-    conf.mkdir(parents=True)
-    (conf / "scenes.yaml").write_text(
-        "defaults:\n  - source: scenes\n  - _self_\nname: scenes\nsource:\n"
-        "  plays: ${repo:data/shakespeare/train.jsonl}\n  val_plays: ${repo:data/shakespeare/val.jsonl}\n"
-    )
+    selects it; its token cache is keyed by the source's own fingerprint."""
+    plays = "  plays: ${repo:data/shakespeare/train.jsonl}\n  val_plays: ${repo:data/shakespeare/val.jsonl}\n"
+    yaml = "defaults:\n  - source: scenes\n  - _self_\nname: scenes\nsource:\n" + plays
     bundled = tokenizer_path(composed().data)  # a private copy: the scenes' token cache lands beside it
     tok = tmp_path / "tok" / bundled.name
     tok.parent.mkdir()
     shutil.copy(bundled, tok)
-    run = tmp_path / "run"
-    args = [*TINY, "data=scenes", "data.source.min_chars=1000", f"data.tokenizer.path={tok}", "trainer.max_steps=4",
-            "trainer.eval_interval=0", "logging=none", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-            f"hydra.run.dir={run}"]  # fmt: skip
-    monkeypatch.setenv("STABLETRAIN_PLUGINS", "tests.toy_source")
-    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
-    runpy.run_path(str(REPO / "train.py"), run_name="__main__")
-    rows = train_rows(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
-    config = (run / "config.yaml").read_text()
+    overrides = ["data.source.min_chars=1000", f"data.tokenizer.path={tok}"]
+    config = _train_plugin(tmp_path, monkeypatch, "tests.toy_source", "data", "scenes", yaml, *overrides)
     assert "kind: scenes" in config and "min_chars: 1000" in config
     from tests.toy_source import scenes
 

@@ -41,14 +41,7 @@ def gains(groups: dict, path: Path) -> None:
             [max(r["gain/amax_fwd_max"] for r in run.rows if "gain/amax_fwd_max" in r) for run in groups[(kind, L)]]
             for L in depths
         ]
-        a.errorbar(
-            depths,
-            [np.mean(p) for p in peaks],
-            yerr=[np.std(p) for p in peaks],
-            marker="o",
-            capsize=3,
-            label=f"{kind} forward",
-        )
+        _mean_and_spread(a, depths, peaks, f"{kind} forward")
         deepest = groups[(kind, depths[-1])]
         for key, style in (("gain/amax_fwd_max", "-"), ("gain/amax_bwd_max", "--")):
             steps, values = _curve(deepest, key)
@@ -104,15 +97,14 @@ def moe(groups: dict, u_groups: dict, path: Path) -> None:
         _band(a, steps[w - 1 :], smooth, name)
     us = sorted(u_groups)
     vio = [[r.vals[-1]["moe/maxvio_global"] for r in u_groups[u]] for u in us]
-    b.errorbar(
-        us,
-        [np.mean(v) for v in vio],
-        yerr=[np.std(v) for v in vio],
-        marker="o",
-        capsize=3,
-        label="aux_free MaxVio global",
-    )
+    _mean_and_spread(b, us, vio, "aux_free MaxVio global")
     a.set(title="MaxVio per batch (10-step moving average)", xlabel="step")
     b.set(title="aux_free: MaxVio over the validation set against u", xlabel="bias update rate u", xscale="log")
     log_scale_if_positive(a)
     _save(fig, (a, b), path)
+
+
+def _mean_and_spread(ax, xs: list, samples: list[list[float]], label: str) -> None:
+    """One point per x: the mean of its seeds' values, with their standard deviation as the error bar."""
+    means, spreads = [np.mean(v) for v in samples], [np.std(v) for v in samples]
+    ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=label)
