@@ -28,28 +28,6 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in train_rows(run_dir)}  # the last row of each step
 
 
-def test_two_agents_on_loopback_form_one_job(tmp_path):
-    steps = ["trainer.max_steps=4"]
-    train(tmp_path / "one_agent", *COMMON, *steps, nproc=2)
-    port = free_port()
-    agents = [
-        _torchrun(
-            "--nnodes=2",
-            "--nproc_per_node=1",
-            "--rdzv-backend=c10d",  # the launch a cluster uses; each agent's node rank comes from the rendezvous
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=loopback",
-            run_dir=tmp_path / "two_agents",
-            overrides=steps,
-        )  # fmt: skip
-        for _ in (0, 1)
-    ]
-    for agent in agents:
-        _, err = agent.communicate(timeout=300)
-        assert agent.returncode == 0, err[-3000:]
-    assert _losses(tmp_path / "two_agents") == _losses(tmp_path / "one_agent")
-
-
 STEPS = ["trainer.max_steps=30", "trainer.ckpt_interval=5", "trainer.keep_checkpoints=20"]  # a kill after step 10
 
 
@@ -59,6 +37,27 @@ def whole(tmp_path_factory):
     run = tmp_path_factory.mktemp("whole") / "run"
     train(run, *COMMON, *STEPS, nproc=2)
     return run
+
+
+def test_two_agents_on_loopback_form_one_job(tmp_path, whole):
+    """Two agents of one rank each, joined by the c10d rendezvous: the same numbers as one agent of two ranks."""
+    port = free_port()
+    agents = [
+        _torchrun(
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            "--rdzv-backend=c10d",  # the launch a cluster uses; each agent's node rank comes from the rendezvous
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=loopback",
+            run_dir=tmp_path / "two_agents",
+            overrides=STEPS,
+        )  # fmt: skip
+        for _ in (0, 1)
+    ]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+    assert _losses(tmp_path / "two_agents") == _losses(whole)
 
 
 def _workers(agent_pid: int) -> list[int]:

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from stabletrain.analysis import repro_claims as claims
+from stabletrain.analysis import repro_runs
 from stabletrain.analysis import repro_stats as st
 from stabletrain.analysis import significance as sg
 from stabletrain.analysis.report import count_events
@@ -190,9 +191,10 @@ VARIANTS = [("repro_residual", "model=baseline", "baseline"), ("repro_lns", "mod
 
 
 @pytest.mark.slow
-def test_the_report_is_built_from_the_runs(tmp_path, capsys):
+def test_the_report_is_built_from_the_runs(tmp_path, capsys, monkeypatch):
     """Claims 3, 5 and 6 from two seeds of 3 steps each (the pre-norm side of 3 and 6 is repro_residual's
     baseline); the numbers in the report are those of the runs."""
+    monkeypatch.setattr(repro_runs, "EVAL_BATCHES", 4)  # held-out loss on 4 batches, pruning on 1: 3-step models
     runs = tmp_path / "repro"
     short = ["trainer.max_steps=3", "trainer.eval_batches=1", "trainer.eval_interval=3", "logging=none"]
     for seed in (0, 1):

@@ -119,8 +119,10 @@ def heldout_config(trained: TrainedRun) -> DataConfig:
     return dataclasses.replace(run_data_config(trained), name="kjv", sources={}, path=None, source=source)
 
 
-def val_batches(cfg: DataConfig, n: int = EVAL_BATCHES) -> list[torch.Tensor]:
-    """The first n * 8 sequences of the validation split, in batches of 8 (the same for every run of a corpus)."""
+def val_batches(cfg: DataConfig, n: int | None = None) -> list[torch.Tensor]:
+    """The first n * 8 sequences of the validation split (n: EVAL_BATCHES), in batches of 8 (the same for every
+    run of a corpus)."""
+    n = EVAL_BATCHES if n is None else n
     val = build_data(cfg, 0, True).val
     count = min(n * EVAL_BATCH, len(val))
     return [val.get(np.arange(i, min(i + EVAL_BATCH, count))) for i in range(0, count, EVAL_BATCH)]
