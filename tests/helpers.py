@@ -197,7 +197,7 @@ def tensor_paths(x, prefix: str, out: dict | None = None) -> dict:
     return out
 
 
-def run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_module(module: str, args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
     """What `python -m <module> <args>` run in `cwd` does, in this process (a stabletrain tool: the interpreter
     start-up is not paid again). Returns the exit status and output."""
     out, err, status, saved = io.StringIO(), io.StringIO(), 0, (sys.argv, Path.cwd())

@@ -13,7 +13,7 @@ from stabletrain.interop.export import export
 from stabletrain.interop.generate import Sampling, generate
 from stabletrain.interop.hf_tokenizer import hf_tokenizer
 from stabletrain.interop.run import load_run
-from tests.helpers import PYTHON, REPO, env, run_module, train, train_jobs
+from tests.helpers import PYTHON, env, run_module, train, train_jobs
 
 pytestmark = pytest.mark.slow
 
@@ -174,10 +174,6 @@ def test_rolling_windows_predict_every_token_once():
     assert windows[0][0][0] == 0 and windows[-1][0] == ids[-9:-1]  # the last window sees a full context
 
 
-def _cli(module, *args):
-    return run_module(module, list(args), REPO)
-
-
 def test_bad_input_is_one_line(runs, exports, tmp_path):
     empty = tmp_path / "empty_run"
     empty.mkdir()
@@ -188,15 +184,16 @@ def test_bad_input_is_one_line(runs, exports, tmp_path):
         (("stabletrain.export", str(runs / "baseline"), f"out={exports / 'baseline'}"), "already exists"),
     ]
     for args, needle in cases:
-        proc = _cli(*args)
+        proc = run_module(args[0], list(args[1:]))
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("stabletrain:")]
         assert len(lines) == 1 and needle in lines[0], proc.stderr
 
 
 def test_generate_and_evaluate_commands(runs):
-    proc = _cli("stabletrain.generate", str(runs / "baseline"), "prompt=ROMEO:", "max_new_tokens=8", "temperature=0")
+    sampling = ["prompt=ROMEO:", "max_new_tokens=8", "temperature=0"]
+    proc = run_module("stabletrain.generate", [str(runs / "baseline"), *sampling])
     assert proc.returncode == 0 and proc.stdout, proc.stderr  # a 3-step model continues with newlines
-    proc = _cli("stabletrain.evaluate", str(runs / "baseline"), "max_docs=1", "data.seq_len=32")
+    proc = run_module("stabletrain.evaluate", [str(runs / "baseline"), "max_docs=1", "data.seq_len=32"])
     assert proc.returncode == 0, proc.stderr
     assert "ppl=" in proc.stdout and "bpb=" in proc.stdout
